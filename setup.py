@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='sora_jax',
+    version='0.1.0',
+    description='Train and sample Sora-style text-to-video diffusion transformers in JAX.',
+    packages=find_packages(include=['sora_jax', 'sora_jax.*', 'data_pipelines', 'data_pipelines.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10,<0.11',
+        'flax==0.12.8',  # NNX sharding metadata keywords change between releases: pinned, tested
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'grain>=0.2.18,<0.3',
+        'ml_collections>=1.1',
+        'absl-py>=2.1',
+        'av>=14',  # PyAV: video encode/decode through FFmpeg
+        'numpy>=2',
+        'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={'test': ['pytest>=8']},
+)

@@ -1,0 +1,36 @@
+"""Orbax checkpoints of the train state together with the Grain iterator (exact resume)."""
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if config is None else config.keep_checkpoints,
+      enable_async_checkpointing=True, read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                               options=options, item_names=('state', 'dataset'))
+
+
+def save(mngr, step: int, state, iterator, *, force: bool = False):
+  """Async save: returns once device buffers are copied, so the next step may donate them."""
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), dataset=grain.checkpoint.CheckpointSave(iterator)),
+      force=force)
+
+
+def restore(mngr, abstract_state, iterator=None, step: int | None = None):
+  """Restores onto the shardings carried by `abstract_state` (any mesh); also the iterator if given."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {mngr.directory}.')
+  if step not in mngr.all_steps():
+    raise FileNotFoundError(f'No checkpoint for step {step} in {mngr.directory};'
+                            f' have {sorted(mngr.all_steps())}.')
+  args = dict(state=ocp.args.StandardRestore(abstract_state))
+  if iterator is not None:
+    args['dataset'] = grain.checkpoint.CheckpointRestore(iterator)
+  restored = mngr.restore(step, args=ocp.args.Composite(**args))
+  return restored['state']

@@ -1,0 +1,175 @@
+"""The one training-config schema: defaults for every key, and validation.
+
+Config files in `configs/` start from `base_config()` and override what they tune, so every key that
+exists anywhere exists here, with a default and a type. `validate()` runs before anything is compiled and
+names the offending key in its message.
+"""
+
+import math
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 16  # global, across all hosts
+  c.total_steps = 1000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.sample_every_steps = 0  # 0: only at the end of training
+  c.num_train_samples = 4  # videos written by periodic sampling
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.context = 1  # sequence sharding; arrives with the scale-out issue
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'shapes'  # built-in captioned shapes generator
+  c.data.num_frames = 12
+  c.data.height = 32
+  c.data.width = 32
+  c.data.fps = 8  # frame rate written into sample videos
+  c.data.worker_count = 0  # Grain worker processes (0: in the main process)
+  c.data.prefetch_buffer_size = 2
+
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = 'bytes'  # small byte-level encoder trained with the model
+  c.text.max_length = 48  # tokens, including BOS/EOS
+  c.text.width = 128
+  c.text.depth = 2
+  c.text.num_heads = 4
+  c.text.dropout_prob = 0.1  # caption dropout for classifier-free guidance
+
+  c.model = ml_collections.ConfigDict()
+  c.model.patch_size = (2, 4, 4)  # (t, h, w)
+  c.model.width = 256
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4.0
+  c.model.rope_theta = 256.0
+  c.model.dtype = 'float32'  # compute dtype; parameters are always float32
+  c.model.scan_layers = True
+  c.model.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.logit_mean = 0.0  # logit-normal timestep sampling
+  c.diffusion.logit_std = 1.0
+  c.diffusion.shift = 1.0  # timestep shift at `shift_base_tokens` tokens
+  c.diffusion.shift_base_tokens = 384  # shift grows as sqrt(tokens / base)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-4
+  c.optim.warmup_steps = 100
+  c.optim.end_lr_fraction = 0.1  # cosine decays to this fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.999
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 30
+  c.sample.guidance_scale = 4.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_videos = 64  # for the held-out flow-matching loss
+  c.eval.num_timesteps = 8  # fixed timestep grid
+  c.eval.samples_per_prompt = 1  # prompt-adherence samples
+  c.eval.batch_size = 32
+  return c
+
+
+def _unknown_keys(cfg, ref, prefix=''):
+  for key in cfg.keys():
+    name = prefix + key
+    if key not in ref:
+      yield name
+    elif isinstance(cfg[key], ml_collections.ConfigDict):
+      if not isinstance(ref[key], ml_collections.ConfigDict):
+        yield name
+      else:
+        yield from _unknown_keys(cfg[key], ref[key], name + '.')
+
+
+def resolve_mesh_shape(config, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with the (at most one) -1 filled in."""
+  axes = {a: int(config.mesh[a]) for a in ('data', 'fsdp', 'tensor', 'context')}
+  for a, n in axes.items():
+    if n == 0 or n < -1:
+      raise ValueError(f'config.mesh.{a}={n}: axis sizes are positive or -1.')
+  if config.mesh.context > 1:
+    raise ValueError(
+        f'config.mesh.context={config.mesh.context}: sequence (context) parallelism is not'
+        ' implemented yet; set config.mesh.context=1.')
+  free = [a for a, n in axes.items() if n == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh: only one axis may be -1, got {free}.')
+  fixed = math.prod(n for n in axes.values() if n != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+          f'config.mesh: {num_devices} devices are not divisible by the fixed axes'
+          f' {dict((a, n) for a, n in axes.items() if n != -1)} (product {fixed}).')
+    axes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+        f'config.mesh: data*fsdp*tensor*context = {fixed} but there are {num_devices} devices.')
+  return axes
+
+
+def validate(config, num_devices: int) -> dict[str, int]:
+  """Rejects bad configs before compilation; returns the resolved mesh shape."""
+  unknown = list(_unknown_keys(config, base_config()))
+  if unknown:
+    raise ValueError(f'Unknown config key(s): {", ".join("config." + k for k in unknown)}.')
+  mesh = resolve_mesh_shape(config, num_devices)
+  for key in ('batch_size', 'total_steps', 'log_every_steps', 'checkpoint_every_steps',
+              'keep_checkpoints'):
+    if int(config[key]) <= 0:
+      raise ValueError(f'config.{key}={config[key]} must be positive.')
+  batch_shards = mesh['data'] * mesh['fsdp']
+  if config.batch_size % batch_shards:
+    raise ValueError(
+        f'config.batch_size={config.batch_size} is not divisible by the data-parallel size'
+        f' mesh.data*mesh.fsdp={batch_shards}.')
+  if config.data.source != 'shapes':
+    raise ValueError(f'config.data.source={config.data.source!r}: only "shapes" exists so far.')
+  clip = (config.data.num_frames, config.data.height, config.data.width)
+  patch = tuple(config.model.patch_size)
+  if len(patch) != 3 or any(p <= 0 for p in patch):
+    raise ValueError(f'config.model.patch_size={patch} must be three positive ints (t, h, w).')
+  for name, n, p in zip(('num_frames', 'height', 'width'), clip, patch):
+    if n % p:
+      raise ValueError(
+          f'config.model.patch_size={patch} does not divide the clip: config.data.{name}={n}'
+          f' is not a multiple of {p}.')
+  m = config.model
+  if m.width % m.num_heads or (m.width // m.num_heads) % 2 or m.width // m.num_heads < 6:
+    raise ValueError(
+        f'config.model.width={m.width} / num_heads={m.num_heads} must give an even head dim'
+        ' of at least 6 (3D RoPE rotates pairs on each of the t, h, w axes).')
+  if m.width % mesh['tensor'] or m.num_heads % mesh['tensor']:
+    raise ValueError(
+        f'config.model.width={m.width} and num_heads={m.num_heads} must be divisible by'
+        f' config.mesh.tensor={mesh["tensor"]}.')
+  if m.remat not in ('none', 'full', 'dots'):
+    raise ValueError(f'config.model.remat={m.remat!r}: expected none, full or dots.')
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f'config.model.dtype={m.dtype!r}: expected float32 or bfloat16.')
+  if config.text.encoder != 'bytes':
+    raise ValueError(f'config.text.encoder={config.text.encoder!r}: only "bytes" exists so far.')
+  if config.text.width % config.text.num_heads:
+    raise ValueError(f'config.text.width must be divisible by config.text.num_heads.')
+  if not 0.0 <= config.text.dropout_prob < 1.0:
+    raise ValueError(f'config.text.dropout_prob={config.text.dropout_prob} not in [0, 1).')
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} not in [0, 1).')
+  if config.optim.warmup_steps > config.total_steps:
+    raise ValueError(
+        f'config.optim.warmup_steps={config.optim.warmup_steps} exceeds'
+        f' config.total_steps={config.total_steps}.')
+  return mesh

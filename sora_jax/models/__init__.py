@@ -1,0 +1,35 @@
+"""Model families. `build(config, rngs)` gives the trainable text-to-video model."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models import dit, text
+
+# Parameters are created unsharded (or abstractly) and placed by `jax.jit(out_shardings=...)` from
+# their logical-axis metadata (sora_jax/sharding.py), so models also build outside a mesh context.
+nnx.use_eager_sharding(False)
+
+
+class TextToVideo(nnx.Module):
+  """Byte text encoder + video DiT, trained jointly. A frozen encoder would live outside the params."""
+
+  def __init__(self, text_encoder, dit_model):
+    self.text_encoder = text_encoder
+    self.dit = dit_model
+
+  def __call__(self, video, t, tokens, mask):
+    context, context_mask = self.text_encoder(tokens, mask)
+    return self.dit(video, t, context, context_mask)
+
+
+def build(config, rngs: nnx.Rngs, channels: int = 3) -> TextToVideo:
+  dtype = jnp.dtype(config.model.dtype)
+  encoder = text.ByteTextEncoder(
+      max_length=config.text.max_length, width=config.text.width, depth=config.text.depth,
+      num_heads=config.text.num_heads, rngs=rngs, dtype=dtype)
+  m = config.model
+  video_model = dit.VideoDiT(
+      channels=channels, patch_size=tuple(m.patch_size), width=m.width, depth=m.depth,
+      num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, context_width=config.text.width,
+      rope_theta=m.rope_theta, scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs)
+  return TextToVideo(encoder, video_model)

@@ -1,0 +1,136 @@
+"""Video diffusion transformer over 3D spacetime patches.
+
+Input: channels-last video [B, T, H, W, C] (pixels or VAE latents: the DiT does not care), flow time
+t in [0, 1], and text embeddings with their mask. Output: the predicted velocity, same shape as the input.
+Blocks: adaLN-zero modulated self-attention (3D RoPE, QK-norm) -> cross-attention to text -> MLP.
+Blocks are stacked on a leading 'layers' axis and run with `jax.lax.scan` (one compiled block).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax import sharding
+from sora_jax.models import layers, rope
+
+
+def patchify(video, patch):
+  """[B, T, H, W, C] -> tokens [B, N, pt*ph*pw*C] and the patch grid (T/pt, H/ph, W/pw)."""
+  b, t, h, w, c = video.shape
+  pt, ph, pw = patch
+  grid = (t // pt, h // ph, w // pw)
+  x = video.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, math.prod(grid), pt * ph * pw * c), grid
+
+
+def unpatchify(tokens, grid, patch, channels):
+  b = tokens.shape[0]
+  pt, ph, pw = patch
+  x = tokens.reshape(b, *grid, pt, ph, pw, channels)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, grid[0] * pt, grid[1] * ph, grid[2] * pw, channels)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+  """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000] as in DiT)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+class DiTBlock(nnx.Module):
+
+  def __init__(self, width, num_heads, mlp_ratio, *, rngs, dtype):
+    # adaLN-zero: modulation starts at zero, so every block starts as the identity.
+    self.modulation = layers.linear(width, 6 * width, ('embed', 'mlp'), zero=True, rngs=rngs,
+                                    dtype=dtype)
+    self.norm1 = layers.layer_norm(width, rngs=rngs, dtype=dtype)
+    self.self_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.norm2 = layers.layer_norm(width, affine=True, rngs=rngs, dtype=dtype)
+    self.cross_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.norm3 = layers.layer_norm(width, rngs=rngs, dtype=dtype)
+    self.mlp = layers.Mlp(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, c, context, context_mask, rope_cs):
+    mod = self.modulation(jax.nn.silu(c))[:, None]
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    x = x + gate1 * self.self_attn(modulate(self.norm1(x), shift1, scale1), rope_cs=rope_cs)
+    x = x + self.cross_attn(self.norm2(x), context, mask=layers.padding_mask(context_mask))
+    x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+    return sharding.constrain(x, ('batch', 'length', 'act_embed'))
+
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class VideoDiT(nnx.Module):
+
+  def __init__(self, *, channels, patch_size, width, depth, num_heads, mlp_ratio, context_width,
+               rope_theta=256.0, scan_layers=True, remat='none', dtype=jnp.float32, rngs):
+    self.channels, self.patch_size = channels, tuple(patch_size)
+    self.num_heads, self.rope_theta = num_heads, rope_theta
+    self.scan_layers, self.remat = scan_layers, remat
+    patch_dim = math.prod(self.patch_size) * channels
+    self.patch_embed = layers.linear(patch_dim, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
+    self.time_embed1 = layers.linear(256, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
+    self.time_embed2 = layers.linear(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+    self.context_embed1 = layers.linear(context_width, width, ('patch', 'embed'), rngs=rngs,
+                                        dtype=dtype)
+    self.context_embed2 = layers.linear(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+    # Pooled text joins the timestep in the adaLN conditioning (as in SD3): a cheap global signal.
+    self.pooled_embed = layers.linear(context_width, width, ('patch', 'embed'), rngs=rngs,
+                                      dtype=dtype)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return DiTBlock(width, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = layers.layer_norm(width, rngs=rngs, dtype=dtype)
+    self.final_modulation = layers.linear(width, 2 * width, ('embed', 'mlp'), zero=True,
+                                          rngs=rngs, dtype=dtype)
+    self.final = layers.linear(width, patch_dim, ('embed', 'patch'), zero=True, rngs=rngs,
+                               dtype=dtype)
+
+  def __call__(self, video, t, context, context_mask):
+    dtype = self.patch_embed.dtype
+    x, grid = patchify(video.astype(dtype), self.patch_size)
+    x = sharding.constrain(self.patch_embed(x), ('batch', 'length', 'act_embed'))
+    c = self.time_embed2(jax.nn.silu(self.time_embed1(timestep_embedding(t, 256).astype(dtype))))
+    context = context.astype(dtype)
+    pooled = (context * context_mask[..., None]).sum(1) / context_mask.sum(1, keepdims=True)
+    c = c + self.pooled_embed(pooled)
+    context = self.context_embed2(jax.nn.gelu(self.context_embed1(context), approximate=True))
+    head_dim = x.shape[-1] // self.num_heads
+    rope_cs = rope.frequencies(rope.grid_positions(grid), head_dim, self.rope_theta)
+
+    graphdef, params = nnx.split(self.blocks)
+
+    def body(x, block_params):
+      block = nnx.merge(graphdef, block_params)
+      return block(x, c, context, context_mask, rope_cs), None
+
+    if self.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    if self.scan_layers:
+      x, _ = jax.lax.scan(body, x, params)
+    else:
+      depth = jax.tree.leaves(params)[0].shape[0]
+      for i in range(depth):
+        x, _ = body(x, jax.tree.map(lambda p: p[i], params))
+
+    shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c))[:, None], 2, axis=-1)
+    x = self.final(modulate(self.final_norm(x), shift, scale))
+    return unpatchify(x, grid, self.patch_size, self.channels).astype(jnp.float32)

@@ -1,0 +1,49 @@
+r"""Samples videos from a trained run.
+
+  python -m sora_jax.sample --workdir=runs/demo --prompt="a red circle moving left" \
+      --prompt="a green square moving up" --output_dir=out
+
+Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "path"}, ...]}.
+"""
+
+import jax
+from absl import app, flags, logging
+
+from sora_jax import restore, sampling
+
+flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).')
+flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat the flag for several videos.')
+flags.DEFINE_string('output_dir', None, 'Where the mp4 files and samples.json go.')
+flags.DEFINE_integer('seed', 0, 'Noise seed; video i uses fold_in(seed, i).')
+flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
+flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to load (default: latest).')
+flags.DEFINE_bool('use_ema', True, 'Sample with the EMA parameters.')
+flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
+                                                      use_ema=f.use_ema)
+  num_steps = f.num_steps or config.sample.num_steps
+  guidance = config.sample.guidance_scale if f.guidance_scale is None else f.guidance_scale
+  if num_steps <= 0:
+    raise app.UsageError(f'--num_steps={num_steps} must be positive.')
+  logging.info('Sampling %d prompts from step %d (%d steps, guidance %.1f).', len(f.prompt), step,
+               num_steps, guidance)
+  generate = sampling.make_generate(graphdef, config, num_steps=num_steps,
+                                    guidance_scale=guidance)
+  with jax.set_mesh(mesh):
+    videos = sampling.generate_videos(generate, params, f.prompt, config=config, mesh=mesh,
+                                      seed=f.seed, batch_size=f.batch_size)
+  if jax.process_index() == 0:
+    samples = sampling.write_videos(videos, f.prompt, f.output_dir, fps=config.data.fps)
+    for s in samples:
+      print(s['path'])
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'prompt', 'output_dir'])
+  app.run(main)

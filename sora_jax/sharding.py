@@ -1,0 +1,68 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters carry logical names (`nnx.with_partitioning`); activations are constrained with `constrain`.
+Changing how the model is parallelised means editing RULES, nothing else.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'context')
+
+RULES = (
+    # activations
+    ('batch', ('data', 'fsdp')),
+    ('length', 'context'),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    # parameters
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', None),
+    ('layers', None),
+    ('patch', None),
+)
+
+
+def logical_to_spec(names, rules=RULES) -> P:
+  """PartitionSpec for logical names; a mesh axis is used at most once per spec."""
+  table = dict(rules)
+  used, spec = set(), []
+  for name in names:
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  sizes = tuple(shape[a] for a in MESH_AXES)
+  return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+  """NamedShardings for an nnx.State from its parameters' logical-axis metadata."""
+  specs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(
+      lambda s: NamedSharding(mesh, logical_to_spec(tuple(s))), specs,
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp, everything else replicated."""
+  return NamedSharding(mesh, logical_to_spec(('batch',)))
+
+
+def constrain(x, names):
+  """Sharding constraint by logical names; a no-op outside a mesh context (e.g. eager tests)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))

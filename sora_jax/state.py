@@ -1,0 +1,53 @@
+"""Train state: a plain dict {step, params, ema, opt_state, rng}, born sharded on the mesh."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sora_jax import models, sharding
+
+
+def make_optimizer(config):
+  """AdamW with linear warm-up + cosine decay and global-norm clipping; no decay on norms/biases."""
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=config.total_steps, end_value=o.learning_rate * o.end_lr_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def _init(config, tx):
+  model = models.build(config, nnx.Rngs(config.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+               opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed + 1))
+  return graphdef, state
+
+
+def shardings(config, mesh):
+  """(graphdef, abstract state with shardings attached, state shardings)."""
+  tx, _ = make_optimizer(config)
+  graphdef, abstract = nnx.eval_shape(lambda: _init(config, tx))
+  param_sh = sharding.state_shardings(abstract['params'], mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Optimizer moments mirror the params' sharding; scalars (counts) are replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract['opt_state'], param_sh,
+                                 transform_non_params=lambda _: replicated)
+  state_sh = dict(step=replicated, params=param_sh, ema=param_sh, opt_state=opt_sh,
+                  rng=replicated)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+  return graphdef, abstract, state_sh
+
+
+def init(config, mesh):
+  """Initialises the state directly into its shardings (no full copy on one device)."""
+  tx, _ = make_optimizer(config)
+  graphdef, abstract, state_sh = shardings(config, mesh)
+  state = jax.jit(lambda: _init(config, tx)[1], out_shardings=state_sh)()
+  return graphdef, state, state_sh

@@ -1,0 +1,169 @@
+r"""Trains a text-to-video DiT with rectified flow.
+
+  python -m sora_jax.train --config=configs/demo.py --workdir=runs/demo [--config.total_steps=...]
+
+Re-running the same command on an existing workdir resumes from its latest checkpoint (state, RNG and
+data iterator), bit-exactly on CPU.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from data_pipelines import pipeline
+from data_pipelines import shapes
+from sora_jax import checkpoint, config_lib, metrics, sampling, sharding
+from sora_jax import state as state_lib
+from sora_jax.diffusion import flow
+from sora_jax.models import text
+
+config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
+
+
+def make_train_step(graphdef, config, tx, schedule):
+  """(state, batch) -> (state, metrics); pure, jitted by the caller."""
+  null_tokens, null_mask = text.tokenize([''], config.text.max_length)
+  shift = sampling.timestep_shift(config)
+  d = config.diffusion
+
+  def train_step(state, batch):
+    rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
+    x0 = batch['video']
+    b = x0.shape[0]
+    t = flow.sample_timesteps(t_rng, b, logit_mean=d.logit_mean, logit_std=d.logit_std,
+                              shift=shift)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    x_t = flow.interpolate(x0, noise, t)
+    # Caption dropout: the empty caption teaches the unconditional velocity used by CFG.
+    drop = jax.random.bernoulli(drop_rng, config.text.dropout_prob, (b, 1))
+    tokens = jnp.where(drop, null_tokens, batch['tokens'])
+    mask = jnp.where(drop, null_mask, batch['mask'])
+
+    def loss_fn(params):
+      v = nnx.merge(graphdef, params)(x_t, t, tokens, mask)
+      return flow.loss(v, x0, noise).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    # EMA decay warms up so that early (poor) weights fade fast in short runs.
+    step = state['step']
+    decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema'], params)
+    new_state = dict(step=step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng)
+    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads),
+                           learning_rate=schedule(step))
+
+  return train_step
+
+
+def sample_prompts(n: int) -> list[str]:
+  """A fixed mix of seen and held-out prompts for periodic samples."""
+  seen = [shapes.caption(c, s, d) for (c, s), d in
+          zip(shapes.pairs('train'), shapes.DIRECTIONS * 8)]
+  held = [shapes.caption(c, s, d) for (c, s), d in zip(shapes.pairs('heldout'), shapes.DIRECTIONS)]
+  return [p for pair in zip(seen, held) for p in pair][:n]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+  # ---- Config and mesh: everything is checked before anything compiles.
+  mesh_shape = config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(mesh_shape)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+  logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # ---- Input.
+  data_iter = pipeline.train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count())
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ---- Model, optimizer and state, born sharded; or restored onto this mesh.
+  tx, schedule = state_lib.make_optimizer(config)
+  mngr = checkpoint.manager(workdir, config)
+  if mngr.latest_step() is not None:
+    graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
+    state = checkpoint.restore(mngr, abstract, data_iter)
+    logging.info('Resumed from step %d.', int(state['step']))
+  else:
+    graphdef, state, state_sh = state_lib.init(config, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  logging.info('Model: %.2fM parameters.', num_params / 1e6)
+
+  # ---- The update step: explicit shardings, donated state, no host sync.
+  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule),
+                       in_shardings=(state_sh, batch_sharding),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
+  generate = sampling.make_generate(graphdef, config, num_steps=config.sample.num_steps,
+                                    guidance_scale=config.sample.guidance_scale)
+
+  def write_samples(step):
+    prompts = sample_prompts(config.num_train_samples)
+    videos = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,
+                                      seed=config.seed, batch_size=len(prompts))
+    if jax.process_index() == 0:
+      sampling.write_videos(videos, prompts, os.path.join(workdir, 'samples', f'step_{step}'),
+                            fps=config.data.fps)
+
+  # ---- Loop.
+  step = int(state['step'])
+  writer = metrics.Writer(workdir, resume_step=step)
+  progress = metrics.Progress(step, config.total_steps)
+  pending = []  # device metrics since the last log; fetched only when logging
+  with jax.set_mesh(mesh):
+    while step < config.total_steps:
+      local = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in local.items()}
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+      step += 1
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        window = jax.device_get(pending)
+        pending = []
+        logged = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'grad_norm')}
+        logged['learning_rate'] = float(window[-1]['learning_rate'])
+        logged['steps_per_second'] = progress.update(step, logged['loss'])
+        writer.write(step, logged)
+      if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+        checkpoint.save(mngr, step, state, data_iter)
+      if config.sample_every_steps and step % config.sample_every_steps == 0:
+        write_samples(step)
+    if config.sample_every_steps == 0 or step % config.sample_every_steps:
+      write_samples(step)
+  mngr.wait_until_finished()
+  writer.close()
+  return state
+
+
+def quiet_orbax_logs():
+  """Orbax logs every save phase at INFO; keep the console for the progress line."""
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or 'orbax' not in r.pathname)
+
+
+def main(argv):
+  del argv
+  jax.config.update('jax_threefry_partitionable', True)
+  quiet_orbax_logs()
+  if flags.FLAGS.workdir is None:
+    raise app.UsageError('--workdir is required.')
+  train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

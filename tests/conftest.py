@@ -1,0 +1,33 @@
+import os
+
+# 8 fake CPU devices for the sharding tests; must be set before JAX initialises its backend.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+from sora_jax import config_lib  # noqa: E402
+
+
+def tiny_config():
+  """A model small enough that a CPU step takes milliseconds."""
+  c = config_lib.base_config()
+  c.batch_size = 8
+  c.total_steps = 6
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.data.num_frames, c.data.height, c.data.width = 4, 16, 16
+  c.model.patch_size = (2, 4, 4)
+  c.model.width, c.model.depth, c.model.num_heads = 48, 2, 4
+  c.text.width, c.text.depth, c.text.num_heads, c.text.max_length = 32, 1, 2, 40
+  c.optim.warmup_steps = 2
+  c.sample.num_steps = 3
+  c.num_train_samples = 2
+  c.mesh.data = 1
+  c.eval.num_videos, c.eval.batch_size, c.eval.num_timesteps = 8, 8, 2
+  return c
+
+
+@pytest.fixture
+def config():
+  return tiny_config()

@@ -1,0 +1,186 @@
+"""Tests for data_pipelines/shapes.py (captioned moving shapes + judge)."""
+
+import grain
+import numpy as np
+import pytest
+
+from data_pipelines import shapes as S
+
+KEYS = ('color', 'shape', 'direction', 'stable')
+
+
+def _source(t=12, h=32, w=32, **kw):
+  return S.ShapesSource(num_frames=t, height=h, width=w, **kw)
+
+
+def _degrade(video, rng):
+  """Gaussian noise (std 20, clipped to [0, 255]) then a 3x3 box blur."""
+  x = np.clip(video.astype(np.float32) + rng.normal(0, 20, video.shape), 0, 255)
+  p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
+  h, w = video.shape[1:3]
+  return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+
+def _accuracy(src, n, rng=None):
+  hits = dict.fromkeys(KEYS, 0)
+  for i in range(n):
+    rec = src[i]
+    video = rec['video'] if rng is None else _degrade(rec['video'], rng)
+    for k, ok in S.score(video, rec['caption']).items():
+      hits[k] += ok
+  return {k: v / n for k, v in hits.items()}
+
+
+def test_caption_format_and_parse_roundtrip():
+  assert S.caption('red', 'circle', 'left') == 'a red circle moving left'
+  for c in S.COLORS:
+    for s in S.SHAPES:
+      for d in S.DIRECTIONS:
+        assert S.parse_caption(S.caption(c, s, d)) == (c, s, d)
+
+
+@pytest.mark.parametrize('text', [
+    'a red circle moving', 'a red circle moving sideways', 'a pink circle moving up',
+    'a red oval moving up', 'A red circle moving up', 'a red circle moving up.',
+    ' a red circle moving up', 'a  red circle moving up', '', None])
+def test_parse_caption_errors(text):
+  with pytest.raises(ValueError):
+    S.parse_caption(text)
+
+
+def test_caption_rejects_unknown_names():
+  with pytest.raises(ValueError, match='color'):
+    S.caption('pink', 'circle', 'up')
+
+
+def test_pairs():
+  assert list(S.COLORS) == ['red', 'green', 'blue', 'yellow', 'cyan', 'magenta', 'white']
+  assert S.COLORS['yellow'] == (255, 255, 0)
+  every = S.pairs('all')
+  assert len(every) == 21 and len(set(every)) == 21
+  assert set(S.pairs('heldout')) == set(S.HELD_OUT_PAIRS)
+  assert set(S.pairs('train')) == set(every) - set(S.HELD_OUT_PAIRS)
+  with pytest.raises(ValueError, match='valid'):
+    S.pairs('valid')
+
+
+def test_split_correctness():
+  held = set(S.HELD_OUT_PAIRS)
+  seen = {}
+  for split in ('train', 'heldout', 'all'):
+    src = _source(2, 16, 16, split=split)
+    seen[split] = {S.parse_caption(src[i]['caption']) for i in range(2000)}
+  assert not {(c, s) for c, s, _ in seen['train']} & held
+  assert {(c, s) for c, s, _ in seen['heldout']} == held
+  assert {(c, s) for c, s, _ in seen['train']} == set(S.pairs('train'))
+  assert {(c, s) for c, s, _ in seen['all']} == set(S.pairs('all'))
+  assert {d for *_, d in seen['all']} == set(S.DIRECTIONS)
+
+
+def test_determinism():
+  a, b = _source(seed=3), _source(seed=3)
+  for i in (0, 1, 12345, 2**31 - 2):
+    ra, rb = a[i], b[np.int64(i)]
+    assert ra['caption'] == rb['caption']
+    np.testing.assert_array_equal(ra['video'], rb['video'])
+  other_seed = _source(seed=4)
+  assert any(not np.array_equal(a[i]['video'], other_seed[i]['video']) for i in range(5))
+  assert any(not np.array_equal(a[i]['video'], a[i + 1]['video']) for i in range(5))
+
+
+def test_source_protocol_and_validation():
+  src = _source(4, 16, 16, split='heldout', seed=1, num_records=10)
+  assert isinstance(src, grain.sources.RandomAccessDataSource)
+  assert len(src) == 10
+  assert repr(src) == ('ShapesSource(num_frames=4, height=16, width=16, '
+                       "split='heldout', seed=1, num_records=10)")
+  rec = grain.MapDataset.source(src)[3]
+  assert rec['video'].shape == (4, 16, 16, 3) and rec['video'].dtype == np.uint8
+  with pytest.raises(IndexError):
+    src[10]
+  for kw, name in (({'t': 1}, 'num_frames'), ({'h': 15}, 'height'),
+                   ({'w': 8}, 'width'), ({'split': 'test'}, 'test'),
+                   ({'seed': -1}, 'seed'), ({'num_records': 0}, 'num_records')):
+    with pytest.raises(ValueError, match=name):
+      _source(**kw)
+
+
+@pytest.mark.parametrize('t,h,w', [(12, 32, 32), (8, 24, 48), (5, 40, 20), (2, 16, 16)])
+def test_render_geometry(t, h, w):
+  src = _source(t, h, w, split='all')
+  for i in range(60):
+    rec = src[i]
+    video = rec['video']
+    color, shape, direction = S.parse_caption(rec['caption'])
+    assert video.shape == (t, h, w, 3) and video.dtype == np.uint8
+    # Exact palette: every pixel is black or the caption colour.
+    px = video.reshape(-1, 3)
+    is_black = (px == 0).all(-1)
+    assert ((px == S.COLORS[color]).all(-1) | is_black).all()
+    mask = ~is_black.reshape(t, h, w)
+    areas = mask.sum((1, 2))
+    # Fully inside: the same (unclipped) object is drawn in every frame.
+    assert areas.min() > 0 and areas.max() <= 1.1 * areas.min()
+    boxes, cents = [], []
+    for m in mask:
+      ys, xs = np.nonzero(m)
+      boxes.append((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
+      cents.append((ys.mean(), xs.mean()))
+    assert len(set(boxes)) == 1
+    # Bounding box ~40% of the short side (triangle may lose its apex row).
+    assert 0.33 <= max(boxes[0]) / min(h, w) <= 0.47
+    # Travel 30-50% of the frame along the motion axis, none across it.
+    dy, dx = np.subtract(cents[-1], cents[0])
+    along, across = (dx / w, dy / h) if direction in ('left', 'right') else (dy / h, dx / w)
+    sign = 1 if direction in ('right', 'down') else -1
+    assert 0.3 - 1e-9 <= sign * along <= 0.5 + 1e-9 and abs(across) < 1e-9
+    if shape == 'triangle':  # apex up: top row narrower than bottom row
+      rows = mask[0].sum(1)
+      rows = rows[rows > 0]
+      assert rows[0] <= 2 and rows[-1] == max(boxes[0])
+
+
+@pytest.mark.parametrize('t,h,w', [(12, 32, 32), (16, 64, 64)])
+def test_judge_clean_and_noisy(t, h, w):
+  src = _source(t, h, w, split='all', seed=7)
+  assert _accuracy(src, 200) == dict.fromkeys(KEYS, 1.0)
+  noisy = _accuracy(src, 100, np.random.default_rng(0))
+  assert min(noisy.values()) >= 0.95, noisy
+
+
+def test_judge_unstable_clips():
+  rng = np.random.default_rng(0)
+  video = S.render_clip('green', 'circle', 'right', num_frames=12, height=32,
+                        width=32, rng=rng)
+  assert S.judge_clip(video)['stable']
+  vanish = video.copy()
+  vanish[6] = 0
+  judged = S.judge_clip(vanish)
+  assert not judged['stable'] and judged['color'] == 'green'
+  recolor = video.copy()
+  obj = recolor[6:].max(-1) > 0
+  recolor[6:][obj] = S.COLORS['magenta']
+  assert not S.judge_clip(recolor)['stable']
+  empty = S.judge_clip(np.zeros((4, 16, 16, 3), np.float32))
+  assert empty == {'color': None, 'shape': None, 'direction': None, 'stable': False}
+
+
+def test_score_mismatch():
+  video = S.render_clip('cyan', 'square', 'up', num_frames=8, height=32, width=32,
+                        rng=np.random.default_rng(1))
+  assert S.score(video, 'a cyan square moving up') == dict.fromkeys(KEYS, True)
+  assert S.score(video, 'a red triangle moving down') == {
+      'color': False, 'shape': False, 'direction': False, 'stable': True}
+  with pytest.raises(ValueError):
+    S.score(video, 'a cyan square')
+
+
+def test_largest_component_is_4_connected():
+  m = np.zeros((2, 6, 6), bool)
+  m[0, :2, :2] = True                      # 4 pixels
+  m[0, 2, 2] = m[0, 3, 3] = m[0, 4, 4] = True  # diagonal: 3 separate pixels
+  m[0, 5, :] = True                        # 6 pixels, joined to (4, 4) from below
+  m[1, 0, 0] = True
+  out = S._largest_components(m)
+  assert out[0].sum() == 7 and out[0, 4, 4] and not out[0, 0, 0]
+  assert out[1].sum() == 1
