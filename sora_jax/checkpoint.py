@@ -1,9 +1,17 @@
 """Orbax checkpoints of the train state together with the Grain iterator (exact resume)."""
 
+import logging
 import os
 
 import grain
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+
+def quiet_orbax_logs():
+  """Orbax logs every save phase at INFO; keep the console for the progress line."""
+  absl_logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or 'orbax' not in r.pathname)
 
 
 def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.CheckpointManager:

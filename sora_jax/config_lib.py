@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
 
   c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.prediction = 'velocity'  # what the DiT outputs: 'velocity' or 'x0' (loss is on velocity)
   c.diffusion.logit_mean = 0.0  # logit-normal timestep sampling
   c.diffusion.logit_std = 1.0
   c.diffusion.shift = 1.0  # timestep shift at `shift_base_tokens` tokens
@@ -160,6 +161,9 @@ def validate(config, num_devices: int) -> dict[str, int]:
     raise ValueError(f'config.model.remat={m.remat!r}: expected none, full or dots.')
   if m.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f'config.model.dtype={m.dtype!r}: expected float32 or bfloat16.')
+  if config.diffusion.prediction not in ('velocity', 'x0'):
+    raise ValueError(f'config.diffusion.prediction={config.diffusion.prediction!r}: expected'
+                     ' velocity or x0.')
   if config.text.encoder != 'bytes':
     raise ValueError(f'config.text.encoder={config.text.encoder!r}: only "bytes" exists so far.')
   if config.text.width % config.text.num_heads:

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from data_pipelines import pipeline, shapes
-from sora_jax import restore, sampling, sharding, video_io
+from sora_jax import checkpoint, restore, sampling, sharding, video_io
 from sora_jax.diffusion import flow
 
 flags.DEFINE_string('workdir', None, 'Training workdir.')
@@ -103,6 +103,7 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
   result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed,
                     num_steps=f.num_steps, guidance_scale=f.guidance_scale, use_ema=f.use_ema,

@@ -9,7 +9,7 @@ Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "
 import jax
 from absl import app, flags, logging
 
-from sora_jax import restore, sampling
+from sora_jax import checkpoint, restore, sampling
 
 flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).')
 flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat the flag for several videos.')
@@ -24,6 +24,7 @@ flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
   config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
                                                       use_ema=f.use_ema)

@@ -6,9 +6,7 @@ Re-running the same command on an existing workdir resumes from its latest check
 data iterator), bit-exactly on CPU.
 """
 
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -149,16 +147,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   return state
 
 
-def quiet_orbax_logs():
-  """Orbax logs every save phase at INFO; keep the console for the progress line."""
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or 'orbax' not in r.pathname)
-
-
 def main(argv):
   del argv
   jax.config.update('jax_threefry_partitionable', True)
-  quiet_orbax_logs()
+  checkpoint.quiet_orbax_logs()
   if flags.FLAGS.workdir is None:
     raise app.UsageError('--workdir is required.')
   train(flags.FLAGS.config, flags.FLAGS.workdir)

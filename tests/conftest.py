@@ -23,7 +23,6 @@ def tiny_config():
   c.optim.warmup_steps = 2
   c.sample.num_steps = 3
   c.num_train_samples = 2
-  c.mesh.data = 1
   c.eval.num_videos, c.eval.batch_size, c.eval.num_timesteps = 8, 8, 2
   return c
 

@@ -38,6 +38,15 @@ def velocity_target(x0, noise):
   return noise - x0
 
 
+def velocity_from_x0(x0_pred, x_t, t, t_min: float = 0.05):
+  """Velocity implied by a clean-data prediction: v = (x_t - x0) / t, with t clamped away from 0.
+
+  Predicting x0 and training on the velocity loss ("JiT", Li & He 2025) lets a narrow transformer
+  denoise large pixel patches: clean data is low-dimensional, noise is not.
+  """
+  return (x_t - x0_pred) / jnp.maximum(_bcast(t, x_t), t_min)
+
+
 def loss(v_pred, x0, noise):
   """Per-example mean squared velocity error [B]."""
   err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise))

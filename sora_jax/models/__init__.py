@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.diffusion import flow
 from sora_jax.models import dit, text
 
 # Parameters are created unsharded (or abstractly) and placed by `jax.jit(out_shardings=...)` from
@@ -11,15 +12,21 @@ nnx.use_eager_sharding(False)
 
 
 class TextToVideo(nnx.Module):
-  """Byte text encoder + video DiT, trained jointly. A frozen encoder would live outside the params."""
+  """Byte text encoder + video DiT, trained jointly. A frozen encoder would live outside the params.
 
-  def __init__(self, text_encoder, dit_model):
+  Returns the flow velocity at (x_t, t) whatever the DiT predicts: 'velocity' directly, or 'x0' (the
+  clean clip), converted by `flow.velocity_from_x0`.
+  """
+
+  def __init__(self, text_encoder, dit_model, prediction: str = 'velocity'):
     self.text_encoder = text_encoder
     self.dit = dit_model
+    self.prediction = prediction
 
-  def __call__(self, video, t, tokens, mask):
+  def __call__(self, x_t, t, tokens, mask):
     context, context_mask = self.text_encoder(tokens, mask)
-    return self.dit(video, t, context, context_mask)
+    out = self.dit(x_t, t, context, context_mask)
+    return flow.velocity_from_x0(out, x_t, t) if self.prediction == 'x0' else out
 
 
 def build(config, rngs: nnx.Rngs, channels: int = 3) -> TextToVideo:
@@ -32,4 +39,4 @@ def build(config, rngs: nnx.Rngs, channels: int = 3) -> TextToVideo:
       channels=channels, patch_size=tuple(m.patch_size), width=m.width, depth=m.depth,
       num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, context_width=config.text.width,
       rope_theta=m.rope_theta, scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs)
-  return TextToVideo(encoder, video_model)
+  return TextToVideo(encoder, video_model, config.diffusion.prediction)

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from sora_jax import config_lib
+
+
+def test_demo_config_is_valid():
+  sys.path.insert(0, 'configs')
+  import demo  # pylint: disable=g-import-not-at-top
+  assert config_lib.validate(demo.get_config(), 1) == dict(data=1, fsdp=1, tensor=1, context=1)
+
+
+@pytest.mark.parametrize('mesh,devices,expected', [
+    (dict(data=-1), 8, dict(data=8, fsdp=1, tensor=1, context=1)),
+    (dict(data=2, fsdp=-1, tensor=2), 8, dict(data=2, fsdp=2, tensor=2, context=1)),
+    (dict(data=1, fsdp=4, tensor=2), 8, dict(data=1, fsdp=4, tensor=2, context=1)),
+])
+def test_mesh_resolution(config, mesh, devices, expected):
+  config.mesh.update(mesh)
+  assert config_lib.validate(config, devices) == expected
+
+
+@pytest.mark.parametrize('edit,devices,message', [
+    (lambda c: c.mesh.update(dict(data=2, fsdp=2)), 8, 'config.mesh'),
+    (lambda c: c.mesh.update(dict(data=3)), 8, 'config.mesh'),
+    (lambda c: c.mesh.update(dict(data=-1, fsdp=-1)), 8, 'only one axis'),
+    (lambda c: c.mesh.update(dict(data=-1, context=2)), 8, 'config.mesh.context'),
+    (lambda c: c.update(dict(batch_size=12)), 8, 'config.batch_size=12'),
+    (lambda c: c.model.update(dict(patch_size=(3, 4, 4))), 1, 'config.data.num_frames=4'),
+    (lambda c: c.model.update(dict(patch_size=(2, 5, 4))), 1, 'config.data.height=16'),
+    (lambda c: c.model.update(dict(num_heads=5)), 1, 'config.model.width'),
+    (lambda c: c.model.update(dict(remat='some')), 1, 'config.model.remat'),
+    (lambda c: c.update(dict(total_steps=0)), 1, 'config.total_steps'),
+    (lambda c: c.optim.update(dict(warmup_steps=100)), 1, 'config.optim.warmup_steps'),
+    (lambda c: c.model.__setitem__('detph', 3), 1, 'config.model.detph'),
+    (lambda c: c.__setitem__('sampel', {}), 1, 'config.sampel'),
+])
+def test_invalid_configs_name_the_key(config, edit, devices, message):
+  edit(config)
+  with pytest.raises(ValueError, match=message.replace('.', r'\.').replace('(', r'\(')):
+    config_lib.validate(config, devices)
+
+
+def _train_cli(*overrides, tmp_path):
+  return subprocess.run(
+      [sys.executable, '-m', 'sora_jax.train', '--config=configs/demo.py',
+       f'--workdir={tmp_path}', *overrides], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_unknown_override_key(tmp_path):
+  out = _train_cli('--config.model.detph=4', tmp_path=tmp_path)
+  assert out.returncode != 0 and 'detph' in out.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_cli_rejects_bad_value_before_compiling(tmp_path):
+  out = _train_cli('--config.model.patch_size=(2,5,8)', tmp_path=tmp_path)
+  assert out.returncode != 0 and 'config.model.patch_size' in out.stderr
+  assert 'config.data.height=32' in out.stderr
+  assert not (tmp_path / 'checkpoints').exists()
