@@ -13,11 +13,12 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from data_pipelines import pipeline
 from sora_jax import config_lib, sharding, state as state_lib, train
 
-# --config comes from sora_jax.train, which defines it.
+config_flags.DEFINE_config_file('config', None, 'Base training config.')
 flags.DEFINE_string('variants', '', 'Semicolon-separated variants of key=value overrides.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant (after one warm-up step).')
 

@@ -21,14 +21,18 @@ from data_pipelines import pipeline, shapes
 from sora_jax import checkpoint, restore, sampling, sharding, video_io
 from sora_jax.diffusion import flow
 
-flags.DEFINE_string('workdir', None, 'Training workdir.')
-flags.DEFINE_string('output', None, 'JSON file for the results.')
-flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to evaluate (default: latest).')
-flags.DEFINE_integer('seed', 0, 'Sampling noise seed.')
-flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
-flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
-flags.DEFINE_bool('use_ema', True, 'Evaluate the EMA parameters.')
-flags.DEFINE_string('videos_dir', None, 'Where judged videos go (default: next to --output).')
+
+def define_flags():
+  """Defined only when run as a program, so the module imports cleanly."""
+  flags.DEFINE_string('workdir', None, 'Training workdir.')
+  flags.DEFINE_string('output', None, 'JSON file for the results.')
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to evaluate (default: latest).')
+  flags.DEFINE_integer('seed', 0, 'Sampling noise seed.')
+  flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
+  flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+  flags.DEFINE_bool('use_ema', True, 'Evaluate the EMA parameters.')
+  flags.DEFINE_string('videos_dir', None, 'Where judged videos go (default: next to --output).')
+
 
 SPLITS = {'seen': 'train', 'held_out': 'heldout'}
 
@@ -114,5 +118,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir', 'output'])
   app.run(main)

@@ -11,15 +11,18 @@ from absl import app, flags, logging
 
 from sora_jax import checkpoint, restore, sampling
 
-flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).')
-flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat the flag for several videos.')
-flags.DEFINE_string('output_dir', None, 'Where the mp4 files and samples.json go.')
-flags.DEFINE_integer('seed', 0, 'Noise seed; video i uses fold_in(seed, i).')
-flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
-flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
-flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to load (default: latest).')
-flags.DEFINE_bool('use_ema', True, 'Sample with the EMA parameters.')
-flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
+
+def define_flags():
+  """Defined only when run as a program, so the module imports cleanly."""
+  flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).')
+  flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat the flag for several videos.')
+  flags.DEFINE_string('output_dir', None, 'Where the mp4 files and samples.json go.')
+  flags.DEFINE_integer('seed', 0, 'Noise seed; video i uses fold_in(seed, i).')
+  flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
+  flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to load (default: latest).')
+  flags.DEFINE_bool('use_ema', True, 'Sample with the EMA parameters.')
+  flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
 
 
 def main(argv):
@@ -46,5 +49,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir', 'prompt', 'output_dir'])
   app.run(main)

@@ -24,8 +24,11 @@ from sora_jax import state as state_lib
 from sora_jax.diffusion import flow
 from sora_jax.models import text
 
-config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
+
+def define_flags():
+  """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
 
 
 def make_train_step(graphdef, config, tx, schedule):
@@ -157,5 +160,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -48,7 +48,7 @@ def test_sharded_step_matches_single_device(config, reference, mesh):
   for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(ref_state['params'])):
     np.testing.assert_allclose(a, b, atol=2e-5)
   # The weights really are split: an MLP kernel is laid out over fsdp x tensor.
-  kernel = state['params']['dit']['blocks']['mlp']['up']['kernel'].value
+  kernel = state['params']['dit']['blocks']['mlp']['up']['kernel'][...]
   assert kernel.sharding.spec == P(None, 'fsdp', 'tensor')
   shard = kernel.addressable_shards[0].data.shape
   assert shard == (kernel.shape[0], kernel.shape[1] // mesh['fsdp'],
