@@ -17,6 +17,9 @@ setup(
         'av>=14',  # PyAV: video encode/decode through FFmpeg
         'numpy>=2',
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
+        'array_record>=0.8',  # our prepared shards (grain reads them natively)
+        'tensorflow-datasets>=4.9.10,<4.10',  # captioned-video builder; array_record needs no TF
+        'importlib_resources',  # TFDS 4.9.10 imports it but declares it only for py<3.9
     ],
     extras_require={'test': ['pytest>=8']},
 )
