@@ -1,13 +1,20 @@
 """Grain input pipelines for training and evaluation.
 
-Global order is fixed by the seed alone: global batch s holds records [s*B, (s+1)*B) and each process
-reads its strided slice, so the data seen per step does not depend on the number of processes.
+Global order is fixed by the seed alone and each process reads only its rows of each global batch, so
+the data seen per step does not depend on the number of processes. Shapes: global batch s holds records
+[s*B, (s+1)*B). User data (config.data.manifest / prepared / tfds_name): see bucketed.py.
 """
+
+import functools
+import json
+import os
 
 import grain
 import numpy as np
+from absl import logging
 
-from data_pipelines import shapes
+from data_pipelines import bucketed, records, shapes
+from data_pipelines import buckets as buckets_lib
 from sora_jax.models import text
 
 
@@ -32,8 +39,15 @@ def source(config, split: str, seed: int):
                              seed=seed)
 
 
-def train_iterator(config, *, process_index: int = 0, process_count: int = 1):
+def uses_user_data(config) -> bool:
+  return bool(config.data.manifest or config.data.prepared or config.data.tfds_name)
+
+
+def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
+                   data_parallel: int = 1, skips: bucketed.SkipLog | None = None):
   """Infinite, checkpointable iterator of per-process batches (grain.DatasetIterator)."""
+  if uses_user_data(config):
+    return _user_data_iterator(config, process_index, process_count, data_parallel, skips)
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the'
                      f' {process_count} processes.')
@@ -41,10 +55,88 @@ def train_iterator(config, *, process_index: int = 0, process_count: int = 1):
   ds = grain.MapDataset.source(source(config, 'train', config.seed))
   ds = ds[process_index::process_count].map(ToModelInputs(config.text.max_length))
   ds = ds.to_iter_dataset().batch(config.batch_size // process_count, drop_remainder=True)
+  return iter(_prefetch(ds, config))
+
+
+def _prefetch(ds, config):
   if config.data.worker_count > 0:
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=config.data.worker_count,
         per_worker_buffer_size=config.data.prefetch_buffer_size))
+  return ds
+
+
+def user_examples(config, table, skips: bucketed.SkipLog):
+  """(examples, load_fn) of the configured user data source."""
+  d = config.data
+  if d.manifest:
+    examples = bucketed.index_manifest(d.manifest, table, fps=d.fps, skips=skips,
+                                       num_threads=d.probe_threads)
+    return examples, functools.partial(bucketed.decode_file, fps=d.fps, random_crop=d.random_crop)
+  if d.prepared:
+    return prepared_examples(d.prepared, table, skips)
+  return tfds_examples(d.tfds_name, d.tfds_data_dir or None, table)
+
+
+def tfds_examples(name: str, data_dir: str | None, table):
+  """A dataset built by tfds_builder: one clip shape, which must be the config's one bucket."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  source = tfds.data_source(name, split='train', data_dir=data_dir, download=False)
+  shape = tuple(source.dataset_info.features['video'].shape[:3])
+  if [b.shape for b in table] != [shape]:
+    raise ValueError(f'config.data.tfds_name={name!r} holds clips of {shape}; set the config\'s one'
+                     f' bucket to it (config.data.num_frames, height, width), not {table}.')
+  examples = [bucketed.Example(f'{name}[{i}]', '', 0, record=i) for i in range(len(source))]
+  return examples, functools.partial(_load_tfds, source)
+
+
+def _load_tfds(source, example, bucket, rng):
+  del bucket, rng
+  record = source[example.record]
+  caption = record['caption']
+  return record['video'], caption.decode('utf-8') if isinstance(caption, bytes) else caption
+
+
+def prepared_examples(folder: str, table, skips: bucketed.SkipLog):
+  """Examples of shards written by data_pipelines.prepare; their buckets must be the config's."""
+  with open(os.path.join(folder, 'index.json')) as f:
+    index = json.load(f)
+  shapes_here = [tuple(s) for s in index['buckets']]
+  wanted = [b.shape for b in table]
+  if shapes_here != wanted:
+    raise ValueError(f'config.data.prepared={folder!r} was prepared for buckets {shapes_here}, but'
+                     f' the config has {wanted} (config.data.buckets / num_frames, height, width).')
+  skips.seen += index['num_rows']
+  for path, reason in index['skipped']:
+    skips.skipped.append((path, reason))
+  source = records.data_source([os.path.join(folder, s) for s in index['shards']])
+  examples = [bucketed.Example(path, '', bucket, record=i)
+              for i, (path, bucket) in enumerate(zip(index['paths'], index['record_buckets']))]
+  return examples, functools.partial(_load_record, source)
+
+
+def _load_record(source, example, bucket, rng):
+  del rng  # prepared clips are already cut and cropped
+  record = records.decode(source[example.record])
+  video = record['video']
+  if video.shape != (*bucket.shape, 3):
+    raise ValueError(f'Prepared record {example.record} ({example.path}) has shape {video.shape},'
+                     f' expected {(*bucket.shape, 3)}.')
+  return video, record['caption']
+
+
+def _user_data_iterator(config, process_index, process_count, data_parallel, skips):
+  table = buckets_lib.make(config, bucketed.batch_multiple(config, process_count, data_parallel))
+  skips = skips if skips is not None else bucketed.SkipLog(config.data.max_skip_fraction)
+  examples, load_fn = user_examples(config, table, skips)
+  plan = bucketed.BatchPlan([e.bucket for e in examples], table, config.seed)
+  logging.info('Buckets (frames, height, width: global batch, examples): %s; %d batches per epoch.',
+               [(b.shape, b.batch_size, sum(e.bucket == i for e in examples))
+                for i, b in enumerate(table)], plan.per_epoch)
+  ds = grain.MapDataset.source(plan).map(bucketed.LoadBatch(
+      examples, table, load_fn=load_fn, seed=config.seed, max_length=config.text.max_length,
+      process_index=process_index, process_count=process_count))
+  ds = _prefetch(ds.to_iter_dataset(), config).map(bucketed.CountSkips(skips))
   return iter(ds)
 
 

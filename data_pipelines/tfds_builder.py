@@ -24,10 +24,7 @@ and ffmpeg, so the video is a zlib-compressed uint8 Tensor instead.)
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import json
-import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -35,6 +32,8 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+
+from data_pipelines import manifest as manifest_lib
 
 NAME = 'captioned_videos'
 _MAX_SKIPPED_LISTED = 10_000  # paths kept in metadata.json; counts are always exact
@@ -49,17 +48,6 @@ class CaptionedVideosConfig(tfds.core.BuilderConfig):
   fps: float = 8.0
   height: int = 64
   width: int = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """A manifest row, parsed. `error` set means the row is skipped with that reason."""
-  where: str  # path, or 'manifest:line' when the row has no usable path
-  path: str = ''
-  caption: object = None
-  start: float = 0.0
-  end: float | None = None
-  error: str | None = None
 
 
 class CaptionedVideos(tfds.core.GeneratorBasedBuilder):
@@ -118,9 +106,9 @@ class CaptionedVideos(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     self.skipped = []
     num_rows = 0
-    for key, row in enumerate(read_manifest(manifest)):
+    for key, row in enumerate(manifest_lib.read_manifest(manifest)):
       num_rows += 1
-      reason = row.error or _check_row(row, c.num_frames, c.fps)
+      reason = row.error or manifest_lib.check_row(row, c.num_frames, c.fps)
       if reason is None:
         try:
           video = decode_fn(row.path, start=row.start, num_frames=c.num_frames, fps=c.fps,
@@ -156,83 +144,6 @@ class CaptionedVideos(tfds.core.GeneratorBasedBuilder):
     for reason, count in counts.most_common():
       where = [w for w, r in self.skipped if r == reason][:_EXAMPLES_PER_REASON_LOGGED]
       logging.warning('  %s: %d (e.g. %s)', reason, count, ', '.join(where))
-
-
-def read_manifest(manifest: str | os.PathLike) -> Iterator[Row]:
-  """Rows of a .csv (with header) or .jsonl manifest, paths resolved against its folder."""
-  manifest = os.fspath(manifest)
-  ext = os.path.splitext(manifest)[1].lower()
-  if ext == '.csv':
-    records = _csv_records(manifest)
-  elif ext in ('.jsonl', '.json'):
-    records = _jsonl_records(manifest)
-  else:
-    raise ValueError(f'manifest {manifest!r} must be .csv or .jsonl')
-  folder = os.path.dirname(os.path.abspath(manifest))
-  for line, record in records:
-    yield _parse_row(record, f'{manifest}:{line}', folder)
-
-
-def _csv_records(manifest: str) -> Iterator[tuple[int, dict | None]]:
-  with open(manifest, newline='', encoding='utf-8-sig') as f:  # -sig: spreadsheets add a BOM
-    reader = csv.DictReader(f)
-    missing = {'path', 'caption'} - set(reader.fieldnames or ())
-    if missing:
-      raise ValueError(f'manifest {manifest!r} header lacks column(s) {sorted(missing)};'
-                       f' got {reader.fieldnames}')
-    for record in reader:
-      yield reader.line_num, record
-
-
-def _jsonl_records(manifest: str) -> Iterator[tuple[int, dict | None]]:
-  with open(manifest, encoding='utf-8') as f:
-    for line, text in enumerate(f, start=1):
-      if not text.strip():
-        continue
-      try:
-        record = json.loads(text)
-      except json.JSONDecodeError:
-        record = None
-      yield line, record if isinstance(record, dict) else None
-
-
-def _parse_row(record: dict | None, where: str, folder: str) -> Row:
-  if record is None:
-    return Row(where, error='bad_row')
-  path = record.get('path')
-  if not isinstance(path, str) or not path.strip():
-    return Row(where, error='bad_row')
-  path = os.path.join(folder, os.path.expanduser(path.strip()))  # absolute paths win
-  try:
-    start = _seconds(record.get('start'), default=0.0)
-    end = _seconds(record.get('end'), default=None)
-  except ValueError:
-    return Row(path, path, error='bad_row')
-  if start < 0 or (end is not None and end <= start):
-    return Row(path, path, error='bad_row')
-  return Row(path, path, record.get('caption'), start, end)
-
-
-def _seconds(value, default):
-  if value is None or (isinstance(value, str) and not value.strip()):
-    return default  # CSV writes a missing value as ''
-  if isinstance(value, bool):
-    raise ValueError(value)
-  seconds = float(value)
-  if not math.isfinite(seconds):
-    raise ValueError(value)
-  return seconds
-
-
-def _check_row(row: Row, num_frames: int, fps: float) -> str | None:
-  """Cheap checks before decoding; the skip reason, or None."""
-  if not isinstance(row.caption, str):
-    return 'caption_not_str'
-  if not row.caption.strip():
-    return 'empty_caption'
-  if row.end is not None and (row.end - row.start) * fps < num_frames - 1e-6:
-    return 'too_short'
-  return None
 
 
 def _check_video(video, path: str, shape: tuple[int, ...]):

@@ -6,8 +6,11 @@ names the offending key in its message.
 """
 
 import math
+import os
 
 import ml_collections
+
+from data_pipelines import buckets
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,11 +31,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.context = 1  # sequence sharding; arrives with the scale-out issue
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'shapes'  # built-in captioned shapes generator
-  c.data.num_frames = 12
+  # Source: the built-in captioned shapes generator, unless one of these three is set.
+  c.data.manifest = ''  # CSV/JSONL of captioned videos and images, decoded on the fly
+  c.data.prepared = ''  # folder written by `python -m data_pipelines.prepare` (ArrayRecord shards)
+  c.data.tfds_name = ''  # a dataset built by data_pipelines/tfds_builder.py, e.g. captioned_videos/x
+  c.data.tfds_data_dir = ''
+  c.data.num_frames = 12  # clip shape of the shapes data, of samples, and the default bucket
   c.data.height = 32
   c.data.width = 32
-  c.data.fps = 8  # frame rate written into sample videos
+  c.data.fps = 8  # clips are sampled at this frame rate; sample videos are written at it
+  # (frames, height, width) buckets, e.g. ((16, 64, 64), (16, 48, 80), (1, 64, 64)); empty: one bucket
+  # (num_frames, height, width). 1-frame buckets hold images.
+  c.data.buckets = ()
+  c.data.tokens_per_batch = 0  # per-bucket global batch = this // tokens per clip (0: batch_size)
+  c.data.random_crop = True  # else centre crop
+  c.data.max_skip_fraction = 0.1  # more skipped examples than this is an error, not a dataset
+  c.data.probe_threads = 8  # threads probing a manifest's files at start-up
   c.data.worker_count = 0  # Grain worker processes (0: in the main process)
   c.data.prefetch_buffer_size = 2
 
@@ -42,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.text.width = 128
   c.text.depth = 2
   c.text.num_heads = 4
+  c.text.word_buckets = 1024  # hashed word embeddings added to bytes (0: bytes only)
   c.text.dropout_prob = 0.1  # caption dropout for classifier-free guidance
 
   c.model = ml_collections.ConfigDict()
@@ -122,6 +137,25 @@ def resolve_mesh_shape(config, num_devices: int) -> dict[str, int]:
   return axes
 
 
+def _check_data(config):
+  d = config.data
+  sources = [k for k in ('manifest', 'prepared', 'tfds_name') if d[k]]
+  if len(sources) > 1:
+    raise ValueError(f'config.data: set at most one of manifest, prepared, tfds_name; got {sources}.')
+  if d.manifest and not os.path.isfile(d.manifest):
+    raise ValueError(f'config.data.manifest={d.manifest!r} is not a file.')
+  if d.prepared and not os.path.isfile(os.path.join(d.prepared, 'index.json')):
+    raise ValueError(f'config.data.prepared={d.prepared!r} holds no index.json: run'
+                     ' `python -m data_pipelines.prepare` first.')
+  if not 0.0 <= d.max_skip_fraction <= 1.0:
+    raise ValueError(f'config.data.max_skip_fraction={d.max_skip_fraction} not in [0, 1].')
+  if d.fps <= 0:
+    raise ValueError(f'config.data.fps={d.fps} must be positive.')
+  errors = buckets.check(config)
+  if errors:
+    raise ValueError(' '.join(errors))
+
+
 def validate(config, num_devices: int) -> dict[str, int]:
   """Rejects bad configs before compilation; returns the resolved mesh shape."""
   unknown = list(_unknown_keys(config, base_config()))
@@ -137,8 +171,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
     raise ValueError(
         f'config.batch_size={config.batch_size} is not divisible by the data-parallel size'
         f' mesh.data*mesh.fsdp={batch_shards}.')
-  if config.data.source != 'shapes':
-    raise ValueError(f'config.data.source={config.data.source!r}: only "shapes" exists so far.')
+  _check_data(config)
   clip = (config.data.num_frames, config.data.height, config.data.width)
   patch = tuple(config.model.patch_size)
   if len(patch) != 3 or any(p <= 0 for p in patch):
@@ -168,6 +201,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
     raise ValueError(f'config.text.encoder={config.text.encoder!r}: only "bytes" exists so far.')
   if config.text.width % config.text.num_heads:
     raise ValueError(f'config.text.width must be divisible by config.text.num_heads.')
+  if config.text.word_buckets < 0:
+    raise ValueError(f'config.text.word_buckets={config.text.word_buckets} must be >= 0.')
   if not 0.0 <= config.text.dropout_prob < 1.0:
     raise ValueError(f'config.text.dropout_prob={config.text.dropout_prob} not in [0, 1).')
   if not 0.0 <= config.optim.ema_decay < 1.0:

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from data_pipelines import pipeline
+from data_pipelines import bucketed, pipeline
 from data_pipelines import shapes
 from sora_jax import checkpoint, config_lib, metrics, sampling, sharding
 from sora_jax import state as state_lib
@@ -88,8 +88,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                jax.process_count())
 
   # ---- Input.
+  skips = bucketed.SkipLog(config.data.max_skip_fraction)
   data_iter = pipeline.train_iterator(
-      config, process_index=jax.process_index(), process_count=jax.process_count())
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      data_parallel=mesh.shape['data'] * mesh.shape['fsdp'], skips=skips)
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---- Model, optimizer and state, born sharded; or restored onto this mesh.
@@ -137,6 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         pending = []
         logged = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'grad_norm')}
         logged['learning_rate'] = float(window[-1]['learning_rate'])
+        if pipeline.uses_user_data(config):
+          logged['skipped_examples'] = len(skips.skipped)
         logged['steps_per_second'] = progress.update(step, logged['loss'])
         writer.write(step, logged)
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps:

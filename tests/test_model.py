@@ -97,3 +97,17 @@ def test_tokenizer():
   np.testing.assert_array_equal(mask[1], [True, True, False, False, False, False])
   long, _ = text.tokenize(['x' * 100], 6)
   assert long[0, -1] == text.EOS
+
+
+def test_word_hashes_name_whole_words():
+  tokens, _ = text.tokenize(['a red circle moving left', 'the  red  square', 'redd re'], 32)
+  words = np.asarray(text.word_hashes(tokens, 1 << 20))
+  # Every byte of a word carries that word's bucket; spaces, BOS/EOS and padding carry -1.
+  row = words[0]
+  np.testing.assert_array_equal(row[[0, 2, 6]], -1)  # BOS, spaces
+  assert len(set(row[3:6])) == 1 and row[3] >= 0  # 'red'
+  # The same word gets the same bucket wherever it stands, whatever the spacing around it ...
+  assert row[3] == words[1][6]
+  # ... and different words (even prefixes of each other) get different ones.
+  assert len({row[1], row[3], row[7], row[14], row[21], words[1][11], words[2][1], words[2][6]}) == 8
+  assert (words[:, 26:] == -1).all()

@@ -33,7 +33,8 @@ def build(config, rngs: nnx.Rngs, channels: int = 3) -> TextToVideo:
   dtype = jnp.dtype(config.model.dtype)
   encoder = text.ByteTextEncoder(
       max_length=config.text.max_length, width=config.text.width, depth=config.text.depth,
-      num_heads=config.text.num_heads, rngs=rngs, dtype=dtype)
+      num_heads=config.text.num_heads,
+      word_buckets=config.text.word_buckets, rngs=rngs, dtype=dtype)
   m = config.model
   video_model = dit.VideoDiT(
       channels=channels, patch_size=tuple(m.patch_size), width=m.width, depth=m.depth,

@@ -1,0 +1,222 @@
+"""Bucketed batches from user data (a manifest, prepared ArrayRecord shards or a TFDS dataset).
+
+Design, chosen for exact resume and process-count independence:
+  1. Index: every example gets its bucket up front (a manifest is probed once, in threads; prepared
+     shards and TFDS datasets store it). Bad examples are skipped here, counted by reason and logged.
+  2. Plan: a pure function of (seed, epoch) shuffles the examples, groups them by bucket into global
+     batches of the bucket's batch size and shuffles the batches. Element i of the plan is global batch
+     i, so the whole data order depends only on the seed, and a Grain iterator's state is one integer.
+  3. Load: each process decodes only its own rows of global batch i (random clip start and crop drawn
+     from (seed, i, example)), so `jax.make_array_from_process_local_data` assembles the global batch.
+     An example that fails to decode here is replaced by another of the same bucket, counted and logged,
+     so every batch keeps its static shape and no step is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import math
+
+import grain
+import numpy as np
+from absl import logging
+
+from data_pipelines import buckets as buckets_lib
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import video_decode
+from sora_jax.models import text
+
+_FALLBACK_TRIES = 8  # replacements tried for an example that fails to decode
+_EPOCHS = 10**6  # the plan is "infinite": this many epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  path: str
+  caption: str
+  bucket: int
+  start: float = 0.0  # usable window of a video, in seconds
+  end: float = 0.0
+  record: int = -1  # index into prepared shards / a TFDS split; -1 for decoded-on-the-fly files
+
+
+class SkipLog:
+  """Skipped examples by reason, with their paths; fails the run past `max_fraction`."""
+
+  def __init__(self, max_fraction: float):
+    self.max_fraction = max_fraction
+    self.skipped: list[tuple[str, str]] = []
+    self.seen = 0
+
+  @property
+  def counts(self) -> collections.Counter:
+    return collections.Counter(reason for _, reason in self.skipped)
+
+  def add(self, path: str, reason: str):
+    self.skipped.append((path, reason))
+    logging.warning('Skipping %s: %s', path, reason)
+
+  def check(self, stage: str):
+    if self.seen and len(self.skipped) / self.seen > self.max_fraction:
+      raise ValueError(
+          f'{stage}: {len(self.skipped)} of {self.seen} examples skipped'
+          f' ({dict(self.counts)}), more than config.data.max_skip_fraction={self.max_fraction}.'
+          f' First skipped: {self.skipped[:5]}')
+
+
+# ---------------------------------------------------------------------------------------- index --
+
+def index_manifest(path: str, table: list[buckets_lib.Bucket], *, fps: float, skips: SkipLog,
+                   num_threads: int = 8) -> list[Example]:
+  """Probes every row of a manifest (in threads: FFmpeg releases the GIL) and assigns buckets."""
+  rows = list(manifest_lib.read_manifest(path))
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    results = list(pool.map(functools.partial(_index_row, table=table, fps=fps), rows))
+  examples = []
+  for row, result in zip(rows, results):
+    skips.seen += 1
+    if isinstance(result, str):
+      skips.add(row.where, result)
+    else:
+      examples.append(result)
+  logging.info('Indexed %s: %d examples, %d skipped %s.', path, len(examples), len(skips.skipped),
+               dict(skips.counts))
+  skips.check(f'Manifest {path}')
+  return examples
+
+
+def _index_row(row: manifest_lib.Row, *, table, fps) -> Example | str:
+  """The row's Example, or its skip reason."""
+  if row.error:
+    return row.error
+  if not isinstance(row.caption, str):
+    return 'caption_not_str'
+  if not row.caption.strip():
+    return 'empty_caption'
+  try:
+    info = video_decode.probe(row.path)
+  except video_decode.DecodeError as e:
+    return e.reason
+  end = info.duration if row.end is None else min(row.end, info.duration)
+  bucket = buckets_lib.choose(table, is_image=info.is_image, width=info.width, height=info.height,
+                              seconds=end - row.start, fps=fps)
+  if bucket is None:
+    return 'no_image_bucket' if info.is_image else 'too_short'
+  return Example(row.path, row.caption, bucket, row.start, end)
+
+
+# ----------------------------------------------------------------------------------------- plan --
+
+class BatchPlan:
+  """Random-access source of global batch plans: element i = {'index', 'bucket', 'ids'}."""
+
+  def __init__(self, example_buckets, table: list[buckets_lib.Bucket], seed: int):
+    self.example_buckets = np.asarray(example_buckets, np.int64)
+    self.batch_sizes = np.array([b.batch_size for b in table])
+    self.seed = seed
+    counts = np.bincount(self.example_buckets, minlength=len(table))
+    self.per_epoch = int((counts // self.batch_sizes).sum())
+    if not self.per_epoch:
+      raise ValueError(
+          f'No bucket has enough examples for one batch: examples per bucket {counts.tolist()},'
+          f' batch sizes {self.batch_sizes.tolist()} (config.data.buckets, tokens_per_batch).')
+
+  def __len__(self):
+    return self.per_epoch * _EPOCHS
+
+  def __getitem__(self, i):
+    epoch, j = divmod(int(i), self.per_epoch)
+    bucket, ids = self._epoch(epoch)[j]
+    return {'index': int(i), 'bucket': bucket, 'ids': ids}
+
+  @functools.lru_cache(maxsize=2)
+  def _epoch(self, epoch: int):
+    rng = np.random.default_rng([self.seed, epoch])
+    order = rng.permutation(len(self.example_buckets))
+    plan = []
+    for b, size in enumerate(self.batch_sizes):
+      members = order[self.example_buckets[order] == b]
+      plan += [(b, members[k * size:(k + 1) * size]) for k in range(len(members) // size)]
+    return [plan[k] for k in rng.permutation(len(plan))]
+
+
+# ----------------------------------------------------------------------------------------- load --
+
+class LoadBatch(grain.transforms.Map):
+  """Plan -> this process's rows of the batch: video in [-1, 1], byte tokens, mask (+ '_skipped').
+
+  load_fn(example, bucket, rng) -> (uint8 video [frames, height, width, 3], caption).
+  """
+
+  def __init__(self, examples: list[Example], table, *, load_fn, seed: int, max_length: int,
+               process_index: int = 0, process_count: int = 1):
+    self.examples, self.table, self.load_fn = examples, table, load_fn
+    self.seed, self.max_length = seed, max_length
+    self.process_index, self.process_count = process_index, process_count
+    by_bucket = collections.defaultdict(list)
+    for i, e in enumerate(examples):
+      by_bucket[e.bucket].append(i)
+    self.by_bucket = {b: np.array(ids) for b, ids in by_bucket.items()}
+
+  def map(self, plan):
+    bucket = self.table[plan['bucket']]
+    n = bucket.batch_size // self.process_count
+    rows = plan['ids'][self.process_index * n:(self.process_index + 1) * n]
+    videos, captions, skipped = [], [], []
+    for row in rows:
+      rng = np.random.default_rng([self.seed, plan['index'], int(row)])
+      video, caption = self._load_or_replace(int(row), bucket, rng, skipped)
+      videos.append(video)
+      captions.append(caption)
+    tokens, mask = text.tokenize(captions, self.max_length)
+    video = np.stack(videos).astype(np.float32) / 127.5 - 1.0
+    return {'video': video, 'tokens': tokens, 'mask': mask, '_skipped': skipped,
+            '_loaded': len(rows)}
+
+  def _load_or_replace(self, row, bucket, rng, skipped):
+    members = self.by_bucket[self.examples[row].bucket]
+    for attempt in range(_FALLBACK_TRIES + 1):
+      example = self.examples[row]
+      try:
+        return self.load_fn(example, bucket, rng)
+      except video_decode.DecodeError as e:
+        skipped.append((example.path, e.reason))
+      row = int(members[rng.integers(len(members))])  # a deterministic stand-in, same bucket
+    raise ValueError(f'{_FALLBACK_TRIES + 1} examples of bucket {bucket.shape} in a row failed to'
+                     f' decode; last: {skipped[-1]}. Is the data readable?')
+
+
+def decode_file(example: Example, bucket, rng, *, fps: float, random_crop: bool):
+  """(video, caption) of a manifest example: a random clip of the bucket's length at `fps`, resized
+  and cropped to the bucket."""
+  if bucket.is_image:
+    start = 0.0
+  else:
+    slack = max(0.0, example.end - example.start - bucket.frames / fps)
+    start = example.start + rng.uniform(0.0, slack)
+  crop = tuple(rng.uniform(0.0, 1.0, 2)) if random_crop else (0.5, 0.5)
+  video = video_decode.decode_clip(example.path, start=start, num_frames=bucket.frames, fps=fps,
+                                   size=(bucket.height, bucket.width), crop=crop)
+  return video, example.caption
+
+
+class CountSkips(grain.transforms.Map):
+  """Main-process bookkeeping: moves each batch's decode-time skips into the run's SkipLog."""
+
+  def __init__(self, skips: SkipLog):
+    self.skips = skips
+
+  def map(self, batch):
+    batch = dict(batch)
+    for path, reason in batch.pop('_skipped'):
+      self.skips.add(path, reason)
+    self.skips.seen += batch.pop('_loaded')
+    self.skips.check('Decoding')
+    return batch
+
+
+def batch_multiple(config, process_count: int, data_parallel: int) -> int:
+  return math.lcm(process_count, data_parallel)

@@ -1,0 +1,177 @@
+"""User data through Grain: manifest indexing, buckets, static batch shapes, skips, exact resume."""
+
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from data_pipelines import bucketed, buckets, pipeline, video_decode
+from sora_jax import config_lib
+
+sys.path.insert(0, os.path.dirname(__file__))
+import media_fixtures as mf  # noqa: E402
+
+TABLE = [(4, 16, 16), (4, 16, 24), (4, 24, 16), (8, 16, 16), (1, 16, 16)]
+
+
+def _config(manifest, **data):
+  c = tiny_config()
+  c.model.patch_size = (1, 4, 4)
+  c.data.manifest = str(manifest)
+  c.data.buckets = tuple(TABLE)
+  c.data.tokens_per_batch = 128  # 64-token clips -> batch 2, 96 -> 1 -> 2 (rounded up to the dp size)
+  c.data.fps = 8
+  c.data.probe_threads = 2
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def media(tmp_path_factory):
+  d = tmp_path_factory.mktemp('media')
+  good = {
+      'landscape.mp4': mf.h264_mp4(d),  # 96x64, 2 s, with audio
+      'portrait.mp4': mf.portrait_mp4(d),  # 48x96, 1 s
+      'odd.mkv': mf.odd_mkv(d),  # 75x51, 1 s
+      'vfr.mkv': mf.vfr_mkv(d),
+      'webm': mf.vp9_webm(d),
+      'image.png': mf.png(d),
+      'image.jpg': mf.jpg(d),
+      'rotated.mp4': mf.rotated_mp4(d, n=24),
+  }
+  bad = {
+      'missing': mf.missing(d),
+      'empty': mf.empty_mp4(d),
+      'not_media': mf.text_as_mp4(d),
+      'no_video_stream': mf.audio_m4a(d),
+  }
+  rows = [{'path': os.path.relpath(p, d), 'caption': f'clip {name}'} for name, p in good.items()]
+  rows += [{'path': str(p), 'caption': f'bad {name}'} for name, p in bad.items()]
+  rows.append({'path': str(good['landscape.mp4']), 'caption': ''})  # empty_caption
+  rows.append({'path': str(good['landscape.mp4']), 'caption': 'a window', 'start': 0.5, 'end': 1.5})
+  rows.append({'path': str(good['portrait.mp4']), 'caption': 'too short', 'start': 0.0, 'end': 0.3})
+  rows += [{'path': str(good[name]), 'caption': f'again {name} {i}'} for i in range(3)
+           for name in ('image.png', 'image.jpg')]  # enough images for a batch
+  manifest = d / 'manifest.jsonl'
+  manifest.write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+  return d, manifest, good, bad
+
+
+def test_bucket_choice_and_batch_sizes():
+  table = [buckets.Bucket(*s, batch_size=1) for s in TABLE]
+  choose = lambda **kw: buckets.choose(table, fps=8, **kw)  # noqa: E731
+  assert choose(is_image=False, width=96, height=64, seconds=2.0) == 1  # landscape, longest fitting
+  assert choose(is_image=False, width=64, height=96, seconds=2.0) == 2  # portrait
+  assert choose(is_image=False, width=64, height=64, seconds=2.0) == 3  # 8 frames fit
+  assert choose(is_image=False, width=64, height=64, seconds=0.6) == 0  # only 4 frames fit
+  assert choose(is_image=False, width=64, height=64, seconds=0.4) is None  # shorter than every bucket
+  assert choose(is_image=True, width=300, height=200, seconds=None) == 4  # images: 1-frame buckets
+  c = _config('unused')
+  sizes = [b.batch_size for b in buckets.make(c, batch_multiple=2)]
+  # 128 tokens // (64, 96, 96, 128, 16) tokens per clip, floored to a multiple of 2, at least 2.
+  assert sizes == [2, 2, 2, 2, 8]
+
+
+def test_bad_bucket_configs_are_rejected_before_compiling(tmp_path):
+  manifest = tmp_path / 'm.csv'
+  manifest.write_text('path,caption\n')
+  c = _config(manifest)
+  c.data.buckets = ((4, 16, 18),)
+  with pytest.raises(ValueError, match=r'config.data.buckets.*width=18'):
+    config_lib.validate(c, 8)
+  c = _config(manifest)
+  c.model.patch_size = (2, 4, 4)  # 1-frame image buckets need a temporal patch of 1
+  with pytest.raises(ValueError, match=r'frames=1 is not divisible'):
+    config_lib.validate(c, 8)
+  c = _config(tmp_path / 'nope.csv')
+  with pytest.raises(ValueError, match='config.data.manifest'):
+    config_lib.validate(c, 8)
+
+
+def test_manifest_index_skips_bad_rows_by_reason(media):
+  d, manifest, good, bad = media
+  c = _config(manifest)
+  table = buckets.make(c, 2)
+  skips = bucketed.SkipLog(1.0)
+  examples = bucketed.index_manifest(str(manifest), table, fps=8, skips=skips, num_threads=2)
+  assert skips.seen == len(good) + len(bad) + 3 + 6
+  assert dict(skips.counts) == {'missing': 1, 'empty': 1, 'not_media': 1, 'no_video_stream': 1,
+                                'empty_caption': 1, 'too_short': 1}
+  assert {p for p, _ in skips.skipped} >= {str(p) for p in bad.values()}
+  by_path = collections.defaultdict(list)
+  for e in examples:
+    by_path[os.path.basename(e.path)].append(TABLE[e.bucket])
+  assert by_path['h264.mp4'] == [(4, 16, 24)] * 2  # 3:2 -> nearest aspect; whole file and a window
+  assert by_path['portrait.mp4'] == [(4, 24, 16)]
+  assert by_path['img.png'] == [(1, 16, 16)] * 4 and by_path['img.jpg'] == [(1, 16, 16)] * 4
+  assert by_path['rot90.mp4'] == [(4, 24, 16)]  # stored landscape, displayed portrait
+
+
+def test_too_many_skips_is_an_error(media):
+  _, manifest, _, _ = media
+  with pytest.raises(ValueError, match='max_skip_fraction'):
+    next(pipeline.train_iterator(_config(manifest, max_skip_fraction=0.2), data_parallel=2))
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_batches_have_static_bucket_shapes_and_resume_exactly(media):
+  _, manifest, _, _ = media
+  c = _config(manifest, max_skip_fraction=0.5)
+  it = pipeline.train_iterator(c, data_parallel=2)
+  batches = _take(it, 12)
+  table = buckets.make(c, 2)
+  allowed = {(b.batch_size, *b.shape, 3) for b in table}
+  seen_shapes = {b['video'].shape for b in batches}
+  assert seen_shapes <= allowed and len(seen_shapes) >= 3
+  for b in batches:
+    assert b['video'].dtype == np.float32 and -1 <= b['video'].min() and b['video'].max() <= 1
+    assert b['tokens'].shape == (b['video'].shape[0], c.text.max_length)
+    assert set(b) == {'video', 'tokens', 'mask'}
+  # Resume: a fresh iterator set to the state after 5 batches yields batches 5.. exactly.
+  it = pipeline.train_iterator(c, data_parallel=2)
+  _take(it, 5)
+  state = it.get_state()
+  resumed = pipeline.train_iterator(c, data_parallel=2)
+  resumed.set_state(state)
+  for want, got in zip(batches[5:], _take(resumed, 7)):
+    for k in want:
+      np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_global_batches_do_not_depend_on_process_count(media):
+  _, manifest, _, _ = media
+  c = _config(manifest, max_skip_fraction=0.5)
+  whole = _take(pipeline.train_iterator(c, data_parallel=2), 6)
+  halves = [_take(pipeline.train_iterator(c, process_index=p, process_count=2, data_parallel=2), 6)
+            for p in range(2)]
+  for i, want in enumerate(whole):
+    np.testing.assert_array_equal(
+        want['video'], np.concatenate([halves[0][i]['video'], halves[1][i]['video']]))
+
+
+def test_decode_failures_are_replaced_counted_and_logged():
+  table = [buckets.Bucket(2, 8, 8, batch_size=4)]
+  examples = [bucketed.Example(f'/x/{i}.mp4', f'caption {i}', 0, end=1.0) for i in range(6)]
+
+  def load(example, bucket, rng):
+    if example.path in ('/x/1.mp4', '/x/4.mp4'):
+      raise video_decode.DecodeError(example.path, 'undecodable')
+    value = int(example.path[3])
+    return np.full((*bucket.shape, 3), value * 40, np.uint8), example.caption
+
+  load_batch = bucketed.LoadBatch(examples, table, load_fn=load, seed=0, max_length=16)
+  skips = bucketed.SkipLog(1.0)
+  out = bucketed.CountSkips(skips).map(
+      load_batch.map({'index': 0, 'bucket': 0, 'ids': np.arange(4)}))
+  assert out['video'].shape == (4, 2, 8, 8, 3)
+  assert ('/x/1.mp4', 'undecodable') in skips.skipped and skips.seen == 4
+  # Row 1 was replaced by a decodable example of the same bucket, never by a failing one.
+  assert out['video'][1, 0, 0, 0, 0] not in (1 * 40 / 127.5 - 1, 4 * 40 / 127.5 - 1)
