@@ -50,6 +50,7 @@ class SkipLog:
     self.max_fraction = max_fraction
     self.skipped: list[tuple[str, str]] = []
     self.seen = 0
+    self.sources = collections.Counter()  # paths that produced an example (decode time)
 
   @property
   def counts(self) -> collections.Counter:
@@ -146,7 +147,8 @@ class BatchPlan:
 # ----------------------------------------------------------------------------------------- load --
 
 class LoadBatch(grain.transforms.Map):
-  """Plan -> this process's rows of the batch: video in [-1, 1], byte tokens, mask (+ '_skipped').
+  """Plan -> this process's rows of the batch: video in [-1, 1], byte tokens, mask; plus '_paths' and
+  '_skipped' (path, reason) for the main process's bookkeeping (CountSkips).
 
   load_fn(example, bucket, rng) -> (uint8 video [frames, height, width, 3], caption).
   """
@@ -165,23 +167,23 @@ class LoadBatch(grain.transforms.Map):
     bucket = self.table[plan['bucket']]
     n = bucket.batch_size // self.process_count
     rows = plan['ids'][self.process_index * n:(self.process_index + 1) * n]
-    videos, captions, skipped = [], [], []
+    videos, captions, paths, skipped = [], [], [], []
     for row in rows:
       rng = np.random.default_rng([self.seed, plan['index'], int(row)])
-      video, caption = self._load_or_replace(int(row), bucket, rng, skipped)
+      video, caption, path = self._load_or_replace(int(row), bucket, rng, skipped)
       videos.append(video)
       captions.append(caption)
+      paths.append(path)
     tokens, mask = text.tokenize(captions, self.max_length)
     video = np.stack(videos).astype(np.float32) / 127.5 - 1.0
-    return {'video': video, 'tokens': tokens, 'mask': mask, '_skipped': skipped,
-            '_loaded': len(rows)}
+    return {'video': video, 'tokens': tokens, 'mask': mask, '_skipped': skipped, '_paths': paths}
 
   def _load_or_replace(self, row, bucket, rng, skipped):
     members = self.by_bucket[self.examples[row].bucket]
     for attempt in range(_FALLBACK_TRIES + 1):
       example = self.examples[row]
       try:
-        return self.load_fn(example, bucket, rng)
+        return (*self.load_fn(example, bucket, rng), example.path)
       except video_decode.DecodeError as e:
         skipped.append((example.path, e.reason))
       row = int(members[rng.integers(len(members))])  # a deterministic stand-in, same bucket
@@ -211,9 +213,12 @@ class CountSkips(grain.transforms.Map):
 
   def map(self, batch):
     batch = dict(batch)
-    for path, reason in batch.pop('_skipped'):
+    skipped = batch.pop('_skipped')
+    for path, reason in skipped:
       self.skips.add(path, reason)
-    self.skips.seen += batch.pop('_loaded')
+    paths = batch.pop('_paths')
+    self.skips.sources.update(paths)
+    self.skips.seen += len(paths) + len(skipped)
     self.skips.check('Decoding')
     return batch
 
