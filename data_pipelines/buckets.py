@@ -58,8 +58,9 @@ def check(config) -> list[str]:
   """Problems with the bucket table, each naming its key (used by config_lib.validate)."""
   errors = []
   patch = tuple(config.model.patch_size)
-  for shape in shapes(config):
-    key = 'config.data.buckets' if config.data.buckets else 'config.data.(num_frames, height, width)'
+  key = 'config.data.buckets'
+  for shape in config.data.buckets:  # the default bucket is the clip, which validate() checks
+    shape = tuple(shape)
     if len(shape) != 3 or min(shape) < 1:
       errors.append(f'{key}: bucket {shape} must be three positive ints (frames, height, width).')
       continue

@@ -2,7 +2,8 @@
 
 Global order is fixed by the seed alone and each process reads only its rows of each global batch, so
 the data seen per step does not depend on the number of processes. Shapes: global batch s holds records
-[s*B, (s+1)*B). User data (config.data.manifest / prepared / tfds_name): see bucketed.py.
+[s*B, (s+1)*B). User data (config.data.manifest / prepared / tfds_name): see bucketed.py. Packed
+sequences (config.data.packing, off by default): packed_train_iterator and packing.py.
 """
 
 import functools
@@ -13,7 +14,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from data_pipelines import bucketed, records, shapes
+from data_pipelines import bucketed, packing, records, shapes
 from data_pipelines import buckets as buckets_lib
 from sora_jax.models import text
 
@@ -46,6 +47,9 @@ def uses_user_data(config) -> bool:
 def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
                    data_parallel: int = 1, skips: bucketed.SkipLog | None = None):
   """Infinite, checkpointable iterator of per-process batches (grain.DatasetIterator)."""
+  if config.data.packing:
+    return packed_train_iterator(config, process_index=process_index, process_count=process_count,
+                                 data_parallel=data_parallel, skips=skips)
   if uses_user_data(config):
     return _user_data_iterator(config, process_index, process_count, data_parallel, skips)
   if config.batch_size % process_count:
@@ -74,7 +78,7 @@ def user_examples(config, table, skips: bucketed.SkipLog):
                                        num_threads=d.probe_threads)
     return examples, functools.partial(bucketed.decode_file, fps=d.fps, random_crop=d.random_crop)
   if d.prepared:
-    return prepared_examples(d.prepared, table, skips)
+    return prepared_examples(d.prepared, table, skips, d.fps)
   return tfds_examples(d.tfds_name, d.tfds_data_dir or None, table)
 
 
@@ -97,7 +101,7 @@ def _load_tfds(source, example, bucket, rng):
   return record['video'], caption.decode('utf-8') if isinstance(caption, bytes) else caption
 
 
-def prepared_examples(folder: str, table, skips: bucketed.SkipLog):
+def prepared_examples(folder: str, table, skips: bucketed.SkipLog, config_fps: float):
   """Examples of shards written by data_pipelines.prepare; their buckets must be the config's."""
   with open(os.path.join(folder, 'index.json')) as f:
     index = json.load(f)
@@ -106,6 +110,9 @@ def prepared_examples(folder: str, table, skips: bucketed.SkipLog):
   if shapes_here != wanted:
     raise ValueError(f'config.data.prepared={folder!r} was prepared for buckets {shapes_here}, but'
                      f' the config has {wanted} (config.data.buckets / num_frames, height, width).')
+  if abs(index['fps'] - config_fps) > 1e-6:
+    raise ValueError(f'config.data.prepared={folder!r} was prepared at {index["fps"]} fps, but'
+                     f' config.data.fps={config_fps}.')
   skips.seen += index['num_rows']
   for path, reason in index['skipped']:
     skips.skipped.append((path, reason))
@@ -126,6 +133,10 @@ def _load_record(source, example, bucket, rng):
 
 
 def _user_data_iterator(config, process_index, process_count, data_parallel, skips):
+  return iter(_user_data_dataset(config, process_index, process_count, data_parallel, skips))
+
+
+def _user_data_dataset(config, process_index, process_count, data_parallel, skips):
   table = buckets_lib.make(config, bucketed.batch_multiple(config, process_count, data_parallel))
   skips = skips if skips is not None else bucketed.SkipLog(config.data.max_skip_fraction)
   examples, load_fn = user_examples(config, table, skips)
@@ -136,7 +147,33 @@ def _user_data_iterator(config, process_index, process_count, data_parallel, ski
   ds = grain.MapDataset.source(plan).map(bucketed.LoadBatch(
       examples, table, load_fn=load_fn, seed=config.seed, max_length=config.text.max_length,
       process_index=process_index, process_count=process_count))
-  ds = _prefetch(ds.to_iter_dataset(), config).map(bucketed.CountSkips(skips))
+  return _prefetch(ds.to_iter_dataset(), config).map(bucketed.CountSkips(skips))
+
+
+# ------------------------------------------------------------------ packed (config.data.packing) --
+
+def packed_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
+                          data_parallel: int = 1, skips: bucketed.SkipLog | None = None):
+  """Infinite, checkpointable iterator of per-process packed batches (data_pipelines/packing.py).
+
+  The clip stream is train_iterator's (shapes data, or the bucketed user-data batches split into
+  clips); each process packs its own clips into config.batch_size // process_count sequences.
+  """
+  if config.batch_size % process_count:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the'
+                     f' {process_count} processes.')
+  if uses_user_data(config):
+    clips = packing.unbatch(
+        _user_data_dataset(config, process_index, process_count, data_parallel, skips))
+  else:
+    clips = grain.MapDataset.source(source(config, 'train', config.seed))
+    clips = clips[process_index::process_count].map(ToModelInputs(config.text.max_length))
+    clips = _prefetch(clips.to_iter_dataset(), config)
+  d = config.data
+  ds = packing.pack_dataset(
+      clips, patch_size=tuple(config.model.patch_size), seq_len=packing.sequence_length(config),
+      max_segments=d.packing_segments, batch_size=config.batch_size // process_count,
+      max_length=config.text.max_length, num_bins=d.packing_bins, seed=config.seed)
   return iter(ds)
 
 

@@ -25,7 +25,8 @@ import re
 import av
 import numpy as np
 
-REASONS = ('missing', 'empty', 'not_media', 'no_video_stream', 'undecodable', 'too_short')
+REASONS = ('missing', 'empty', 'not_media', 'no_video_stream', 'undecodable', 'too_short',
+           'image_not_video')
 
 _MESSAGES = {
     'missing': 'file does not exist',
@@ -34,6 +35,7 @@ _MESSAGES = {
     'no_video_stream': 'no video stream (audio-only or cover art only)',
     'undecodable': 'video stream does not decode (truncated or corrupt)',
     'too_short': 'video ends before the requested clip does',
+    'image_not_video': 'a still image where a clip of several frames is wanted',
 }
 
 # A frame at pts time p is taken for target time t when p <= t + _TIME_EPS: containers with a 1 ms
@@ -103,14 +105,16 @@ def decode_clip(path, *, start: float, num_frames: int, fps: float, size: tuple[
 
   Frame i shows the source at time start + i / fps (time 0 = the video stream's start). The upright
   source is scaled to cover `size` and a `size` window is cut at `crop` = (y, x) fractions of the
-  slack (0.5, 0.5 = centre, (0, 0) = top-left). Images need num_frames == 1; start and fps are ignored.
+  slack (0.5, 0.5 = centre, (0, 0) = top-left). Images give one frame (asking more raises DecodeError
+  'image_not_video'); start and fps are ignored for them.
   """
   path = os.fspath(path)
   _check_shape_args(num_frames, size, crop)
   info = info if info is not None else probe(path)
   if info.is_image:
     if num_frames != 1:
-      raise ValueError(f'{path} is an image: num_frames must be 1, got {num_frames}')
+      # Bad input for a video dataset (e.g. a TFDS build of fixed-length clips), not a caller bug.
+      raise DecodeError(path, 'image_not_video', f'num_frames={num_frames}')
     return _decode_image(path, size, crop, info.rotation)[None]
   if not (np.isfinite(start) and start >= 0):
     raise ValueError(f'start must be a finite time >= 0, got {start}')

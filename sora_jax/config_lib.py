@@ -47,6 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_crop = True  # else centre crop
   c.data.max_skip_fraction = 0.1  # more skipped examples than this is an error, not a dataset
   c.data.probe_threads = 8  # threads probing a manifest's files at start-up
+  # Sequence packing (NaViT-style, data_pipelines/packing.py): several clips of any shape share one
+  # fixed-length token sequence, each attending only to itself; batch_size then counts sequences.
+  # Off (default, and configs/demo.py): one clip per row, batches bucketed by shape.
+  c.data.packing = False
+  c.data.packing_length = 0  # tokens per packed sequence (0: the largest bucket's token count)
+  c.data.packing_segments = 4  # at most this many clips (and captions) per sequence
+  c.data.packing_bins = 0  # sequences the first-fit packer fills at once (0: the per-process batch)
   c.data.worker_count = 0  # Grain worker processes (0: in the main process)
   c.data.prefetch_buffer_size = 2
 
@@ -156,6 +163,23 @@ def _check_data(config):
     raise ValueError(' '.join(errors))
 
 
+def _check_packing(config):
+  d = config.data
+  if not isinstance(d.packing, bool):
+    raise ValueError(f'config.data.packing={d.packing!r} must be True or False.')
+  for key, low in (('packing_length', 0), ('packing_segments', 1), ('packing_bins', 0)):
+    if not isinstance(d[key], int) or d[key] < low:
+      raise ValueError(f'config.data.{key}={d[key]!r} must be an int >= {low}.')
+  if not d.packing:
+    return
+  patch = tuple(config.model.patch_size)
+  longest = max(buckets.shapes(config), key=lambda s: buckets.tokens(s, patch))
+  if d.packing_length and d.packing_length < buckets.tokens(longest, patch):
+    raise ValueError(
+        f'config.data.packing_length={d.packing_length} cannot hold a clip of {longest}'
+        f' ({buckets.tokens(longest, patch)} tokens with config.model.patch_size={patch}).')
+
+
 def validate(config, num_devices: int) -> dict[str, int]:
   """Rejects bad configs before compilation; returns the resolved mesh shape."""
   unknown = list(_unknown_keys(config, base_config()))
@@ -181,6 +205,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
       raise ValueError(
           f'config.model.patch_size={patch} does not divide the clip: config.data.{name}={n}'
           f' is not a multiple of {p}.')
+  _check_packing(config)
   m = config.model
   if m.width % m.num_heads or (m.width // m.num_heads) % 2 or m.width // m.num_heads < 6:
     raise ValueError(

@@ -22,7 +22,7 @@ from data_pipelines import shapes
 from sora_jax import checkpoint, config_lib, metrics, sampling, sharding
 from sora_jax import state as state_lib
 from sora_jax.diffusion import flow
-from sora_jax.models import text
+from sora_jax.models import dit, text
 
 
 def define_flags():
@@ -32,13 +32,18 @@ def define_flags():
 
 
 def make_train_step(graphdef, config, tx, schedule):
-  """(state, batch) -> (state, metrics); pure, jitted by the caller."""
+  """(state, batch) -> (state, metrics); pure, jitted by the caller.
+
+  A batch is either one clip per row ({'video', 'tokens', 'mask'}), or packed sequences of several
+  clips ({'patches', 'positions', 'segment_ids', 'tokens' [B, S, L], 'mask'}: data_pipelines/packing.py)
+  when it holds 'segment_ids'. Packed: one t and caption dropout per segment, noise per token, and the
+  loss is the mean over real (non-padding) tokens.
+  """
   null_tokens, null_mask = text.tokenize([''], config.text.max_length)
   shift = sampling.timestep_shift(config)
   d = config.diffusion
 
-  def train_step(state, batch):
-    rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
+  def clip_loss(batch, t_rng, noise_rng, drop_rng):
     x0 = batch['video']
     b = x0.shape[0]
     t = flow.sample_timesteps(t_rng, b, logit_mean=d.logit_mean, logit_std=d.logit_std,
@@ -54,6 +59,29 @@ def make_train_step(graphdef, config, tx, schedule):
       v = nnx.merge(graphdef, params)(x_t, t, tokens, mask)
       return flow.loss(v, x0, noise).mean()
 
+    return loss_fn
+
+  def packed_loss(batch, t_rng, noise_rng, drop_rng):
+    x0, segment_ids = batch['patches'], batch['segment_ids']
+    b, s = batch['tokens'].shape[:2]
+    t = flow.sample_timesteps(t_rng, b * s, logit_mean=d.logit_mean, logit_std=d.logit_std,
+                              shift=shift).reshape(b, s)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    x_t = flow.interpolate(x0, noise, dit.per_token(t, dit.segment_index(segment_ids)))
+    drop = jax.random.bernoulli(drop_rng, config.text.dropout_prob, (b, s, 1))
+    tokens = jnp.where(drop, null_tokens, batch['tokens'])
+    mask = jnp.where(drop, null_mask, batch['mask'])
+
+    def loss_fn(params):
+      v = nnx.merge(graphdef, params).packed(x_t, batch['positions'], segment_ids, t, tokens, mask)
+      return flow.packed_loss(v, x0, noise, segment_ids)
+
+    return loss_fn
+
+  def train_step(state, batch):
+    rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
+    make_loss = packed_loss if 'segment_ids' in batch else clip_loss
+    loss_fn = make_loss(batch, t_rng, noise_rng, drop_rng)
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)

@@ -260,7 +260,7 @@ def test_images(write, writer):
   assert_marker(image[0])
   # start and fps mean nothing for an image, so they are not checked.
   assert vd.decode_clip(path, start=-1, num_frames=1, fps=0, size=(16, 16)).shape == (1, 16, 16, 3)
-  with pytest.raises(ValueError):
+  with pytest.raises(vd.DecodeError, match='image_not_video'):
     vd.decode_clip(path, start=0, num_frames=2, fps=1, size=(32, 48))
 
 

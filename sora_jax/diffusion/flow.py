@@ -41,6 +41,8 @@ def velocity_target(x0, noise):
 def velocity_from_x0(x0_pred, x_t, t, t_min: float = 0.05):
   """Velocity implied by a clean-data prediction: v = (x_t - x0) / t, with t clamped away from 0.
 
+  t has the leading dims of x: [B] per clip, or [B, N] per token of packed sequences.
+
   Predicting x0 and training on the velocity loss ("JiT", Li & He 2025) lets a narrow transformer
   denoise large pixel patches: clean data is low-dimensional, noise is not.
   """
@@ -51,6 +53,13 @@ def loss(v_pred, x0, noise):
   """Per-example mean squared velocity error [B]."""
   err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise))
   return err.reshape(err.shape[0], -1).mean(-1)
+
+
+def packed_loss(v_pred, x0, noise, segment_ids):
+  """Mean squared velocity error per token [B, N, patch_dim] -> mean over real tokens (segment > 0)."""
+  err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise)).mean(-1)
+  real = (segment_ids > 0).astype(jnp.float32)
+  return (err * real).sum() / jnp.maximum(real.sum(), 1.0)
 
 
 def sampling_schedule(num_steps: int, shift: float = 1.0):

@@ -28,6 +28,21 @@ class TextToVideo(nnx.Module):
     out = self.dit(x_t, t, context, context_mask)
     return flow.velocity_from_x0(out, x_t, t) if self.prediction == 'x0' else out
 
+  def packed(self, x_t, positions, segment_ids, t, tokens, mask):
+    """Packed sequences (see dit.VideoDiT.packed): x_t [B, N, patch_dim] noisy patch tokens, positions
+    [B, N, 3], segment_ids [B, N], t [B, S], caption tokens / mask [B, S, L] -> velocity per token.
+
+    The text encoder runs once over all B*S captions.
+    """
+    b, s, length = tokens.shape
+    context, context_mask = self.text_encoder(tokens.reshape(b * s, length),
+                                              mask.reshape(b * s, length))
+    out = self.dit.packed(x_t, positions, segment_ids, t, context.reshape(b, s, length, -1),
+                          context_mask.reshape(b, s, length))
+    if self.prediction == 'x0':
+      return flow.velocity_from_x0(out, x_t, dit.per_token(t, dit.segment_index(segment_ids)))
+    return out
+
 
 def build(config, rngs: nnx.Rngs, channels: int = 3) -> TextToVideo:
   dtype = jnp.dtype(config.model.dtype)

@@ -4,6 +4,12 @@ Input: channels-last video [B, T, H, W, C] (pixels or VAE latents: the DiT does 
 t in [0, 1], and text embeddings with their mask. Output: the predicted velocity, same shape as the input.
 Blocks: adaLN-zero modulated self-attention (3D RoPE, QK-norm) -> cross-attention to text -> MLP.
 Blocks are stacked on a leading 'layers' axis and run with `jax.lax.scan` (one compiled block).
+
+Packed input (`VideoDiT.packed`, NaViT-style): several clips of any shape share one token sequence. Each
+token carries its segment id (0 = padding, 1..S = clip) and its (t, h, w) patch coordinates within its
+own clip. The same weights and block code then restrict self-attention to the token's segment, take
+RoPE from the explicit coordinates, modulate with the segment's own timestep + pooled text (adaLN per
+token) and cross-attend only to the segment's caption, so a packed clip gets the output it gets alone.
 """
 
 import math
@@ -46,6 +52,30 @@ def modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
 
+def segment_index(segment_ids):
+  """[B, N] segment ids (0 = padding, 1..S) -> 0-based index of each token's segment.
+
+  Padding tokens borrow segment 1's conditioning (and caption): they self-attend only to padding and no
+  real token attends to them, so what they compute never reaches a real token, but it stays finite.
+  """
+  return jnp.maximum(segment_ids.astype(jnp.int32) - 1, 0)
+
+
+def per_token(values, index):
+  """Per-segment values [B, S, ...] -> per-token [B, N, ...] for 0-based segment indices [B, N]."""
+  index = index.reshape(index.shape + (1,) * (values.ndim - 2))
+  return jnp.take_along_axis(values, index, axis=1)
+
+
+def _per_token_modulation(mod, index):
+  """[B, k*D] (one clip per row: broadcast over tokens) or [B, S, k*D] + index -> [B, 1 or N, k*D].
+
+  Modulation is computed per segment, then gathered: the same values as computing it on each token's
+  gathered conditioning, at S rather than N matmul rows.
+  """
+  return mod[:, None] if index is None else per_token(mod, index)
+
+
 class DiTBlock(nnx.Module):
 
   def __init__(self, width, num_heads, mlp_ratio, *, rngs, dtype):
@@ -59,11 +89,14 @@ class DiTBlock(nnx.Module):
     self.norm3 = layers.layer_norm(width, rngs=rngs, dtype=dtype)
     self.mlp = layers.Mlp(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, c, context, context_mask, rope_cs):
-    mod = self.modulation(jax.nn.silu(c))[:, None]
+  def __call__(self, x, c, context, cross_mask, rope_cs, self_mask=None, index=None):
+    """x [B, N, D]; c [B, D] (one clip per row) or [B, S, D] with `index` [B, N] (packed segments);
+    cross_mask / self_mask: boolean attention masks broadcastable to [B, heads, N, keys]."""
+    mod = _per_token_modulation(self.modulation(jax.nn.silu(c)), index)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-    x = x + gate1 * self.self_attn(modulate(self.norm1(x), shift1, scale1), rope_cs=rope_cs)
-    x = x + self.cross_attn(self.norm2(x), context, mask=layers.padding_mask(context_mask))
+    x = x + gate1 * self.self_attn(modulate(self.norm1(x), shift1, scale1), mask=self_mask,
+                                   rope_cs=rope_cs)
+    x = x + self.cross_attn(self.norm2(x), context, mask=cross_mask)
     x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
     return sharding.constrain(x, ('batch', 'length', 'act_embed'))
 
@@ -105,22 +138,66 @@ class VideoDiT(nnx.Module):
                                dtype=dtype)
 
   def __call__(self, video, t, context, context_mask):
+    """video [B, T, H, W, C], t [B], context [B, L, Dc], context_mask [B, L] -> [B, T, H, W, C]."""
     dtype = self.patch_embed.dtype
     x, grid = patchify(video.astype(dtype), self.patch_size)
     x = sharding.constrain(self.patch_embed(x), ('batch', 'length', 'act_embed'))
-    c = self.time_embed2(jax.nn.silu(self.time_embed1(timestep_embedding(t, 256).astype(dtype))))
-    context = context.astype(dtype)
-    pooled = (context * context_mask[..., None]).sum(1) / context_mask.sum(1, keepdims=True)
-    c = c + self.pooled_embed(pooled)
-    context = self.context_embed2(jax.nn.gelu(self.context_embed1(context), approximate=True))
+    c, context = self._condition(t, context, context_mask)
     head_dim = x.shape[-1] // self.num_heads
     rope_cs = rope.frequencies(rope.grid_positions(grid), head_dim, self.rope_theta)
+    x = self._blocks(x, c=c, context=context, cross_mask=layers.padding_mask(context_mask),
+                     rope_cs=rope_cs)
+    x = self._head(x, c)
+    return unpatchify(x, grid, self.patch_size, self.channels).astype(jnp.float32)
 
+  def packed(self, tokens_in, positions, segment_ids, t, context, context_mask):
+    """Packed sequences of clips -> predicted patch tokens [B, N, patch_dim] (float32).
+
+    tokens_in [B, N, patch_dim]: patch tokens (patchify order within each clip); positions [B, N, 3]
+    int: (t, h, w) patch coordinates of each token within its own clip; segment_ids [B, N] int:
+    0 = padding, 1..S = the clip; t [B, S]: flow time per segment; context [B, S, Lc, Dc] and
+    context_mask [B, S, Lc]: each segment's caption embeddings (slots of absent segments need any
+    non-empty mask, e.g. the empty caption's BOS/EOS).
+    """
+    dtype = self.patch_embed.dtype
+    b, s = t.shape
+    lc = context_mask.shape[-1]
+    x = sharding.constrain(self.patch_embed(tokens_in.astype(dtype)),
+                           ('batch', 'length', 'act_embed'))
+    c, context = self._condition(t.reshape(b * s), context.reshape(b * s, lc, -1),
+                                 context_mask.reshape(b * s, lc))
+    c, context = c.reshape(b, s, -1), context.reshape(b, s * lc, -1)
+    segment_ids = segment_ids.astype(jnp.int32)
+    index = segment_index(segment_ids)
+    # Self-attention within a segment (padding attends to padding); cross-attention to the token's
+    # own caption among the S flattened ones.
+    self_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    key_segment = jnp.repeat(jnp.arange(s, dtype=jnp.int32), lc)
+    cross_mask = ((index[:, :, None] == key_segment[None, None, :])
+                  & context_mask.reshape(b, 1, s * lc).astype(bool))[:, None]
+    head_dim = x.shape[-1] // self.num_heads
+    rope_cs = rope.frequencies(positions, head_dim, self.rope_theta)
+    x = self._blocks(x, c=c, context=context, cross_mask=cross_mask, rope_cs=rope_cs,
+                     self_mask=self_mask, index=index)
+    return self._head(x, c, index).astype(jnp.float32)
+
+  def _condition(self, t, context, context_mask):
+    """t [M], context [M, L, Dc], mask [M, L] -> adaLN conditioning [M, D], embedded context."""
+    dtype = self.patch_embed.dtype
+    c = self.time_embed2(jax.nn.silu(self.time_embed1(timestep_embedding(t, 256).astype(dtype))))
+    context = context.astype(dtype)
+    count = jnp.maximum(context_mask.sum(1, keepdims=True), 1)  # an all-padding caption pools to 0
+    pooled = (context * context_mask[..., None]).sum(1) / count
+    c = c + self.pooled_embed(pooled)
+    context = self.context_embed2(jax.nn.gelu(self.context_embed1(context), approximate=True))
+    return c, context
+
+  def _blocks(self, x, **block_args):
     graphdef, params = nnx.split(self.blocks)
 
     def body(x, block_params):
       block = nnx.merge(graphdef, block_params)
-      return block(x, c, context, context_mask, rope_cs), None
+      return block(x, **block_args), None
 
     if self.remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -130,7 +207,9 @@ class VideoDiT(nnx.Module):
       depth = jax.tree.leaves(params)[0].shape[0]
       for i in range(depth):
         x, _ = body(x, jax.tree.map(lambda p: p[i], params))
+    return x
 
-    shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c))[:, None], 2, axis=-1)
-    x = self.final(modulate(self.final_norm(x), shift, scale))
-    return unpatchify(x, grid, self.patch_size, self.channels).astype(jnp.float32)
+  def _head(self, x, c, index=None):
+    mod = _per_token_modulation(self.final_modulation(jax.nn.silu(c)), index)
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    return self.final(modulate(self.final_norm(x), shift, scale))
