@@ -176,3 +176,19 @@ def test_decode_failures_are_replaced_counted_and_logged():
   assert skips.seen == 4 + len(skips.skipped) and sum(skips.sources.values()) == 4
   # Row 1 was replaced by a decodable example of the same bucket, never by a failing one.
   assert out['video'][1, 0, 0, 0, 0] not in (1 * 40 / 127.5 - 1, 4 * 40 / 127.5 - 1)
+
+
+def test_training_on_a_manifest_counts_skips(media, tmp_path):
+  from sora_jax import train  # pylint: disable=g-import-not-at-top
+  _, manifest, _, _ = media
+  c = _config(manifest, max_skip_fraction=0.8)
+  c.data.buckets = ((4, 16, 24), (4, 24, 16))  # two compiled shapes; images and squares skipped
+  c.data.num_frames, c.data.height, c.data.width = 4, 16, 24  # sample shape
+  c.total_steps, c.checkpoint_every_steps = 3, 3
+  c.mesh.data, c.mesh.tensor = 2, 4  # batches of 2 clips split over 2 data shards
+  train.train(c, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['step'] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) for r in rows)
+  assert rows[-1]['skipped_examples'] == 14  # broken rows + 8 images with no 1-frame bucket
