@@ -58,8 +58,18 @@ def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
   # Records are i.i.d. draws keyed by index, so index order is already a shuffle.
   ds = grain.MapDataset.source(source(config, 'train', config.seed))
   ds = ds[process_index::process_count].map(ToModelInputs(config.text.max_length))
-  ds = ds.to_iter_dataset().batch(config.batch_size // process_count, drop_remainder=True)
+  per_process = config.batch_size // process_count
+  ds = ds.to_iter_dataset(_read_options(config, per_process))
+  ds = ds.batch(per_process, drop_remainder=True)
   return iter(_prefetch(ds, config))
+
+
+def _read_options(config, elements_per_batch: int) -> grain.ReadOptions:
+  """Threads reading ahead in each process (Grain's default, 16 threads x 500 elements, would hold
+  hundreds of batches in memory and fight the train step for the CPU)."""
+  threads = config.data.read_threads
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(threads, 2) * elements_per_batch)
 
 
 def _prefetch(ds, config):
@@ -147,7 +157,8 @@ def _user_data_dataset(config, process_index, process_count, data_parallel, skip
   ds = grain.MapDataset.source(plan).map(bucketed.LoadBatch(
       examples, table, load_fn=load_fn, seed=config.seed, max_length=config.text.max_length,
       process_index=process_index, process_count=process_count))
-  return _prefetch(ds.to_iter_dataset(), config).map(bucketed.CountSkips(skips))
+  return _prefetch(ds.to_iter_dataset(_read_options(config, 1)), config).map(
+      bucketed.CountSkips(skips))
 
 
 # ------------------------------------------------------------------ packed (config.data.packing) --
@@ -168,7 +179,7 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
   else:
     clips = grain.MapDataset.source(source(config, 'train', config.seed))
     clips = clips[process_index::process_count].map(ToModelInputs(config.text.max_length))
-    clips = _prefetch(clips.to_iter_dataset(), config)
+    clips = _prefetch(clips.to_iter_dataset(_read_options(config, 1)), config)
   d = config.data
   ds = packing.pack_dataset(
       clips, patch_size=tuple(config.model.patch_size), seq_len=packing.sequence_length(config),

@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.packing_segments = 4  # at most this many clips (and captions) per sequence
   c.data.packing_bins = 0  # sequences the first-fit packer fills at once (0: the per-process batch)
   c.data.worker_count = 0  # Grain worker processes (0: in the main process)
-  c.data.prefetch_buffer_size = 2
+  c.data.prefetch_buffer_size = 2  # batches buffered per worker process
+  c.data.read_threads = 2  # threads loading ahead in each process (decoding releases the GIL)
 
   c.text = ml_collections.ConfigDict()
   c.text.encoder = 'bytes'  # small byte-level encoder trained with the model
@@ -156,6 +157,8 @@ def _check_data(config):
                      ' `python -m data_pipelines.prepare` first.')
   if not 0.0 <= d.max_skip_fraction <= 1.0:
     raise ValueError(f'config.data.max_skip_fraction={d.max_skip_fraction} not in [0, 1].')
+  if d.read_threads < 1:
+    raise ValueError(f'config.data.read_threads={d.read_threads} must be >= 1.')
   if d.fps <= 0:
     raise ValueError(f'config.data.fps={d.fps} must be positive.')
   errors = buckets.check(config)
