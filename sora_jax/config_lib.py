@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.logit_std = 1.0
   c.diffusion.shift = 1.0  # timestep shift at `shift_base_tokens` tokens
   c.diffusion.shift_base_tokens = 384  # shift grows as sqrt(tokens / base)
+  c.diffusion.frame_noise_prob = 0.0  # fraction of clips trained with a flow time per frame
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4
@@ -225,6 +226,9 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.diffusion.prediction not in ('velocity', 'x0'):
     raise ValueError(f'config.diffusion.prediction={config.diffusion.prediction!r}: expected'
                      ' velocity or x0.')
+  if not 0.0 <= config.diffusion.frame_noise_prob <= 1.0:
+    raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
+                     ' [0, 1].')
   if config.text.encoder != 'bytes':
     raise ValueError(f'config.text.encoder={config.text.encoder!r}: only "bytes" exists so far.')
   if config.text.width % config.text.num_heads:

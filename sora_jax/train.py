@@ -43,11 +43,26 @@ def make_train_step(graphdef, config, tx, schedule):
   shift = sampling.timestep_shift(config)
   d = config.diffusion
 
+  def per_frame_timesteps(rng, t, num_frames):
+    """[B] -> [B, T]: with probability frame_noise_prob a clip gets an independent time per temporal
+    patch. Why: with some frames nearly clean and others noisy, where the object goes next is a
+    first-order question, so the caption's motion words get a strong gradient; t stays shared (as
+    sampled) for the other clips, which is what the sampler uses."""
+    pt = config.model.patch_size[0]
+    own_rng, pick_rng = jax.random.split(rng)
+    frames = flow.sample_timesteps(own_rng, t.shape[0] * (num_frames // pt),
+                                   logit_mean=d.logit_mean, logit_std=d.logit_std, shift=shift)
+    frames = jnp.repeat(frames.reshape(t.shape[0], -1), pt, axis=1)
+    pick = jax.random.bernoulli(pick_rng, d.frame_noise_prob, (t.shape[0], 1))
+    return jnp.where(pick, frames, t[:, None])
+
   def clip_loss(batch, t_rng, noise_rng, drop_rng):
     x0 = batch['video']
     b = x0.shape[0]
     t = flow.sample_timesteps(t_rng, b, logit_mean=d.logit_mean, logit_std=d.logit_std,
                               shift=shift)
+    if d.frame_noise_prob > 0:
+      t = per_frame_timesteps(jax.random.fold_in(t_rng, 1), t, x0.shape[1])
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     x_t = flow.interpolate(x0, noise, t)
     # Caption dropout: the empty caption teaches the unconditional velocity used by CFG.

@@ -111,3 +111,18 @@ def test_word_hashes_name_whole_words():
   # ... and different words (even prefixes of each other) get different ones.
   assert len({row[1], row[3], row[7], row[14], row[21], words[1][11], words[2][1], words[2][6]}) == 8
   assert (words[:, 26:] == -1).all()
+
+
+def test_per_frame_times(config):
+  model = _perturb(_model(config))
+  x, t, tokens, mask = _inputs(config)
+  pt = config.model.patch_size[0]
+  frames = x.shape[1]
+  same = model(x, t, tokens, mask)
+  # A per-frame time equal for every frame is the per-clip time.
+  np.testing.assert_allclose(model(x, jnp.repeat(t[:, None], frames, 1), tokens, mask), same,
+                             atol=1e-5)
+  # The last temporal patch's own time reaches its frames.
+  per_frame = jnp.repeat(t[:, None], frames, 1).at[:, -pt:].set(0.9)
+  out = model(x, per_frame, tokens, mask)
+  assert not np.allclose(out[:, -pt:], same[:, -pt:], atol=1e-4)

@@ -138,16 +138,25 @@ class VideoDiT(nnx.Module):
                                dtype=dtype)
 
   def __call__(self, video, t, context, context_mask):
-    """video [B, T, H, W, C], t [B], context [B, L, Dc], context_mask [B, L] -> [B, T, H, W, C]."""
+    """video [B, T, H, W, C], t [B] (or [B, T]: a flow time per frame, constant within each temporal
+    patch), context [B, L, Dc], context_mask [B, L] -> [B, T, H, W, C]."""
     dtype = self.patch_embed.dtype
     x, grid = patchify(video.astype(dtype), self.patch_size)
     x = sharding.constrain(self.patch_embed(x), ('batch', 'length', 'act_embed'))
-    c, context = self._condition(t, context, context_mask)
+    c_text, context = self._condition(context, context_mask)
+    index = None
+    if t.ndim == 2:
+      # Per-frame times: adaLN conditioning per temporal token, gathered like packed segments.
+      tg = t[:, ::self.patch_size[0]]
+      c = self._time(tg.reshape(-1)).reshape(*tg.shape, -1) + c_text[:, None]
+      index = jnp.broadcast_to(jnp.arange(x.shape[1]) // (grid[1] * grid[2]), x.shape[:2])
+    else:
+      c = self._time(t) + c_text
     head_dim = x.shape[-1] // self.num_heads
     rope_cs = rope.frequencies(rope.grid_positions(grid), head_dim, self.rope_theta)
     x = self._blocks(x, c=c, context=context, cross_mask=layers.padding_mask(context_mask),
-                     rope_cs=rope_cs)
-    x = self._head(x, c)
+                     rope_cs=rope_cs, index=index)
+    x = self._head(x, c, index)
     return unpatchify(x, grid, self.patch_size, self.channels).astype(jnp.float32)
 
   def packed(self, tokens_in, positions, segment_ids, t, context, context_mask):
@@ -164,8 +173,9 @@ class VideoDiT(nnx.Module):
     lc = context_mask.shape[-1]
     x = sharding.constrain(self.patch_embed(tokens_in.astype(dtype)),
                            ('batch', 'length', 'act_embed'))
-    c, context = self._condition(t.reshape(b * s), context.reshape(b * s, lc, -1),
-                                 context_mask.reshape(b * s, lc))
+    c_text, context = self._condition(context.reshape(b * s, lc, -1),
+                                      context_mask.reshape(b * s, lc))
+    c = self._time(t.reshape(b * s)) + c_text
     c, context = c.reshape(b, s, -1), context.reshape(b, s * lc, -1)
     segment_ids = segment_ids.astype(jnp.int32)
     index = segment_index(segment_ids)
@@ -181,16 +191,20 @@ class VideoDiT(nnx.Module):
                      self_mask=self_mask, index=index)
     return self._head(x, c, index).astype(jnp.float32)
 
-  def _condition(self, t, context, context_mask):
-    """t [M], context [M, L, Dc], mask [M, L] -> adaLN conditioning [M, D], embedded context."""
+  def _time(self, t):
+    """t [M] -> timestep part of the adaLN conditioning [M, D]."""
     dtype = self.patch_embed.dtype
-    c = self.time_embed2(jax.nn.silu(self.time_embed1(timestep_embedding(t, 256).astype(dtype))))
-    context = context.astype(dtype)
+    return self.time_embed2(jax.nn.silu(self.time_embed1(timestep_embedding(t, 256).astype(dtype))))
+
+  def _condition(self, context, context_mask):
+    """context [M, L, Dc], mask [M, L] -> text part of the adaLN conditioning [M, D], embedded
+    context."""
+    context = context.astype(self.patch_embed.dtype)
     count = jnp.maximum(context_mask.sum(1, keepdims=True), 1)  # an all-padding caption pools to 0
     pooled = (context * context_mask[..., None]).sum(1) / count
-    c = c + self.pooled_embed(pooled)
+    c_text = self.pooled_embed(pooled)
     context = self.context_embed2(jax.nn.gelu(self.context_embed1(context), approximate=True))
-    return c, context
+    return c_text, context
 
   def _blocks(self, x, **block_args):
     graphdef, params = nnx.split(self.blocks)
