@@ -19,6 +19,8 @@ setup(
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
         'array_record>=0.8',  # our prepared shards (grain reads them natively)
         'tensorflow-datasets>=4.9.10,<4.10',  # captioned-video builder; array_record needs no TF
+        'safetensors>=0.4',  # weight import (Wan 2.1, UMT5) from Hugging Face folders
+        'sentencepiece>=0.2',  # UMT5/T5 tokenizer
         'importlib_resources',  # TFDS 4.9.10 imports it but declares it only for py<3.9
     ],
     extras_require={'test': ['pytest>=8']},
