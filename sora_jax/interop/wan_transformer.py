@@ -1,0 +1,267 @@
+"""Load a diffusers-format Wan 2.1 `WanTransformer3DModel` into sora_jax.models.wan.WanDiT (no torch).
+
+A folder holds config.json and either diffusion_pytorch_model.safetensors or shards listed by
+diffusion_pytorch_model.safetensors.index.json; a pipeline folder (its parent, with a transformer/
+subfolder) works too. Tensors are read with safetensors' numpy API (bfloat16 included, via ml_dtypes)
+and converted by an explicit name table (`param_table`): every checkpoint key must be consumed and
+every model parameter assigned, or the error lists what is missing / unexpected.
+
+  f = load_wan_transformer('Wan2.1-T2V-1.3B-Diffusers')
+  v = f(latents, timesteps, text_embeddings)  # [B,T,H,W,16], [B] on 0..1000, [B,512,4096] (UMT5)
+"""
+
+import contextlib
+import functools
+import json
+import os
+import struct
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from sora_jax import sharding
+from sora_jax.models import wan
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
+INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.json'
+# Keys diffusers itself skips when loading (WanTransformer3DModel._keys_to_ignore_on_load_unexpected).
+IGNORED_KEY_PARTS = ('norm_added_q',)
+
+
+def transformer_dir(path: str) -> str:
+  """The folder holding the transformer's config.json: `path` itself or `path/transformer`."""
+  for candidate in (path, os.path.join(path, 'transformer')):
+    if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
+      return candidate
+  raise FileNotFoundError(
+      f'No Wan transformer at {path!r}: expected {CONFIG_NAME} there or in '
+      f'{os.path.join(path, "transformer")!r} (a diffusers WanTransformer3DModel folder)')
+
+
+def wan_config_from_diffusers(path: str) -> dict:
+  """The transformer's config.json as a dict (validated: the class must be WanTransformer3DModel)."""
+  with open(os.path.join(transformer_dir(path), CONFIG_NAME)) as f:
+    config = json.load(f)
+  cls = config.get('_class_name', 'WanTransformer3DModel')
+  if cls != 'WanTransformer3DModel':
+    raise ValueError(f'{path!r} holds a {cls}, not a WanTransformer3DModel')
+  return config
+
+
+def weight_files(path: str) -> dict[str, str]:
+  """Checkpoint key -> safetensors file holding it (single file or sharded)."""
+  folder = transformer_dir(path)
+  index = os.path.join(folder, INDEX_NAME)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)['weight_map']
+    files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+    if absent:
+      raise FileNotFoundError(f'{INDEX_NAME} in {folder!r} lists shards that do not exist: {absent}')
+    return files
+  single = os.path.join(folder, WEIGHTS_NAME)
+  if os.path.isfile(single):
+    with safe_open(single, framework='numpy') as f:
+      return {k: single for k in f.keys()}
+  present = sorted(os.listdir(folder))
+  raise FileNotFoundError(
+      f'No weights in {folder!r}: expected {WEIGHTS_NAME} or {INDEX_NAME} (safetensors only; '
+      f'.bin checkpoints need converting); found {present}')
+
+
+_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+           'BOOL': np.bool_}
+
+
+@functools.lru_cache(maxsize=64)
+def _header(file: str) -> tuple[int, dict]:
+  with open(file, 'rb') as f:
+    (size,) = struct.unpack('<Q', f.read(8))
+    return 8 + size, json.loads(f.read(size))
+
+
+def read_tensor_raw(file: str, key: str) -> np.ndarray:
+  """One tensor decoded from the safetensors layout itself (8-byte header size, JSON header,
+  little-endian data). The fallback for safetensors releases whose numpy API rejects bfloat16."""
+  offset, header = _header(file)
+  info = header[key]
+  start, end = info['data_offsets']
+  with open(file, 'rb') as f:
+    f.seek(offset + start)
+    data = f.read(end - start)
+  return np.frombuffer(data, _DTYPES[info['dtype']]).reshape(info['shape'])
+
+
+def _read(handle, file, key):
+  try:
+    return handle.get_tensor(key)
+  except TypeError:  # "data type 'bfloat16' not understood" (older safetensors)
+    return read_tensor_raw(file, key)
+
+
+# --------------------------------------------------------------------------- name table
+
+def _linear_kernel(w):  # torch Linear weight [out, in] -> kernel [in, out]
+  return w.T
+
+
+def _conv_kernel(w):
+  """Conv3d weight [D, C, pt, ph, pw] -> linear kernel [(pt, ph, pw, C), D], the feature order of
+  dit.patchify; a stride = kernel conv is exactly that linear map applied per patch."""
+  return w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
+
+
+def _squeeze0(w):  # scale_shift_table [1, k, D] -> [k, D]
+  return w[0]
+
+
+def _same(w):
+  return w
+
+
+def param_table(cfg: wan.WanConfig) -> dict[tuple[str, ...], tuple[list[str], Callable]]:
+  """Our parameter path -> (the diffusers keys feeding it, transform of each).
+
+  Stacked block parameters list one key per layer (stacked on the leading 'layers' axis).
+  """
+  table = {
+      ('patch_embedding', 'kernel'): (['patch_embedding.weight'], _conv_kernel),
+      ('patch_embedding', 'bias'): (['patch_embedding.bias'], _same),
+      ('scale_shift_table',): (['scale_shift_table'], _squeeze0),
+  }
+
+  def linear(ours, theirs, layers=None):
+    for leaf, suffix, fn in (('kernel', 'weight', _linear_kernel), ('bias', 'bias', _same)):
+      keys = ([f'{theirs}.{suffix}'] if layers is None else
+              [f'blocks.{i}.{theirs}.{suffix}' for i in range(layers)])
+      table[(*ours, leaf)] = (keys, fn)
+
+  linear(('time_embedder_1',), 'condition_embedder.time_embedder.linear_1')
+  linear(('time_embedder_2',), 'condition_embedder.time_embedder.linear_2')
+  linear(('time_proj',), 'condition_embedder.time_proj')
+  linear(('text_embedder_1',), 'condition_embedder.text_embedder.linear_1')
+  linear(('text_embedder_2',), 'condition_embedder.text_embedder.linear_2')
+  linear(('proj_out',), 'proj_out')
+
+  n = cfg.num_layers
+  per_layer = lambda name: [f'blocks.{i}.{name}' for i in range(n)]
+  for attn in ('attn1', 'attn2'):
+    for proj in ('to_q', 'to_k', 'to_v'):
+      linear(('blocks', attn, proj), f'{attn}.{proj}', n)
+    linear(('blocks', attn, 'to_out'), f'{attn}.to_out.0', n)
+    for norm in ('norm_q', 'norm_k'):
+      table[('blocks', attn, norm)] = (per_layer(f'{attn}.{norm}.weight'), _same)
+  linear(('blocks', 'ffn', 'up'), 'ffn.net.0.proj', n)
+  linear(('blocks', 'ffn', 'down'), 'ffn.net.2', n)
+  table[('blocks', 'scale_shift_table')] = (per_layer('scale_shift_table'), _squeeze0)
+  if cfg.cross_attn_norm:
+    table[('blocks', 'norm2_scale')] = (per_layer('norm2.weight'), _same)
+    table[('blocks', 'norm2_bias')] = (per_layer('norm2.bias'), _same)
+  return table
+
+
+def _listing(names, limit=20):
+  names = sorted(names)
+  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(map(str, names[:limit])) + more
+
+
+def check_keys(table, checkpoint_keys, model_paths) -> None:
+  """Raises ValueError listing checkpoint keys the table needs but lacks (missing), keys it would not
+  use (unexpected) and model parameters the table does not fill (unassigned)."""
+  needed = {k for keys, _ in table.values() for k in keys}
+  present = {k for k in checkpoint_keys if not any(p in k for p in IGNORED_KEY_PARTS)}
+  missing, unexpected = needed - present, present - needed
+  unassigned = set(model_paths) - set(table)
+  unknown = set(table) - set(model_paths)
+  problems = []
+  if missing:
+    problems.append(f'missing keys ({len(missing)}): {_listing(missing)}')
+  if unexpected:
+    problems.append(f'unexpected keys ({len(unexpected)}): {_listing(unexpected)}')
+  if unassigned:
+    problems.append(f'model parameters with no checkpoint source: {_listing(unassigned)}')
+  if unknown:
+    problems.append(f'name table entries with no model parameter: {_listing(unknown)}')
+  if problems:
+    raise ValueError('Wan checkpoint does not match the model config: ' + '; '.join(problems))
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_wan_params(path: str, model: wan.WanDiT, mesh=None) -> wan.WanDiT:
+  """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights.
+
+  Returns a new model; parameters take the model's parameter dtype. With `mesh`, each parameter is
+  placed with the sharding its logical axis names give (sora_jax.sharding.RULES) as it is read.
+  """
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  files = weight_files(path)
+  table = param_table(model.config)
+  check_keys(table, files, flat)
+  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh))) if mesh else {}
+
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, framework='numpy')) for f in set(files.values())}
+    read = lambda key: _read(handles[files[key]], files[key], key)
+    for ours, (keys, fn) in table.items():
+      variable = flat[ours]
+      arrays = [fn(read(k)) for k in keys]
+      value = arrays[0] if ours[0] != 'blocks' else np.stack(arrays)
+      if value.shape != tuple(variable.shape):
+        raise ValueError(f'Shape mismatch for {keys[0]}{" (and other layers)" if len(keys) > 1 else ""}'
+                         f' -> {"/".join(ours)}: checkpoint gives {value.shape}, the model from '
+                         f'config.json expects {tuple(variable.shape)}')
+      value = value.astype(variable.dtype)
+      if ours in shardings:
+        target = shardings[ours].get_value()
+        value = jax.make_array_from_callback(value.shape, target, lambda idx, v=value: v[idx])
+      else:
+        value = jnp.asarray(value)
+      flat[ours] = variable.replace(value)
+  return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+class WanTransformer:
+  """Jitted Wan forward with loaded weights: f(latents, timesteps, text_embeddings).
+
+  latents [B, T, H, W, C] channels-last (diffusers is [B, C, T, H, W]); timesteps [B] (or [B, T])
+  on Wan's 0..1000 scale, a scalar is broadcast; text_embeddings [B, L, text_dim] (Wan: UMT5 output
+  zero-padded to 512). Returns Wan's prediction [B, T, H, W, C_out] float32.
+  """
+
+  def __init__(self, model: wan.WanDiT, config: dict):
+    self.model, self.config = model, config
+    graphdef, self._state = nnx.split(model)
+    self._forward = jax.jit(
+        lambda state, x, t, c: nnx.merge(graphdef, state).forward_wan(x, t, c))
+
+  def __call__(self, latents, timesteps, text_embeddings):
+    latents = jnp.asarray(latents)
+    timesteps = jnp.asarray(timesteps, jnp.float32)
+    if timesteps.ndim == 0:
+      timesteps = jnp.broadcast_to(timesteps, latents.shape[:1])
+    return self._forward(self._state, latents, timesteps, jnp.asarray(text_embeddings))
+
+
+def load_wan_transformer(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32,
+                         scan_layers=True, remat='none', attention_impl=None,
+                         mesh=None) -> WanTransformer:
+  """Builds WanDiT from `path`'s config.json (abstractly: no random init of a 14B model) and loads
+  its weights. `dtype`: compute dtype; `param_dtype`: bf16 halves memory for inference; the
+  other options as wan.WanDiT."""
+  config = wan_config_from_diffusers(path)
+  cfg = wan.WanConfig.from_diffusers(config)
+  abstract = nnx.eval_shape(lambda: wan.WanDiT(
+      cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+      remat=remat, attention_impl=attention_impl))
+  return WanTransformer(load_wan_params(path, abstract, mesh=mesh), config)

@@ -1,0 +1,351 @@
+"""Wan 2.1 text-to-video transformer (diffusers `WanTransformer3DModel`, T2V variant) in Flax NNX.
+
+Same computation as diffusers/models/transformers/transformer_wan.py, so released Wan weights load
+unchanged (sora_jax/interop/wan_transformer.py maps them):
+  patch embedding: Conv3d with kernel = stride = patch, done as `dit.patchify` + a linear (identical
+    token order: (t, h, w) row-major; features (pt, ph, pw, c));
+  3D RoPE, theta 10000, head dim split t/h/w as `rope.axis_dims` (h = w = 2*(d//6)), rotating
+    interleaved channel pairs (2i, 2i+1): diffusers' repeat_interleave_real convention;
+  conditioning: sinusoidal timestep embedding (cos first: flip_sin_to_cos=True, shift 0) of the
+    timestep on Wan's 0..1000 scale -> time MLP (SiLU) = temb -> time_proj(SiLU(temb)) = 6 modulation
+    vectors per block; text: linear -> tanh-GELU -> linear;
+  block: x += gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)      (RoPE, RMSNorm over full q/k width)
+         x += CrossAttn(LN_affine(x), text)                        (attends to every text position)
+         x += gate2 * FFN(LN(x) * (1 + scale2) + shift2)           (tanh-GELU)
+    with (shift1, scale1, gate1, shift2, scale2, gate2) = block.scale_shift_table + time_proj output;
+  head: LN(x) * (1 + scale) + shift with (shift, scale) = scale_shift_table + temb, then proj_out.
+
+Precision: parameters float32 by default; matmuls in `dtype` (bf16 for training). The residual
+stream, layer norms, modulation and the whole timestep path stay float32, as in diffusers'
+_keep_in_fp32_modules and the original Wan code's float32 autocast regions: bf16 rounding of a
+residual summed over 30-40 blocks costs accuracy and saves little.
+
+Blocks are stacked on a leading 'layers' axis and run by `jax.lax.scan` (one compiled block, so the
+30/40-layer models compile in seconds), optionally rematerialised, as in dit.VideoDiT.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax import sharding
+from sora_jax.models import dit, rope
+
+ROPE_THETA = 10000.0
+
+# diffusers config.json fields that only the image-to-video variants set (CLIP image tokens with
+# their own K/V projections); this module implements text-to-video only.
+_I2V_FIELDS = ('image_dim', 'added_kv_proj_dim', 'pos_embed_seq_len')
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+  """The fields of a diffusers WanTransformer3DModel config.json (same names, same defaults)."""
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  num_attention_heads: int = 40
+  attention_head_dim: int = 128
+  in_channels: int = 16
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  ffn_dim: int = 13824
+  num_layers: int = 40
+  cross_attn_norm: bool = True
+  # diffusers always applies RMSNorm over the full q/k width whatever this says; kept for the record.
+  qk_norm: str | None = 'rms_norm_across_heads'
+  eps: float = 1e-6
+  rope_max_seq_len: int = 1024
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  @classmethod
+  def from_diffusers(cls, config: dict) -> 'WanConfig':
+    """From a config.json dict. Private keys ('_class_name', ...) are ignored; unknown keys and
+    image-to-video settings are errors rather than silently different models."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    public = {k: v for k, v in config.items() if not k.startswith('_')}
+    i2v = {k: public.pop(k) for k in _I2V_FIELDS if k in public}
+    if any(v is not None for v in i2v.values()):
+      raise NotImplementedError(
+          f'Wan image-to-video checkpoints are not supported (config sets {i2v}); only the '
+          'text-to-video WanTransformer3DModel is implemented.')
+    unknown = sorted(set(public) - fields)
+    if unknown:
+      raise ValueError(f'Unknown WanTransformer3DModel config fields {unknown}; known: '
+                       f'{sorted(fields | set(_I2V_FIELDS))}')
+    if public.get('qk_norm', 'rms_norm_across_heads') not in ('rms_norm_across_heads', None):
+      raise ValueError(f"qk_norm={public['qk_norm']!r}: only 'rms_norm_across_heads' exists in Wan")
+    if public.get('out_channels') is None:  # diffusers: out_channels = out_channels or in_channels
+      public['out_channels'] = public.get('in_channels', cls.in_channels)
+    if 'patch_size' in public:
+      public['patch_size'] = tuple(public['patch_size'])
+    cfg = cls(**public)
+    if len(cfg.patch_size) != 3:
+      raise ValueError(f'patch_size must be (t, h, w), got {cfg.patch_size}')
+    return cfg
+
+
+def _linear(din, dout, axes, *, rngs, dtype, param_dtype):
+  """nnx.Linear whose kernel carries logical axis names `axes` (in, out) (layers.linear with a
+  configurable parameter dtype: a 14B model is loaded for inference with bf16 parameters)."""
+  return nnx.Linear(
+      din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+      kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]))
+
+
+def _param(init, shape, axes, *, rngs, param_dtype):
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, param_dtype))
+
+
+def layer_norm(x, eps, scale=None, bias=None):
+  """float32 LayerNorm over the last axis (diffusers FP32LayerNorm)."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  if scale is not None:
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y
+
+
+def rms_norm(x, scale, eps):
+  """RMSNorm over the last axis in float32, cast back to x's dtype (torch.nn.RMSNorm)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps) * scale.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def timestep_embedding(timestep, dim, max_period=10000.0):
+  """diffusers Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0) of timesteps [M] on the
+  0..1000 scale -> [M, dim] (cos half first)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = timestep.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _grouped(x, g):
+  """[B, N, D] -> [B, G, N/G, D]: tokens are t-major, so group i is temporal patch i when G = Tp."""
+  b, n, d = x.shape
+  return x.reshape(b, g, n // g, d)
+
+
+def _modulate(x, shift, scale):
+  """x [B, N, D] float32; shift/scale [B, G, D] (G = 1, or one per temporal patch)."""
+  g = shift.shape[1]
+  return (_grouped(x, g) * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(x.shape)
+
+
+def _gate(y, gate):
+  return (_grouped(y.astype(jnp.float32), gate.shape[1]) * gate[:, :, None]).reshape(y.shape)
+
+
+class WanAttention(nnx.Module):
+  """Attention with RMSNorm over the full q and k width (all heads together: Wan's
+  'rms_norm_across_heads'), and RoPE on self-attention."""
+
+  def __init__(self, width, num_heads, eps, *, rngs, dtype, param_dtype, attention_impl=None):
+    self.num_heads, self.eps, self.attention_impl = num_heads, eps, attention_impl
+    lin = lambda a, b, axes: _linear(a, b, axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.to_q = lin(width, width, ('embed', 'heads'))
+    self.to_k = lin(width, width, ('embed', 'heads'))
+    self.to_v = lin(width, width, ('embed', 'heads'))
+    self.to_out = lin(width, width, ('heads', 'embed'))
+    ones = nnx.initializers.ones_init()
+    self.norm_q = _param(ones, (width,), ('heads',), rngs=rngs, param_dtype=param_dtype)
+    self.norm_k = _param(ones, (width,), ('heads',), rngs=rngs, param_dtype=param_dtype)
+
+  def __call__(self, x, context=None, *, rope_cs=None):
+    context = x if context is None else context
+    heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, -1)
+    q = heads(rms_norm(self.to_q(x), self.norm_q[...], self.eps))
+    k = heads(rms_norm(self.to_k(context), self.norm_k[...], self.eps))
+    v = heads(self.to_v(context))
+    if rope_cs is not None:
+      q, k = rope.apply(q, *rope_cs), rope.apply(k, *rope_cs)
+    q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))
+    out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype),
+                                       implementation=self.attention_impl)
+    return self.to_out(out.reshape(*x.shape[:2], -1))
+
+
+class WanFeedForward(nnx.Module):
+
+  def __init__(self, width, hidden, *, rngs, dtype, param_dtype):
+    self.up = _linear(width, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype,
+                      param_dtype=param_dtype)
+    self.down = _linear(hidden, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+
+  def __call__(self, x):
+    h = jax.nn.gelu(self.up(x), approximate=True)
+    return self.down(sharding.constrain(h, ('batch', 'length', 'act_mlp')))
+
+
+class WanBlock(nnx.Module):
+
+  def __init__(self, cfg: WanConfig, *, rngs, dtype, param_dtype, attention_impl=None):
+    d = cfg.inner_dim
+    self.eps, self.dtype = cfg.eps, dtype
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.scale_shift_table = _param(nnx.initializers.normal(d ** -0.5), (6, d), (None, 'embed'),
+                                    rngs=rngs, param_dtype=param_dtype)
+    self.attn1 = WanAttention(d, cfg.num_attention_heads, cfg.eps, attention_impl=attention_impl,
+                              **kw)
+    if cfg.cross_attn_norm:
+      self.norm2_scale = _param(nnx.initializers.ones_init(), (d,), ('embed',), rngs=rngs,
+                                param_dtype=param_dtype)
+      self.norm2_bias = _param(nnx.initializers.zeros_init(), (d,), ('embed',), rngs=rngs,
+                               param_dtype=param_dtype)
+    else:
+      self.norm2_scale = self.norm2_bias = None
+    self.attn2 = WanAttention(d, cfg.num_attention_heads, cfg.eps, attention_impl=attention_impl,
+                              **kw)
+    self.ffn = WanFeedForward(d, cfg.ffn_dim, **kw)
+
+  def __call__(self, x, e, context, rope_cs):
+    """x [B, N, D] float32 residual stream; e [B, G, 6, D] float32 time projection (G = 1, or one
+    per temporal patch); context [B, L, D] embedded text."""
+    mod = self.scale_shift_table[...].astype(jnp.float32) + e
+    shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
+    h = _modulate(layer_norm(x, self.eps), shift1, scale1).astype(self.dtype)
+    x = x + _gate(self.attn1(h, rope_cs=rope_cs), gate1)
+    if self.norm2_scale is not None:
+      h = layer_norm(x, self.eps, self.norm2_scale[...], self.norm2_bias[...])
+    else:
+      h = x
+    x = x + self.attn2(h.astype(self.dtype), context).astype(jnp.float32)
+    h = _modulate(layer_norm(x, self.eps), shift2, scale2).astype(self.dtype)
+    x = x + _gate(self.ffn(h), gate2)
+    return sharding.constrain(x, ('batch', 'length', 'act_embed'))
+
+
+REMAT_POLICIES = dit.REMAT_POLICIES
+
+
+class WanDiT(nnx.Module):
+  """Wan 2.1 T2V transformer with the call signature of dit.VideoDiT (video, flow time, text).
+
+  `__call__` takes flow time t in [0, 1] (x_t = (1 - t) x0 + t noise, velocity target noise - x0,
+  the sora_jax.diffusion.flow convention, which is Wan's with sigma = t) and feeds Wan its timestep
+  1000 * t. `forward_wan` takes Wan's timestep directly.
+
+  attention_impl: jax.nn.dot_product_attention's `implementation`. None is XLA's, which builds the
+  full [heads, N, N] score matrix; at 480p x 81 frames (N = 32760) use 'cudnn' (flash attention,
+  bf16 on GPU).
+  """
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, scan_layers=True, remat='none', attention_impl=None):
+    if remat != 'none' and remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r}: expected one of none, {", ".join(REMAT_POLICIES)}')
+    cfg = self.config = config
+    self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
+    d = cfg.inner_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    f32 = dict(kw, dtype=jnp.float32)  # timestep path in float32 (B rows: costs nothing)
+    self.patch_embedding = _linear(math.prod(cfg.patch_size) * cfg.in_channels, d,
+                                   ('patch', 'embed'), **kw)
+    self.time_embedder_1 = _linear(cfg.freq_dim, d, ('patch', 'embed'), **f32)
+    self.time_embedder_2 = _linear(d, d, ('mlp', 'embed'), **f32)
+    self.time_proj = _linear(d, 6 * d, ('embed', 'mlp'), **f32)
+    self.text_embedder_1 = _linear(cfg.text_dim, d, ('patch', 'embed'), **kw)
+    self.text_embedder_2 = _linear(d, d, ('mlp', 'embed'), **kw)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return WanBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                      attention_impl=attention_impl)
+
+    self.blocks = make_blocks(rngs)
+    self.scale_shift_table = _param(nnx.initializers.normal(d ** -0.5), (2, d), (None, 'embed'),
+                                    rngs=rngs, param_dtype=param_dtype)
+    self.proj_out = _linear(d, math.prod(cfg.patch_size) * cfg.out_channels, ('embed', 'patch'),
+                            **kw)
+
+  @classmethod
+  def from_config(cls, config: dict, **kwargs) -> 'WanDiT':
+    """From a diffusers config.json dict; kwargs as __init__ (rngs, dtype, scan_layers, ...)."""
+    return cls(WanConfig.from_diffusers(config), **kwargs)
+
+  def __call__(self, video, t, context, context_mask=None):
+    """video [B, T, H, W, C], flow time t [B] (or [B, T]: one per frame, constant within each
+    temporal patch) in [0, 1], context [B, L, text_dim], context_mask [B, L] or None
+    -> velocity [B, T, H, W, out_channels] float32.
+
+    Wan attends to every text position: its pipeline zero-pads the T5 embeddings to 512 tokens and
+    the model was trained on that. So with a mask the padded embeddings are zeroed (exactly what
+    the pipeline feeds the model) rather than masked out of attention, which would change the
+    output of the released weights. context_mask=None uses the context as given.
+    """
+    if context_mask is not None:
+      context = context * context_mask[..., None].astype(context.dtype)
+    return self.forward_wan(video, 1000.0 * jnp.asarray(t, jnp.float32), context)
+
+  def forward_wan(self, latents, timestep, context):
+    """latents [B, T, H, W, C], timestep [B] or [B, T] on Wan's 0..1000 scale, context
+    [B, L, text_dim] -> [B, T, H, W, out_channels] float32 (Wan's flow prediction)."""
+    cfg = self.config
+    self._check_inputs(latents, timestep, context)
+    x, grid = dit.patchify(latents.astype(self.dtype), cfg.patch_size)
+    x = sharding.constrain(self.patch_embedding(x).astype(jnp.float32),
+                           ('batch', 'length', 'act_embed'))
+    if timestep.ndim == 2:  # per frame -> per temporal patch
+      timestep = timestep[:, ::cfg.patch_size[0]]
+    temb, e = self._time(timestep.reshape(latents.shape[0], -1))
+    context = self.text_embedder_2(
+        jax.nn.gelu(self.text_embedder_1(context.astype(self.dtype)), approximate=True))
+    rope_cs = rope.frequencies(rope.grid_positions(grid), cfg.attention_head_dim, ROPE_THETA)
+    x = self._blocks(x, e=e, context=context, rope_cs=rope_cs)
+    mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, :, None]
+    x = _modulate(layer_norm(x, cfg.eps), mod[:, :, 0], mod[:, :, 1]).astype(self.dtype)
+    x = self.proj_out(x)
+    return dit.unpatchify(x, grid, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
+
+  def _time(self, timestep):
+    """timestep [B, G] -> temb [B, G, D] and the blocks' time projection [B, G, 6, D]."""
+    b, g = timestep.shape
+    emb = timestep_embedding(timestep.reshape(-1), self.config.freq_dim)
+    temb = self.time_embedder_2(jax.nn.silu(self.time_embedder_1(emb)))
+    e = self.time_proj(jax.nn.silu(temb))
+    return temb.reshape(b, g, -1), e.reshape(b, g, 6, -1)
+
+  def _check_inputs(self, latents, timestep, context):
+    cfg = self.config
+    if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+      raise ValueError(f'latents must be [B, T, H, W, {cfg.in_channels}], got {latents.shape}')
+    if any(n % p for n, p in zip(latents.shape[1:4], cfg.patch_size)):
+      raise ValueError(f'latent (T, H, W) = {latents.shape[1:4]} not divisible by patch_size '
+                       f'{cfg.patch_size}')
+    grid = [n // p for n, p in zip(latents.shape[1:4], cfg.patch_size)]
+    if max(grid) > cfg.rope_max_seq_len:
+      raise ValueError(f'patch grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}')
+    if timestep.shape not in ((latents.shape[0],), latents.shape[:2]):
+      raise ValueError(f'timestep must be [B] or [B, T] = {latents.shape[:2]}, got '
+                       f'{timestep.shape}')
+    if context.ndim != 3 or context.shape[0] != latents.shape[0] or context.shape[-1] != cfg.text_dim:
+      raise ValueError(f'context must be [B={latents.shape[0]}, L, text_dim={cfg.text_dim}], got '
+                       f'{context.shape}')
+
+  def _blocks(self, x, **block_args):
+    graphdef, params = nnx.split(self.blocks)
+
+    def body(x, block_params):
+      block = nnx.merge(graphdef, block_params)
+      return block(x, **block_args), None
+
+    if self.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    if self.scan_layers:
+      x, _ = jax.lax.scan(body, x, params)
+    else:
+      for i in range(self.config.num_layers):
+        x, _ = body(x, jax.tree.map(lambda p: p[i], params))
+    return x
