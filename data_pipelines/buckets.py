@@ -65,7 +65,7 @@ def check(config) -> list[str]:
       errors.append(f'{key}: bucket {shape} must be three positive ints (frames, height, width).')
       continue
     for size, p, name in zip(shape, patch, ('frames', 'height', 'width')):
-      if size % p:
+      if size % p and not config.get('autoencoder'):  # latent buckets: config_lib checks them
         errors.append(f'{key}: bucket {shape} {name}={size} is not divisible by'
                       f' config.model.patch_size={patch}.')
   if config.data.tokens_per_batch < 0:

@@ -5,6 +5,7 @@ exists anywhere exists here, with a default and a type. `validate()` runs before
 names the offending key in its message.
 """
 
+import json
 import math
 import os
 
@@ -22,6 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.sample_every_steps = 0  # 0: only at the end of training
+  # Start a fresh run from these weights: a diffusers WanTransformer3DModel folder (model.family='wan')
+  # or another sora_jax workdir of the same architecture (its latest checkpoint's EMA parameters).
+  c.init_from = ''
+  # Diffuse in the latent space of this frozen video autoencoder (empty: pixels): a sora_jax workdir
+  # trained with model.family='vae', or a diffusers AutoencoderKLWan folder.
+  c.autoencoder = ''
   c.num_train_samples = 4  # videos written by periodic sampling
 
   c.mesh = ml_collections.ConfigDict()
@@ -59,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.read_threads = 2  # threads loading ahead in each process (decoding releases the GIL)
 
   c.text = ml_collections.ConfigDict()
-  c.text.encoder = 'bytes'  # small byte-level encoder trained with the model
+  c.text.encoder = 'bytes'  # 'bytes': small byte-level encoder trained with the model; 'umt5': frozen
+  c.text.path = ''  # umt5: a Hugging Face UMT5EncoderModel folder (or a Wan diffusers folder)
   c.text.max_length = 48  # tokens, including BOS/EOS
   c.text.width = 128
   c.text.depth = 2
@@ -68,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.text.dropout_prob = 0.1  # caption dropout for classifier-free guidance
 
   c.model = ml_collections.ConfigDict()
+  # 'dit': sora_jax's DiT (below); 'wan': the Wan 2.1 architecture (model.wan); 'vae': the causal
+  # video autoencoder (config.vae), trained alone on reconstruction.
+  c.model.family = 'dit'
   c.model.patch_size = (2, 4, 4)  # (t, h, w)
   c.model.width = 256
   c.model.depth = 4
@@ -78,6 +89,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
 
+  # model.family='wan': diffusers WanTransformer3DModel fields (patch: model.patch_size; text_dim: the
+  # text encoder's width; channels: 3 or the autoencoder's latent channels). Wan 2.1 T2V 1.3B below.
+  c.model.wan = ml_collections.ConfigDict()
+  c.model.wan.num_attention_heads = 12
+  c.model.wan.attention_head_dim = 128
+  c.model.wan.ffn_dim = 8960
+  c.model.wan.num_layers = 30
+  c.model.wan.freq_dim = 256
+  c.model.wan.cross_attn_norm = True
+  c.model.wan.eps = 1e-6
+  c.model.wan.rope_max_seq_len = 1024
+
+  # model.family='vae' (and what a sora_jax autoencoder workdir holds): the Wan-VAE architecture.
+  c.vae = ml_collections.ConfigDict()
+  c.vae.base_dim = 96
+  c.vae.z_dim = 16
+  c.vae.dim_mult = (1, 2, 4, 4)
+  c.vae.num_res_blocks = 2
+  c.vae.attn_scales = ()
+  c.vae.temperal_downsample = (False, True, True)  # (sic) diffusers' spelling
+  c.vae.dropout = 0.0
+  c.vae.l1_weight = 1.0  # reconstruction + KL training loss
+  c.vae.l2_weight = 0.0
+  c.vae.kl_weight = 1e-6
+
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.prediction = 'velocity'  # what the DiT outputs: 'velocity' or 'x0' (loss is on velocity)
   c.diffusion.logit_mean = 0.0  # logit-normal timestep sampling
@@ -85,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.shift = 1.0  # timestep shift at `shift_base_tokens` tokens
   c.diffusion.shift_base_tokens = 384  # shift grows as sqrt(tokens / base)
   c.diffusion.frame_noise_prob = 0.0  # fraction of clips trained with a flow time per frame
+  c.diffusion.loss_t_floor = 0.0  # velocity-loss weight min(1, (t / floor)^2); 0 = unweighted
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4
@@ -184,6 +221,119 @@ def _check_packing(config):
         f' ({buckets.tokens(longest, patch)} tokens with config.model.patch_size={patch}).')
 
 
+FAMILIES = ('dit', 'wan', 'vae')
+
+
+def autoencoder_geometry(path: str) -> dict:
+  """{'temporal', 'spatial', 'z_dim'} of the autoencoder at `path` (a sora_jax 'vae' workdir or a
+  diffusers AutoencoderKLWan folder), read from its config.json; both use the diffusers field names."""
+  for sub in ('', 'vae'):
+    cfg_path = os.path.join(path, sub, 'config.json')
+    if os.path.isfile(cfg_path):
+      break
+  else:
+    raise ValueError(f'config.autoencoder={path!r}: no config.json there (nor in vae/).')
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  if 'model' in cfg:  # a sora_jax workdir: its config.json is the training config
+    if cfg['model'].get('family') != 'vae':
+      raise ValueError(f'config.autoencoder={path!r} is a sora_jax workdir of model.family='
+                       f'{cfg["model"].get("family")!r}, not a "vae" run.')
+    cfg = cfg['vae']
+  try:
+    return dict(temporal=2 ** sum(bool(x) for x in cfg['temperal_downsample']),
+                spatial=2 ** (len(cfg['dim_mult']) - 1), z_dim=int(cfg['z_dim']))
+  except KeyError as e:
+    raise ValueError(f'config.autoencoder={path!r}: {cfg_path} lacks {e}; is it a video VAE?')
+
+
+def latent_shape(clip, geometry) -> tuple[int, int, int]:
+  t, h, w = clip
+  return (1 + (t - 1) // geometry['temporal'], h // geometry['spatial'], w // geometry['spatial'])
+
+
+def model_clip_shape(config) -> tuple[int, int, int]:
+  """(frames, height, width) the diffusion model sees for the default clip: pixels, or latents."""
+  clip = (config.data.num_frames, config.data.height, config.data.width)
+  return latent_shape(clip, autoencoder_geometry(config.autoencoder)) if config.autoencoder else clip
+
+
+def _check_causal_clip(config, temporal, spatial, what):
+  """A causal autoencoder encodes the first frame alone, then groups of `temporal` frames."""
+  for t, h, w in buckets.shapes(config):
+    if (t - 1) % temporal or h % spatial or w % spatial:
+      key = 'config.data.buckets' if config.data.buckets else (
+          'config.data.num_frames' if (t - 1) % temporal else 'config.data.height/width')
+      raise ValueError(
+          f'{key}: clip {(t, h, w)} does not fit {what} ({temporal}x temporal, {spatial}x spatial'
+          f' compression): frames must be 1 + {temporal}k (e.g. {1 + temporal * max(1, t // temporal)})'
+          f' and height/width multiples of {spatial}.')
+
+
+def _check_vae(config):
+  v = config.vae
+  if v.z_dim <= 0 or v.base_dim <= 0 or v.num_res_blocks <= 0 or not v.dim_mult:
+    raise ValueError('config.vae: z_dim, base_dim, num_res_blocks must be positive and dim_mult'
+                     ' non-empty.')
+  if len(v.temperal_downsample) != len(v.dim_mult) - 1:
+    raise ValueError(f'config.vae.temperal_downsample={tuple(v.temperal_downsample)} needs'
+                     f' len(config.vae.dim_mult) - 1 = {len(v.dim_mult) - 1} entries.')
+  if config.autoencoder:
+    raise ValueError('config.autoencoder must be empty when training an autoencoder'
+                     ' (model.family="vae").')
+  for key in ('l1_weight', 'l2_weight', 'kl_weight'):
+    if v[key] < 0:
+      raise ValueError(f'config.vae.{key}={v[key]} must be >= 0.')
+  _check_causal_clip(config, 2 ** sum(bool(x) for x in v.temperal_downsample),
+                     2 ** (len(v.dim_mult) - 1), 'config.vae')
+
+
+def _check_transformer(config, mesh):
+  m = config.model
+  patch = tuple(m.patch_size)
+  if len(patch) != 3 or any(p <= 0 for p in patch):
+    raise ValueError(f'config.model.patch_size={patch} must be three positive ints (t, h, w).')
+  clips = buckets.shapes(config)
+  geometry = None
+  if config.autoencoder:
+    geometry = autoencoder_geometry(config.autoencoder)
+    _check_causal_clip(config, geometry['temporal'], geometry['spatial'],
+                       f'config.autoencoder={config.autoencoder!r}')
+  for clip in clips:
+    where = f'the clip {clip}'
+    if geometry:
+      clip = latent_shape(clip, geometry)
+      where = f'the latent clip {clip}'
+    for name, n, p in zip(('num_frames', 'height', 'width'), clip, patch):
+      if n % p:
+        key = 'config.data.buckets' if config.data.buckets else f'config.data.{name}'
+        raise ValueError(
+            f'config.model.patch_size={patch} does not divide {where}: {key}={n if not geometry else clip}'
+            f' gives {name} {n}, not a multiple of {p}.')
+  _check_packing(config)
+  if config.data.packing and (m.family != 'dit' or config.autoencoder or
+                              config.text.encoder != 'bytes'):
+    raise ValueError('config.data.packing=True works with model.family="dit" on pixels with the byte'
+                     ' text encoder only (packed latents / frozen-encoder captions are not'
+                     ' implemented); set config.data.packing=False.')
+  if m.family == 'wan':
+    w = m.wan
+    width, heads, head_dim = w.num_attention_heads * w.attention_head_dim, w.num_attention_heads, \
+        w.attention_head_dim
+    if head_dim % 2 or head_dim < 6:
+      raise ValueError(f'config.model.wan.attention_head_dim={head_dim} must be even and >= 6.')
+  else:
+    width, heads = m.width, m.num_heads
+    if m.width % m.num_heads or (m.width // m.num_heads) % 2 or m.width // m.num_heads < 6:
+      raise ValueError(
+          f'config.model.width={m.width} / num_heads={m.num_heads} must give an even head dim'
+          ' of at least 6 (3D RoPE rotates pairs on each of the t, h, w axes).')
+  if width % mesh['tensor'] or heads % mesh['tensor']:
+    raise ValueError(
+        f'config.model width {width} and {heads} heads must be divisible by'
+        f' config.mesh.tensor={mesh["tensor"]}.')
+
+
 def validate(config, num_devices: int) -> dict[str, int]:
   """Rejects bad configs before compilation; returns the resolved mesh shape."""
   unknown = list(_unknown_keys(config, base_config()))
@@ -200,25 +350,13 @@ def validate(config, num_devices: int) -> dict[str, int]:
         f'config.batch_size={config.batch_size} is not divisible by the data-parallel size'
         f' mesh.data*mesh.fsdp={batch_shards}.')
   _check_data(config)
-  clip = (config.data.num_frames, config.data.height, config.data.width)
-  patch = tuple(config.model.patch_size)
-  if len(patch) != 3 or any(p <= 0 for p in patch):
-    raise ValueError(f'config.model.patch_size={patch} must be three positive ints (t, h, w).')
-  for name, n, p in zip(('num_frames', 'height', 'width'), clip, patch):
-    if n % p:
-      raise ValueError(
-          f'config.model.patch_size={patch} does not divide the clip: config.data.{name}={n}'
-          f' is not a multiple of {p}.')
-  _check_packing(config)
   m = config.model
-  if m.width % m.num_heads or (m.width // m.num_heads) % 2 or m.width // m.num_heads < 6:
-    raise ValueError(
-        f'config.model.width={m.width} / num_heads={m.num_heads} must give an even head dim'
-        ' of at least 6 (3D RoPE rotates pairs on each of the t, h, w axes).')
-  if m.width % mesh['tensor'] or m.num_heads % mesh['tensor']:
-    raise ValueError(
-        f'config.model.width={m.width} and num_heads={m.num_heads} must be divisible by'
-        f' config.mesh.tensor={mesh["tensor"]}.')
+  if m.family not in FAMILIES:
+    raise ValueError(f'config.model.family={m.family!r}: expected one of {", ".join(FAMILIES)}.')
+  if m.family == 'vae':
+    _check_vae(config)
+  else:
+    _check_transformer(config, mesh)
   if m.remat not in ('none', 'full', 'dots'):
     raise ValueError(f'config.model.remat={m.remat!r}: expected none, full or dots.')
   if m.dtype not in ('float32', 'bfloat16'):
@@ -226,11 +364,18 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.diffusion.prediction not in ('velocity', 'x0'):
     raise ValueError(f'config.diffusion.prediction={config.diffusion.prediction!r}: expected'
                      ' velocity or x0.')
+  if not 0.0 <= config.diffusion.loss_t_floor < 1.0:
+    raise ValueError(f'config.diffusion.loss_t_floor={config.diffusion.loss_t_floor} not in [0, 1).')
   if not 0.0 <= config.diffusion.frame_noise_prob <= 1.0:
     raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
                      ' [0, 1].')
-  if config.text.encoder != 'bytes':
-    raise ValueError(f'config.text.encoder={config.text.encoder!r}: only "bytes" exists so far.')
+  if config.text.encoder not in ('bytes', 'umt5'):
+    raise ValueError(f'config.text.encoder={config.text.encoder!r}: expected bytes or umt5.')
+  if config.text.encoder == 'umt5' and not os.path.isdir(config.text.path):
+    raise ValueError(f'config.text.path={config.text.path!r} is not a folder: text.encoder=umt5 needs'
+                     ' a Hugging Face UMT5EncoderModel folder.')
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ValueError(f'config.init_from={config.init_from!r} is not a folder.')
   if config.text.width % config.text.num_heads:
     raise ValueError(f'config.text.width must be divisible by config.text.num_heads.')
   if config.text.word_buckets < 0:

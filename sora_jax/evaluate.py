@@ -19,6 +19,7 @@ from flax import nnx
 
 from data_pipelines import pipeline, shapes
 from sora_jax import checkpoint, restore, sampling, sharding, video_io
+from sora_jax import frozen as frozen_lib
 from sora_jax.diffusion import flow
 
 
@@ -37,7 +38,7 @@ def define_flags():
 SPLITS = {'seen': 'train', 'held_out': 'heldout'}
 
 
-def flow_matching_loss(graphdef, params, config, mesh, split: str) -> dict:
+def flow_matching_loss(graphdef, params, config, mesh, split: str, frozen) -> dict:
   k = config.eval.num_timesteps
   grid = (np.arange(k) + 0.5) / k
   data_sharding = sharding.batch_sharding(mesh)
@@ -57,7 +58,7 @@ def flow_matching_loss(graphdef, params, config, mesh, split: str) -> dict:
                      f' config.eval.batch_size={config.eval.batch_size}.')
   by_t = np.zeros(k)
   for i, batch in enumerate(batches):
-    batch = jax.device_put(batch, data_sharding)
+    batch = frozen.encode_batch(jax.device_put(batch, data_sharding), data_sharding)
     for j, t in enumerate(grid):
       key = jax.random.fold_in(jax.random.PRNGKey(1234), i * k + j)
       by_t[j] += float(losses(params, batch, t, key)) / len(batches)
@@ -76,33 +77,67 @@ def adherence(samples: list[dict]) -> dict:
   return {'num_videos': len(results), 'rates': rates, 'videos': results}
 
 
+def reconstruction(graphdef, params, config, mesh, split: str) -> dict:
+  """Autoencoder runs: PSNR (dB, on [0, 255] pixels) and L1 of reconstructions of `split`'s clips."""
+  data_sharding = sharding.batch_sharding(mesh)
+
+  @jax.jit
+  def errors(params, video):
+    model = nnx.merge(graphdef, params)
+    recon = jnp.clip(model.decode(model.encode(video)[0]), -1.0, 1.0)
+    mse = jnp.square((recon - video) * 127.5).reshape(video.shape[0], -1).mean(-1)
+    return 10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-10)), jnp.abs(recon - video).mean()
+
+  batches = pipeline.eval_batches(config, split, config.eval.num_videos, config.eval.batch_size)
+  psnr, l1 = [], []
+  for batch in batches:
+    p, e = errors(params, jax.device_put(batch['video'], data_sharding))
+    psnr.extend(np.asarray(p).tolist())
+    l1.append(float(e))
+  return {'psnr_db': float(np.mean(psnr)), 'l1': float(np.mean(l1)), 'num_videos': len(psnr)}
+
+
 def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_scale=None,
              use_ema=True, videos_dir=None) -> dict:
   config, mesh, graphdef, params, step = restore.load(workdir, step=step, use_ema=use_ema)
+  if config.model.family == 'vae':
+    result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema}
+    with jax.set_mesh(mesh):
+      for name, split in SPLITS.items():
+        result[name] = {'reconstruction': reconstruction(graphdef, params, config, mesh, split)}
+        logging.info('%s: reconstruction %s', name, result[name]['reconstruction'])
+    _write(result, output)
+    return result
+  frozen = frozen_lib.Frozen(config)
   num_steps = num_steps or config.sample.num_steps
   guidance = config.sample.guidance_scale if guidance_scale is None else guidance_scale
   videos_dir = videos_dir or os.path.splitext(output)[0] + '_videos'
   generate = sampling.make_generate(graphdef, config, num_steps=num_steps,
-                                    guidance_scale=guidance)
+                                    guidance_scale=guidance, frozen=frozen)
   result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema,
             'num_steps': num_steps, 'guidance_scale': guidance, 'seed': seed}
   with jax.set_mesh(mesh):
     for name, split in SPLITS.items():
-      loss = flow_matching_loss(graphdef, params, config, mesh, split)
+      loss = flow_matching_loss(graphdef, params, config, mesh, split, frozen)
       prompts = [shapes.caption(c, s, d) for c, s in shapes.pairs(split)
                  for d in shapes.DIRECTIONS] * config.eval.samples_per_prompt
       videos = sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh,
-                                        seed=seed, batch_size=config.eval.batch_size)
+                                        seed=seed, batch_size=config.eval.batch_size,
+                                        frozen=frozen)
       samples = sampling.write_videos(videos, prompts, os.path.join(videos_dir, name),
                                       fps=config.data.fps)
       result[name] = {'flow_matching_loss': loss, 'adherence': adherence(samples)}
       logging.info('%s: loss %.4f, adherence %s', name, loss['mean'],
                    result[name]['adherence']['rates'])
+  _write(result, output)
+  return result
+
+
+def _write(result, output):
   if os.path.dirname(output):
     os.makedirs(os.path.dirname(output), exist_ok=True)
   with open(output, 'w') as f:
     json.dump(result, f, indent=2)
-  return result
 
 
 def main(argv):
@@ -113,8 +148,11 @@ def main(argv):
                     num_steps=f.num_steps, guidance_scale=f.guidance_scale, use_ema=f.use_ema,
                     videos_dir=f.videos_dir)
   for name in SPLITS:
-    print(name, 'loss', round(result[name]['flow_matching_loss']['mean'], 4),
-          result[name]['adherence']['rates'])
+    if 'reconstruction' in result[name]:
+      print(name, result[name]['reconstruction'])
+    else:
+      print(name, 'loss', round(result[name]['flow_matching_loss']['mean'], 4),
+            result[name]['adherence']['rates'])
 
 
 if __name__ == '__main__':

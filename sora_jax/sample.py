@@ -10,6 +10,7 @@ import jax
 from absl import app, flags, logging
 
 from sora_jax import checkpoint, restore, sampling
+from sora_jax import frozen as frozen_lib
 
 
 def define_flags():
@@ -37,11 +38,15 @@ def main(argv):
     raise app.UsageError(f'--num_steps={num_steps} must be positive.')
   logging.info('Sampling %d prompts from step %d (%d steps, guidance %.1f).', len(f.prompt), step,
                num_steps, guidance)
+  if config.model.family == 'vae':
+    raise app.UsageError(f'{f.workdir} holds an autoencoder (model.family=vae), not a text-to-video'
+                         ' model; use it as --config.autoencoder of a DiT run.')
+  frozen = frozen_lib.Frozen(config)
   generate = sampling.make_generate(graphdef, config, num_steps=num_steps,
-                                    guidance_scale=guidance)
+                                    guidance_scale=guidance, frozen=frozen)
   with jax.set_mesh(mesh):
     videos = sampling.generate_videos(generate, params, f.prompt, config=config, mesh=mesh,
-                                      seed=f.seed, batch_size=f.batch_size)
+                                      seed=f.seed, batch_size=f.batch_size, frozen=frozen)
   if jax.process_index() == 0:
     samples = sampling.write_videos(videos, f.prompt, f.output_dir, fps=config.data.fps)
     for s in samples:

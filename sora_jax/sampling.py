@@ -9,28 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding, video_io
+from sora_jax import config_lib, sharding, video_io
+from sora_jax import frozen as frozen_lib
 from sora_jax.diffusion import flow
-from sora_jax.models import text
-
-
-def video_shape(config, channels: int = 3):
-  return (config.data.num_frames, config.data.height, config.data.width, channels)
 
 
 def timestep_shift(config) -> float:
-  tokens = math.prod(n // p for n, p in zip(video_shape(config)[:3], config.model.patch_size))
+  """The flow-time shift for the default clip's token count (in latent space with an autoencoder)."""
+  clip = config_lib.model_clip_shape(config)
+  tokens = math.prod(n // p for n, p in zip(clip, config.model.patch_size))
   return flow.shift_for_tokens(tokens, config.diffusion.shift, config.diffusion.shift_base_tokens)
 
 
-def make_generate(graphdef, config, *, num_steps: int, guidance_scale: float):
-  """jitted (params, tokens [B, L], mask [B, L], keys [B]) -> videos [B, T, H, W, C] in [-1, 1].
+def make_generate(graphdef, config, *, num_steps: int, guidance_scale: float, frozen=None):
+  """jitted (params, captions [B, L(, D)], mask [B, L], keys [B]) -> model-space videos [B, T, H, W, C]
+  (pixels in [-1, 1], or latents: decode with `frozen.decode`).
 
-  Noise comes from one key per video, so a prompt's video does not depend on what it is batched with.
+  Captions are what the model takes (`frozen.caption_inputs`). Noise comes from one key per video, so
+  a prompt's video does not depend on what it is batched with.
   """
-  null_tokens, null_mask = text.tokenize([''], config.text.max_length)
+  frozen = frozen or frozen_lib.Frozen(config)
+  null_tokens, null_mask = frozen.null_caption()
   timesteps = flow.sampling_schedule(num_steps, timestep_shift(config))
-  shape = video_shape(config)
+  shape = frozen_lib.model_video_shape(config)
 
   @jax.jit
   def generate(params, tokens, mask, keys):
@@ -46,8 +47,9 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale: float):
 
 
 def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
-                    batch_size: int) -> np.ndarray:
+                    batch_size: int, frozen=None) -> np.ndarray:
   """All prompts, in fixed-size (padded) batches: one compilation. Returns uint8 [N, T, H, W, 3]."""
+  frozen = frozen or frozen_lib.Frozen(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
   data_sharding = sharding.batch_sharding(mesh)
@@ -57,10 +59,10 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
     chunk = list(prompts[start:start + batch_size])
     n = len(chunk)
     chunk += [''] * (batch_size - n)
-    tokens, mask = text.tokenize(chunk, config.text.max_length)
+    tokens, mask = frozen.tokenize(chunk)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch_size))
     tokens, mask, keys = jax.device_put((tokens, mask, keys), data_sharding)
-    videos = generate(params, tokens, mask, keys)
+    videos = frozen.decode(generate(params, *frozen.caption_inputs(tokens, mask), keys))
     out.append(video_io.to_uint8(jax.device_get(videos)[:n]))
   return np.concatenate(out)
 

@@ -1,5 +1,8 @@
 """Train state: a plain dict {step, params, ema, opt_state, rng}, born sharded on the mesh."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -51,3 +54,33 @@ def init(config, mesh):
   graphdef, abstract, state_sh = shardings(config, mesh)
   state = jax.jit(lambda: _init(config, tx)[1], out_shardings=state_sh)()
   return graphdef, state, state_sh
+
+
+def init_from(config, state, state_sh):
+  """A fresh state whose params (and EMA) come from `config.init_from`: a diffusers
+  WanTransformer3DModel folder (model.family='wan'; the byte text encoder, if any, keeps its init),
+  or a sora_jax workdir with the same architecture (its latest checkpoint's EMA parameters)."""
+  path = config.init_from
+  graphdef, abstract, _ = shardings(config, _mesh_of(state_sh))
+  if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
+    from sora_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    mngr = checkpoint.manager(path, read_only=True)
+    params = checkpoint.restore(mngr, abstract)['ema']
+  elif config.model.family == 'wan':
+    from sora_jax.interop import wan_transformer  # pylint: disable=g-import-not-at-top
+    model = nnx.merge(graphdef, state['params'])
+    model.dit = wan_transformer.load_wan_params(path, model.dit, mesh=_mesh_of(state_sh))
+    params = jax.device_put(nnx.state(model, nnx.Param), state_sh['params'])
+  else:
+    raise ValueError(f'config.init_from={path!r}: neither a sora_jax workdir nor (for'
+                     ' model.family="wan") a diffusers WanTransformer3DModel folder.')
+  return dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
+
+
+def _mesh_of(state_sh):
+  return jax.tree.leaves(state_sh['params'])[0].mesh
+
+
+def _is_workdir(path):
+  with open(os.path.join(path, 'config.json')) as f:
+    return 'model' in json.load(f)

@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline
 from data_pipelines import shapes
-from sora_jax import checkpoint, config_lib, metrics, sampling, sharding
+from sora_jax import checkpoint, config_lib, metrics, sampling, sharding, video_io
+from sora_jax import frozen as frozen_lib
 from sora_jax import state as state_lib
 from sora_jax.diffusion import flow
 from sora_jax.models import dit, text
@@ -31,16 +32,24 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
 
 
-def make_train_step(graphdef, config, tx, schedule):
+def make_train_step(graphdef, config, tx, schedule, null_caption=None):
   """(state, batch) -> (state, metrics); pure, jitted by the caller.
+
+  `null_caption` = (tokens, mask) [1, ...] of the empty caption as the model takes captions (byte
+  tokens, or a frozen encoder's embeddings: sora_jax/frozen.py); default: the byte tokenizer's.
+  model.family='vae' trains the autoencoder on reconstruction + KL instead (captions unused).
 
   A batch is either one clip per row ({'video', 'tokens', 'mask'}), or packed sequences of several
   clips ({'patches', 'positions', 'segment_ids', 'tokens' [B, S, L], 'mask'}: data_pipelines/packing.py)
   when it holds 'segment_ids'. Packed: one t and caption dropout per segment, noise per token, and the
   loss is the mean over real (non-padding) tokens.
   """
-  null_tokens, null_mask = text.tokenize([''], config.text.max_length)
+  null_tokens, null_mask = null_caption or text.tokenize([''], config.text.max_length)
   shift = sampling.timestep_shift(config)
+
+  def dropped(drop, null, value):
+    """Caption dropout for [B, L] tokens or [B, L, D] embeddings (drop [B, 1])."""
+    return jnp.where(drop.reshape(drop.shape + (1,) * (value.ndim - 2)), null, value)
   d = config.diffusion
 
   def per_frame_timesteps(rng, t, num_frames):
@@ -67,12 +76,12 @@ def make_train_step(graphdef, config, tx, schedule):
     x_t = flow.interpolate(x0, noise, t)
     # Caption dropout: the empty caption teaches the unconditional velocity used by CFG.
     drop = jax.random.bernoulli(drop_rng, config.text.dropout_prob, (b, 1))
-    tokens = jnp.where(drop, null_tokens, batch['tokens'])
-    mask = jnp.where(drop, null_mask, batch['mask'])
+    tokens = dropped(drop, null_tokens, batch['tokens'])
+    mask = dropped(drop, null_mask, batch['mask'])
 
     def loss_fn(params):
       v = nnx.merge(graphdef, params)(x_t, t, tokens, mask)
-      return flow.loss(v, x0, noise).mean()
+      return flow.loss(v, x0, noise, flow.loss_weight(t, d.loss_t_floor)).mean(), {}
 
     return loss_fn
 
@@ -82,22 +91,40 @@ def make_train_step(graphdef, config, tx, schedule):
     t = flow.sample_timesteps(t_rng, b * s, logit_mean=d.logit_mean, logit_std=d.logit_std,
                               shift=shift).reshape(b, s)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    x_t = flow.interpolate(x0, noise, dit.per_token(t, dit.segment_index(segment_ids)))
-    drop = jax.random.bernoulli(drop_rng, config.text.dropout_prob, (b, s, 1))
-    tokens = jnp.where(drop, null_tokens, batch['tokens'])
-    mask = jnp.where(drop, null_mask, batch['mask'])
+    t_token = dit.per_token(t, dit.segment_index(segment_ids))
+    x_t = flow.interpolate(x0, noise, t_token)
+    drop = jax.random.bernoulli(drop_rng, config.text.dropout_prob, (b * s, 1))
+    flat = lambda x: x.reshape(b * s, *x.shape[2:])
+    tokens = dropped(drop, null_tokens, flat(batch['tokens'])).reshape(batch['tokens'].shape)
+    mask = dropped(drop, null_mask, flat(batch['mask'])).reshape(batch['mask'].shape)
 
     def loss_fn(params):
       v = nnx.merge(graphdef, params).packed(x_t, batch['positions'], segment_ids, t, tokens, mask)
-      return flow.packed_loss(v, x0, noise, segment_ids)
+      return flow.packed_loss(v, x0, noise, segment_ids,
+                              flow.loss_weight(t_token, d.loss_t_floor)), {}
+
+    return loss_fn
+
+  def vae_loss(batch, t_rng, noise_rng, drop_rng):
+    """(loss, metrics such as PSNR) of the autoencoder on the batch's clips."""
+    del drop_rng, t_rng
+    from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+    v = config.vae
+
+    def loss_fn(params):
+      return vae_lib.vae_loss(nnx.merge(graphdef, params), batch['video'], noise_rng,
+                              kl_weight=v.kl_weight, l1_weight=v.l1_weight, l2_weight=v.l2_weight)
 
     return loss_fn
 
   def train_step(state, batch):
     rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
-    make_loss = packed_loss if 'segment_ids' in batch else clip_loss
+    if config.model.family == 'vae':
+      make_loss = vae_loss
+    else:
+      make_loss = packed_loss if 'segment_ids' in batch else clip_loss
     loss_fn = make_loss(batch, t_rng, noise_rng, drop_rng)
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     # EMA decay warms up so that early (poor) weights fade fast in short runs.
@@ -105,10 +132,16 @@ def make_train_step(graphdef, config, tx, schedule):
     decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema'], params)
     new_state = dict(step=step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng)
-    return new_state, dict(loss=loss, grad_norm=optax.global_norm(grads),
+    return new_state, dict(extra, loss=loss, grad_norm=optax.global_norm(grads),
                            learning_rate=schedule(step))
 
   return train_step
+
+
+def reconstruct(graphdef, params, video):
+  """Autoencoder reconstruction (posterior mean) of [B, T, H, W, 3] clips in [-1, 1]."""
+  model = nnx.merge(graphdef, params)
+  return np.asarray(jnp.clip(model.decode(model.encode(jnp.asarray(video))[0]), -1.0, 1.0))
 
 
 def sample_prompts(n: int) -> list[str]:
@@ -137,6 +170,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       data_parallel=mesh.shape['data'] * mesh.shape['fsdp'], skips=skips)
   batch_sharding = sharding.batch_sharding(mesh)
 
+  # Frozen parts (autoencoder, pretrained text encoder) turn batches into what the model trains on.
+  frozen = frozen_lib.Frozen(config)
+
   # ---- Model, optimizer and state, born sharded; or restored onto this mesh.
   tx, schedule = state_lib.make_optimizer(config)
   mngr = checkpoint.manager(workdir, config)
@@ -146,23 +182,36 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     logging.info('Resumed from step %d.', int(state['step']))
   else:
     graphdef, state, state_sh = state_lib.init(config, mesh)
+    if config.init_from:
+      state = state_lib.init_from(config, state, state_sh)
+      logging.info('Initialised the parameters from %s.', config.init_from)
   num_params = sum(x.size for x in jax.tree.leaves(state['params']))
   logging.info('Model: %.2fM parameters.', num_params / 1e6)
 
   # ---- The update step: explicit shardings, donated state, no host sync.
-  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule),
-                       in_shardings=(state_sh, batch_sharding),
-                       out_shardings=(state_sh, None), donate_argnums=(0,))
-  generate = sampling.make_generate(graphdef, config, num_steps=config.sample.num_steps,
-                                    guidance_scale=config.sample.guidance_scale)
+  is_vae = config.model.family == 'vae'
+  null_caption = None if is_vae else frozen.null_caption()
+  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, null_caption),
+                       in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
+                       donate_argnums=(0,))
+  if not is_vae:
+    generate = sampling.make_generate(graphdef, config, num_steps=config.sample.num_steps,
+                                      guidance_scale=config.sample.guidance_scale, frozen=frozen)
 
   def write_samples(step):
-    prompts = sample_prompts(config.num_train_samples)
-    videos = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,
-                                      seed=config.seed, batch_size=len(prompts))
+    out_dir = os.path.join(workdir, 'samples', f'step_{step}')
+    if is_vae:  # reconstructions of fixed clips, input above output
+      batch = pipeline.eval_batches(config, 'heldout', config.num_train_samples,
+                                    config.num_train_samples)[0]
+      recon = reconstruct(graphdef, state['ema'], batch['video'])
+      videos = video_io.to_uint8(np.concatenate([batch['video'], recon], axis=2))
+      prompts = [f'reconstruction {i}' for i in range(len(videos))]
+    else:
+      prompts = sample_prompts(config.num_train_samples)
+      videos = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,
+                                        seed=config.seed, batch_size=len(prompts), frozen=frozen)
     if jax.process_index() == 0:
-      sampling.write_videos(videos, prompts, os.path.join(workdir, 'samples', f'step_{step}'),
-                            fps=config.data.fps)
+      sampling.write_videos(videos, prompts, out_dir, fps=config.data.fps)
 
   # ---- Loop.
   step = int(state['step'])
@@ -174,13 +223,14 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       local = next(data_iter)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in local.items()}
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, frozen.encode_batch(batch, batch_sharding))
       pending.append(step_metrics)
       step += 1
       if step % config.log_every_steps == 0 or step == config.total_steps:
         window = jax.device_get(pending)
         pending = []
-        logged = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'grad_norm')}
+        logged = {k: float(np.mean([m[k] for m in window])) for k in window[-1]
+                  if k != 'learning_rate'}
         logged['learning_rate'] = float(window[-1]['learning_rate'])
         if pipeline.uses_user_data(config):
           logged['skipped_examples'] = len(skips.skipped)

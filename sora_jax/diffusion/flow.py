@@ -49,15 +49,34 @@ def velocity_from_x0(x0_pred, x_t, t, t_min: float = 0.05):
   return (x_t - x0_pred) / jnp.maximum(_bcast(t, x_t), t_min)
 
 
-def loss(v_pred, x0, noise):
-  """Per-example mean squared velocity error [B]."""
+def loss_weight(t, t_floor: float):
+  """Velocity-loss weight min(1, (t / t_floor)^2); 1 everywhere when t_floor is 0.
+
+  With x0 prediction the velocity error is the x0 error / t, so its implicit x0 weight 1/t^2 explodes
+  near clean data and a few low-noise examples dominate the gradient; this caps that weight at
+  1 / t_floor^2 (the truncation idea of Min-SNR weighting, Hang et al. 2023).
+  """
+  t = jnp.asarray(t, jnp.float32)
+  if not t_floor:
+    return jnp.ones_like(t)
+  return jnp.minimum(1.0, jnp.square(t / t_floor))
+
+
+def loss(v_pred, x0, noise, weight=None):
+  """Per-example mean squared velocity error [B]; `weight` ([B] or [B, T], see loss_weight) scales
+  each example or frame."""
   err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise))
+  if weight is not None:
+    err = err * _bcast(weight, err)
   return err.reshape(err.shape[0], -1).mean(-1)
 
 
-def packed_loss(v_pred, x0, noise, segment_ids):
-  """Mean squared velocity error per token [B, N, patch_dim] -> mean over real tokens (segment > 0)."""
+def packed_loss(v_pred, x0, noise, segment_ids, weight=None):
+  """Mean squared velocity error per token [B, N, patch_dim] -> mean over real tokens (segment > 0);
+  `weight` [B, N] scales each token."""
   err = jnp.square(v_pred.astype(jnp.float32) - velocity_target(x0, noise)).mean(-1)
+  if weight is not None:
+    err = err * weight
   real = (segment_ids > 0).astype(jnp.float32)
   return (err * real).sum() / jnp.maximum(real.sum(), 1.0)
 

@@ -1,0 +1,140 @@
+"""The frozen parts around a trained diffusion model: a video autoencoder and a pretrained text encoder.
+
+`Frozen(config)` loads what the config names:
+  - `config.autoencoder`: the model diffuses in this VAE's latent space. Training encodes each batch
+    (the posterior mean, normalised per channel); sampling decodes the generated latents.
+  - `config.text.encoder='umt5'`: captions become UMT5 embeddings before the train step, so the DiT
+    takes embeddings instead of byte tokens (the byte encoder is part of the trained model instead).
+Their weights are arguments of their own jitted functions, never part of the train state (no optimizer
+moments, no EMA, no checkpoint bloat), and never baked into a compiled program as constants.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax import config_lib
+from sora_jax.models import text
+
+
+class Frozen:
+
+  def __init__(self, config):
+    self.config = config
+    self.vae = self.vae_params = None
+    if config.autoencoder:
+      self.vae, self.vae_params, self.latent_mean, self.latent_std = load_autoencoder(
+          config.autoencoder)
+    self.text_encoder = self.text_params = self.tokenizer = None
+    if config.text.encoder == 'umt5':
+      from sora_jax.interop import umt5 as umt5_interop  # pylint: disable=g-import-not-at-top
+      module = umt5_interop.load_umt5_module(config.text.path, dtype=jnp.dtype(config.model.dtype))
+      self.text_encoder, self.text_params = nnx.split(module)
+      self.tokenizer = umt5_interop.load_umt5_tokenizer(config.text.path)
+    self._encode_video = jax.jit(self._encode_video_impl)
+    self._decode_video = jax.jit(self._decode_video_impl)
+    self._encode_text = jax.jit(self._encode_text_impl)
+
+  # ---- captions
+  def tokenize(self, captions):
+    """Captions -> (tokens [B, L] int32, mask [B, L] bool), numpy, host side."""
+    if self.tokenizer is None:
+      return text.tokenize(captions, self.config.text.max_length)
+    return self.tokenizer.tokenize(captions, self.config.text.max_length)
+
+  def caption_inputs(self, tokens, mask):
+    """What the model takes as its caption: the tokens, or the frozen encoder's embeddings."""
+    if self.text_encoder is None:
+      return tokens, mask
+    return self._encode_text(self.text_params, tokens, mask)
+
+  def null_caption(self):
+    """The empty caption (classifier-free guidance's unconditional input) as the model takes it."""
+    tokens, mask = self.tokenize([''])
+    return self.caption_inputs(jnp.asarray(tokens), jnp.asarray(mask))
+
+  def _encode_text_impl(self, params, tokens, mask):
+    embeddings = nnx.merge(self.text_encoder, params)(tokens, mask)
+    # Padded positions carry zeros (what the Wan pipeline feeds its DiT).
+    return embeddings * mask[..., None].astype(embeddings.dtype), mask
+
+  # ---- video
+  def encode_batch(self, batch, sharding=None):
+    """A training batch of pixels/tokens -> what the model trains on (latents / embeddings), placed
+    on `sharding` (the train step's batch sharding) when given."""
+    if self.vae is None and self.text_encoder is None:
+      return batch
+    batch = dict(batch)
+    if self.vae is not None:
+      batch['video'] = self._encode_video(self.vae_params, batch['video'])
+    if self.text_encoder is not None:
+      batch['tokens'], batch['mask'] = self.caption_inputs(batch['tokens'], batch['mask'])
+    return batch if sharding is None else jax.device_put(batch, sharding)
+
+  def decode(self, latents):
+    """Model-space videos -> pixels in [-1, 1] (identity without an autoencoder)."""
+    if self.vae is None:
+      return latents
+    return self._decode_video(self.vae_params, latents)
+
+  def _encode_video_impl(self, params, video):
+    mean, _ = nnx.merge(self.vae, params).encode(video)
+    return (mean - self.latent_mean) / self.latent_std
+
+  def _decode_video_impl(self, params, latents):
+    z = latents * self.latent_std + self.latent_mean
+    return jnp.clip(nnx.merge(self.vae, params).decode(z), -1.0, 1.0)
+
+
+def load_autoencoder(path: str):
+  """(graphdef, params, latent mean [z], latent std [z]) of a sora_jax 'vae' workdir or a diffusers
+  AutoencoderKLWan folder.
+
+  Latents are normalised per channel so the diffusion model sees roughly unit-variance inputs: Wan
+  ships its statistics (latents_mean / latents_std); for our own VAE they are measured once on its
+  training data and cached in the workdir (latent_stats.json).
+  """
+  if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
+    from sora_jax import restore  # pylint: disable=g-import-not-at-top
+    vae_config, _, graphdef, params, _ = restore.load(path)
+    mean, std = _latent_stats(path, vae_config, graphdef, params)
+    return graphdef, params, mean, std
+  from sora_jax.interop import wan_vae  # pylint: disable=g-import-not-at-top
+  model = wan_vae.load_wan_vae(path).model
+  mean, std = model._stats()  # pylint: disable=protected-access
+  graphdef, params = nnx.split(model)
+  return graphdef, params, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+
+def _is_workdir(path):
+  with open(os.path.join(path, 'config.json')) as f:
+    return 'model' in json.load(f)
+
+
+def _latent_stats(workdir, vae_config, graphdef, params, num_clips: int = 64):
+  cache = os.path.join(workdir, 'latent_stats.json')
+  if os.path.exists(cache):
+    with open(cache) as f:
+      stats = json.load(f)
+    return jnp.asarray(stats['mean'], jnp.float32), jnp.asarray(stats['std'], jnp.float32)
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
+  batch = min(num_clips, vae_config.eval.batch_size)
+  latents = [np.asarray(encode(params, b['video']))
+             for b in pipeline.eval_batches(vae_config, 'train', num_clips, batch)]
+  z = np.concatenate(latents).reshape(-1, latents[0].shape[-1])
+  mean, std = z.mean(0), z.std(0) + 1e-6
+  if jax.process_index() == 0:
+    with open(cache, 'w') as f:
+      json.dump({'mean': mean.tolist(), 'std': std.tolist(), 'num_clips': num_clips}, f)
+  return jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+
+def model_video_shape(config) -> tuple[int, int, int, int]:
+  """[T, H, W, C] of the default clip as the diffusion model sees it."""
+  from sora_jax import models  # pylint: disable=g-import-not-at-top
+  return (*config_lib.model_clip_shape(config), models.channels(config))

@@ -1,0 +1,220 @@
+"""Load a diffusers-format Wan 2.1 `AutoencoderKLWan` into sora_jax.models.vae.CausalVAE (no torch).
+
+A folder holds config.json and diffusion_pytorch_model.safetensors (or shards listed by its
+.index.json); a pipeline folder (its parent, with a vae/ subfolder) works too. Tensors are read with
+safetensors' numpy API (bfloat16 included, via ml_dtypes). Our module tree mirrors diffusers' names,
+so the name table is a rule (`diffusers_key`: 'kernel' -> 'weight', a Resample's conv 'resample' ->
+'resample.1', the nn.Sequential slot); every checkpoint key must be consumed and every model parameter
+assigned, or the error lists what is missing / unexpected. PyTorch's NC(T)HW conv weights are
+transposed to channels-last kernels as they are read.
+
+  vae = load_wan_vae('Wan2.1-T2V-1.3B-Diffusers')        # or the .../vae folder itself
+  mean = vae.encode(video)      # [B, T, H, W, 3] in [-1, 1] -> [B, 1 + (T-1)/4, H/8, W/8, 16]
+  video = vae.decode(mean)      # -> [B, T, H, W, 3] in [-1, 1]
+  z = vae.model.normalize_latents(mean)  # the DiT's latent space (Wan pipelines)
+"""
+
+import contextlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from sora_jax import sharding
+from sora_jax.models import vae as vae_lib
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
+INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.json'
+
+
+def vae_dir(path: str) -> str:
+  """The folder holding the VAE's config.json: `path` itself or `path/vae`."""
+  for candidate in (path, os.path.join(path, 'vae')):
+    if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
+      return candidate
+  raise FileNotFoundError(
+      f'No Wan VAE at {path!r}: expected {CONFIG_NAME} there or in {os.path.join(path, "vae")!r} '
+      '(a diffusers AutoencoderKLWan folder)')
+
+
+def load_config(path: str) -> dict:
+  """config.json as a dict; the class must be AutoencoderKLWan."""
+  with open(os.path.join(vae_dir(path), CONFIG_NAME)) as f:
+    config = json.load(f)
+  cls = config.get('_class_name', 'AutoencoderKLWan')
+  if cls != 'AutoencoderKLWan':
+    raise ValueError(f'{path!r} holds a {cls}, not an AutoencoderKLWan')
+  return config
+
+
+def weight_files(path: str) -> dict[str, str]:
+  """Checkpoint key -> safetensors file holding it (single file or sharded)."""
+  folder = vae_dir(path)
+  index = os.path.join(folder, INDEX_NAME)
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = {k: os.path.join(folder, v) for k, v in json.load(f)['weight_map'].items()}
+    absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+    if absent:
+      raise FileNotFoundError(f'{INDEX_NAME} in {folder!r} lists shards that do not exist: {absent}')
+    return files
+  single = os.path.join(folder, WEIGHTS_NAME)
+  if os.path.isfile(single):
+    with safe_open(single, framework='numpy') as f:
+      return {k: single for k in f.keys()}
+  raise FileNotFoundError(
+      f'No weights in {folder!r}: expected {WEIGHTS_NAME} or {INDEX_NAME} (safetensors only; '
+      f'.bin checkpoints need converting); found {sorted(os.listdir(folder))}')
+
+
+# --------------------------------------------------------------------------- name mapping
+
+def diffusers_key(path: tuple) -> str:
+  """Our parameter path (('decoder', 'up_blocks', 0, 'upsamplers', 0, 'resample', 'kernel')) -> the
+  diffusers state-dict key ('decoder.up_blocks.0.upsamplers.0.resample.1.weight')."""
+  parts = [str(p) for p in path]
+  parts[-1] = {'kernel': 'weight'}.get(parts[-1], parts[-1])
+  return '.'.join(p if p != 'resample' else 'resample.1' for p in parts)
+
+
+def convert(w: np.ndarray, target_ndim: int) -> np.ndarray:
+  """PyTorch layout -> ours, by the target's rank: Conv3d [O, I, t, h, w] -> [t, h, w, I, O];
+  Conv2d [O, I, h, w] -> [h, w, I, O]; RMS-norm gamma [C, 1, 1(, 1)] -> [C]; biases as they are."""
+  if w.ndim == 5 and target_ndim == 5:
+    return w.transpose(2, 3, 4, 1, 0)
+  if w.ndim == 4 and target_ndim == 4:
+    return w.transpose(2, 3, 1, 0)
+  if target_ndim == 1:
+    return w.reshape(-1)
+  raise ValueError(f'No layout conversion from a rank-{w.ndim} tensor to a rank-{target_ndim} '
+                   'parameter')
+
+
+def _listing(names, limit=20):
+  names = sorted(map(str, names))
+  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more
+
+
+def check_keys(table: dict, checkpoint_keys) -> None:
+  """table: our path -> diffusers key. Raises ValueError listing keys the model needs but the
+  checkpoint lacks (missing) and checkpoint keys nothing consumes (unexpected)."""
+  needed, present = set(table.values()), set(checkpoint_keys)
+  missing, unexpected = needed - present, present - needed
+  problems = []
+  if missing:
+    problems.append(f'missing keys ({len(missing)}): {_listing(missing)}')
+  if unexpected:
+    problems.append(f'unexpected keys ({len(unexpected)}): {_listing(unexpected)}')
+  if problems:
+    raise ValueError('Wan VAE checkpoint does not match the model from config.json: '
+                     + '; '.join(problems))
+
+
+def load_vae_params(path: str, model: vae_lib.CausalVAE, mesh=None) -> vae_lib.CausalVAE:
+  """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights; a new model
+  whose parameters take the model's parameter dtype. With `mesh`, each parameter is placed with the
+  sharding of its logical axis names (sora_jax.sharding.RULES) as it is read."""
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  files = weight_files(path)
+  table = {ours: diffusers_key(ours) for ours in flat}
+  check_keys(table, files)
+  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh))) if mesh else {}
+
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, framework='numpy')) for f in set(files.values())}
+    for ours, key in table.items():
+      variable = flat[ours]
+      raw = handles[files[key]].get_tensor(key)
+      value = convert(raw, len(variable.shape))
+      if value.shape != tuple(variable.shape):
+        raise ValueError(f'Shape mismatch for {key} -> {"/".join(map(str, ours))}: checkpoint gives '
+                         f'{raw.shape} (-> {value.shape}), the model from config.json expects '
+                         f'{tuple(variable.shape)}')
+      value = value.astype(variable.dtype)
+      if ours in shardings:
+        target = shardings[ours].get_value()
+        value = jax.make_array_from_callback(value.shape, target, lambda idx, v=value: v[idx])
+      else:
+        value = jnp.asarray(value)
+      flat[ours] = variable.replace(value)
+  return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+# --------------------------------------------------------------------------- inference wrapper
+
+class WanVAE:
+  """Jitted chunked encode / decode with loaded weights (diffusers semantics, channels-last).
+
+  encode(video [B, T, H, W, 3] in [-1, 1], T = 1 + 4k) -> latent mean [B, 1 + k, H/8, W/8, z]
+  (unnormalised: diffusers' `vae.encode(x).latent_dist.mean`); decode(latents) -> video clamped to
+  [-1, 1] (diffusers' `vae.decode(z).sample`). `model` is the trainable CausalVAE.
+  `enable_tiling()` switches to diffusers' spatial tiling for frames larger than a tile: tiles are
+  encoded / decoded one after another by a jitted per-tile function, then blended.
+  """
+
+  def __init__(self, model: vae_lib.CausalVAE, config: dict):
+    self.model, self.config = model, config
+    graphdef, self._state = nnx.split(model)
+    self._moments = jax.jit(lambda state, x: nnx.merge(graphdef, state).moments(x))
+    self._decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z, clamp=False))
+    self.use_tiling = False
+    self.tile_sample_min_size, self.tile_sample_stride = (256, 256), (192, 192)
+
+  def enable_tiling(self, tile_sample_min_height=None, tile_sample_min_width=None,
+                    tile_sample_stride_height=None, tile_sample_stride_width=None):
+    """As diffusers' AutoencoderKLWan.enable_tiling (defaults: 256-pixel tiles every 192)."""
+    (h, w), (sh, sw) = self.tile_sample_min_size, self.tile_sample_stride
+    self.tile_sample_min_size = (tile_sample_min_height or h, tile_sample_min_width or w)
+    self.tile_sample_stride = (tile_sample_stride_height or sh, tile_sample_stride_width or sw)
+    self.use_tiling = True
+
+  def disable_tiling(self):
+    self.use_tiling = False
+
+  def encode(self, video):
+    video = jnp.asarray(video)
+    if video.ndim != 5 or video.shape[-1] != self.config.get('in_channels', 3):
+      raise ValueError(f'encode needs video [B, T, H, W, {self.config.get("in_channels", 3)}] '
+                       f'(channels-last), got shape {video.shape}')
+    moments_fn = lambda x: self._moments(self._state, x)
+    tile = self.tile_sample_min_size
+    if self.use_tiling and (video.shape[2] > tile[0] or video.shape[3] > tile[1]):
+      moments = vae_lib.tiled_moments(moments_fn, video, self.model.spatial_factor, tile,
+                                      self.tile_sample_stride)
+    else:
+      moments = moments_fn(video)
+    return vae_lib.split_moments(moments)[0]
+
+  def decode(self, latents):
+    latents = jnp.asarray(latents)
+    decode_fn = lambda z: self._decode(self._state, z)
+    s = self.model.spatial_factor
+    tile = self.tile_sample_min_size
+    if self.use_tiling and (latents.shape[2] > tile[0] // s or latents.shape[3] > tile[1] // s):
+      out = vae_lib.tiled_decode(decode_fn, latents, s, tile, self.tile_sample_stride)
+    else:
+      out = decode_fn(latents)
+    return jnp.clip(out, -1.0, 1.0)
+
+  def normalize_latents(self, z):
+    return self.model.normalize_latents(z)
+
+  def denormalize_latents(self, z):
+    return self.model.denormalize_latents(z)
+
+
+def load_wan_vae(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32, mesh=None) -> WanVAE:
+  """Builds CausalVAE from `path`'s config.json (abstractly, no random init) and loads its weights.
+  `dtype`: compute dtype; `param_dtype`: storage dtype of the parameters."""
+  config = load_config(path)
+  kwargs = vae_lib.config_from_dict(config)
+  abstract = nnx.eval_shape(lambda: vae_lib.CausalVAE(
+      **kwargs, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+  return WanVAE(load_vae_params(path, abstract, mesh=mesh), config)

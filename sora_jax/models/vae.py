@@ -1,0 +1,586 @@
+"""Wan 2.1 causal 3D video VAE (the architecture of diffusers' `AutoencoderKLWan`), channels-last.
+
+Video [B, T, H, W, 3] in [-1, 1] <-> latents [B, 1 + (T - 1) / 4, H / 8, W / 8, z_dim] (with Wan's
+config: the factors follow `dim_mult` / `temperal_downsample`). Time is causal everywhere: 3D convs
+pad only on the past side, so latent frame 0 sees only video frame 0 and a single image is a 1-frame
+video in the same latent space.
+
+Causality is what makes chunking exact. Every module takes `cache` (its state from the previous chunk,
+or None at the start of a video) and returns (output, new cache):
+  * a causal conv with a k-frame time kernel caches the last k - 1 frames of its input; None means
+    zero frames, which is exactly the causal zero padding of the full sequence;
+  * a temporal downsample keeps frame 0 alone ([x0] ++ stride-2 valid conv over x) and caches the last
+    input frame for the next chunk's first window;
+  * a temporal upsample keeps frame 0 alone and doubles the rest with a causal conv ([x0] ++
+    interleave(conv(x[1:])), frame 0 never enters that conv's history).
+So the full sequence is just "one chunk starting the video" (cache=None), and encoding the first frame
+then chunks of 4 frames (decoding one latent frame at a time) with the caches carried gives the same
+result, as in diffusers' `feat_cache` loop. The chunked paths run the first chunk, then a
+`jax.lax.scan` over the remaining chunks with the caches as carry: one compiled step, memory that does
+not grow with video length. The full-sequence path (`chunked=False`) is the one to train with.
+
+Spatial tiling (diffusers' `enable_tiling`): `encode_tiled` / `decode_tiled` (and `tiled_moments` /
+`tiled_decode` around any per-tile function) process overlapping tiles and blend them as diffusers does.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# diffusers AutoencoderKLWan config fields (config.json) and their defaults (Wan 2.1).
+CONFIG_DEFAULTS = dict(
+    base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+    attn_scales=(), temperal_downsample=(False, True, True), dropout=0.0,
+    latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134,
+                  -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+    latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526,
+                 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+    is_residual=False, in_channels=3, out_channels=3, patch_size=None, scale_factor_temporal=4,
+    scale_factor_spatial=8)
+
+
+def config_from_dict(config: dict) -> dict:
+  """diffusers config.json dict -> CausalVAE keyword arguments; unknown or unsupported fields raise."""
+  config = {k: v for k, v in config.items() if not k.startswith('_')}  # _class_name, _diffusers_version
+  unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
+  if unknown:
+    raise ValueError(f'Unknown AutoencoderKLWan config fields: {unknown}; '
+                     f'known: {sorted(CONFIG_DEFAULTS)}')
+  kwargs = {**CONFIG_DEFAULTS, **config}
+  if kwargs['is_residual'] or kwargs['patch_size'] is not None:
+    raise ValueError('Wan 2.2 VAE (is_residual=True / patch_size) is not supported, only Wan 2.1 '
+                     f'(got is_residual={kwargs["is_residual"]}, patch_size={kwargs["patch_size"]})')
+  for k in ('dim_mult', 'attn_scales', 'temperal_downsample', 'latents_mean', 'latents_std'):
+    kwargs[k] = tuple(kwargs[k]) if kwargs[k] is not None else None
+  del kwargs['is_residual'], kwargs['patch_size']
+  return kwargs
+
+
+# PyTorch's default conv init (kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))).
+_KERNEL_INIT = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def _channel_axes(din, dout, base):
+  """Logical names for (in, out) channels: hidden widths (multiples of the base width) are fsdp
+  sharded on the output side; small ends (RGB, latent channels) stay replicated."""
+  return (None, 'embed' if dout % base == 0 and dout >= base else None)
+
+
+class Conv(nnx.Module):
+  """Plain conv over the trailing spatial dims of channels-last input ([N, *spatial, C]).
+
+  Kernel [*kernel_size, in, out] (PyTorch's [out, in, *k] transposed on load).
+  """
+
+  def __init__(self, din, dout, kernel_size, *, axes, rngs, stride=None, padding=None,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.kernel_size = tuple(kernel_size)
+    nd = len(self.kernel_size)
+    self.stride = tuple(stride or (1,) * nd)
+    self.padding = tuple(padding or ((0, 0),) * nd)
+    self.dtype = dtype
+    self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), (*self.kernel_size, din, dout), param_dtype),
+                            out_sharding=(None,) * nd + tuple(axes))
+    self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), out_sharding=tuple(axes[1:]))
+
+  def __call__(self, x):
+    return self.conv(x)
+
+  def conv(self, x):
+    """The convolution itself (valid in time for CausalConv3d: no causal padding, no cache)."""
+    nd = len(self.kernel_size)
+    spatial = 'DHW'[3 - nd:]
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding,
+        dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class CausalConv3d(Conv):
+  """3D conv, [B, T, H, W, C]; time is padded (or fed from the cache) on the past side only."""
+
+  def __init__(self, din, dout, kernel_size=3, *, axes, rngs, stride=1, spatial_padding=None,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    k = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+    s = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+    p = k[1] // 2 if spatial_padding is None else spatial_padding
+    super().__init__(din, dout, k, axes=axes, rngs=rngs, stride=s,
+                     padding=((0, 0), (p, p), (p, p)), dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x, cache=None):
+    """Causal conv with its cache: the last kt - 1 input frames of the previous chunk (None: zeros,
+    i.e. the start of the video). Returns (y, new cache); new cache is None for 1-frame kernels."""
+    past = self.kernel_size[0] - 1
+    if past == 0:
+      return self.conv(x), None
+    if cache is None:
+      cache = jnp.zeros((x.shape[0], past, *x.shape[2:]), x.dtype)
+    x = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+    return self.conv(x), x[:, -past:]
+
+
+class RMSNorm(nnx.Module):
+  """Wan's RMS norm: F.normalize over channels (L2, eps 1e-12) * sqrt(C) * gamma, no bias."""
+
+  def __init__(self, dim, *, param_dtype=jnp.float32):
+    self.gamma = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(None,))
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
+    y = xf / jnp.maximum(norm, 1e-12) * math.sqrt(xf.shape[-1])
+    return (y * self.gamma[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _dropout(x, rate, rng):
+  if rate == 0.0 or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _fold(rng, i):
+  return None if rng is None else jax.random.fold_in(rng, i)
+
+
+class ResidualBlock(nnx.Module):
+
+  def __init__(self, din, dout, dropout, *, base, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.dropout = dropout
+    self.norm1 = RMSNorm(din, param_dtype=param_dtype)
+    self.conv1 = CausalConv3d(din, dout, 3, axes=_channel_axes(din, dout, base), **kw)
+    self.norm2 = RMSNorm(dout, param_dtype=param_dtype)
+    self.conv2 = CausalConv3d(dout, dout, 3, axes=_channel_axes(dout, dout, base), **kw)
+    self.conv_shortcut = (CausalConv3d(din, dout, 1, axes=_channel_axes(din, dout, base), **kw)
+                          if din != dout else None)
+
+  def __call__(self, x, cache=None, rng=None):
+    c1, c2 = cache if cache is not None else (None, None)
+    h = x if self.conv_shortcut is None else self.conv_shortcut(x)[0]
+    x, c1 = self.conv1(jax.nn.silu(self.norm1(x)), c1)
+    x = _dropout(jax.nn.silu(self.norm2(x)), self.dropout, rng)
+    x, c2 = self.conv2(x, c2)
+    return x + h, (c1, c2)
+
+
+class AttentionBlock(nnx.Module):
+  """Single-head spatial self-attention within each frame (no temporal mixing, so no cache)."""
+
+  def __init__(self, dim, *, base, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.norm = RMSNorm(dim, param_dtype=param_dtype)
+    self.to_qkv = Conv(dim, 3 * dim, (1, 1), axes=_channel_axes(dim, 3 * dim, base), **kw)
+    self.proj = Conv(dim, dim, (1, 1), axes=_channel_axes(dim, dim, base), **kw)
+
+  def __call__(self, x, cache=None, rng=None):
+    b, t, h, w, c = x.shape
+    y = self.norm(x).reshape(b * t, h, w, c)
+    q, k, v = jnp.split(self.to_qkv(y).reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
+    y = jax.nn.dot_product_attention(q, k, v).reshape(b * t, h, w, c)
+    return x + self.proj(y).reshape(b, t, h, w, c), None
+
+
+def _interleave_time(y):
+  """[B, T, H, W, 2C] (two output frames per input frame, stacked on channels) -> [B, 2T, H, W, C]."""
+  b, t, h, w, c2 = y.shape
+  y = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5)
+  return y.reshape(b, 2 * t, h, w, c2 // 2)
+
+
+class Resample(nnx.Module):
+  """Spatial x2 down/up-sampling per frame (2d) plus, for '3d' modes, causal temporal x2.
+
+  Modes as in diffusers: upsample2d / upsample3d (nearest x2 + 3x3 conv to dim // 2 channels;
+  3d: a (3,1,1) causal conv to 2*dim channels doubles the frames first), downsample2d / downsample3d
+  (pad right/bottom, 3x3 stride-2 conv; 3d: then a (3,1,1) stride-2 conv over time).
+  """
+
+  def __init__(self, dim, mode, *, base, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mode = mode
+    if mode.startswith('upsample'):
+      out = dim // 2
+      self.resample = Conv(dim, out, (3, 3), padding=((1, 1), (1, 1)),
+                           axes=_channel_axes(dim, out, base), **kw)
+      self.time_conv = (CausalConv3d(dim, 2 * dim, (3, 1, 1), axes=_channel_axes(dim, 2 * dim, base),
+                                     **kw) if mode == 'upsample3d' else None)
+    elif mode.startswith('downsample'):
+      self.resample = Conv(dim, dim, (3, 3), stride=(2, 2), padding=((0, 1), (0, 1)),
+                           axes=_channel_axes(dim, dim, base), **kw)
+      self.time_conv = (CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1),
+                                     axes=_channel_axes(dim, dim, base), **kw)
+                        if mode == 'downsample3d' else None)
+    else:
+      raise ValueError(f'Unknown resample mode {mode!r}')
+
+  def _spatial(self, x):
+    b, t, h, w, c = x.shape
+    x = x.reshape(b * t, h, w, c)
+    if self.mode.startswith('upsample'):
+      # nearest-exact x2 == repeat each pixel (done in float32, as diffusers' WanUpsample).
+      x = jnp.repeat(jnp.repeat(x.astype(jnp.float32), 2, axis=1), 2, axis=2).astype(x.dtype)
+    y = self.resample(x)
+    return y.reshape(b, t, *y.shape[1:])
+
+  def __call__(self, x, cache=None, rng=None):
+    if self.mode == 'upsample3d':
+      x, cache = self._time_up(x, cache)
+    x = self._spatial(x)
+    if self.mode == 'downsample3d':
+      x, cache = self._time_down(x, cache)
+    return x, cache
+
+  def _time_up(self, x, cache):
+    if cache is None:  # start of the video: frame 0 passes alone, the rest is doubled
+      first, rest = x[:, :1], x[:, 1:]
+      cache = jnp.zeros((x.shape[0], 2, *x.shape[2:]), x.dtype)
+      if rest.shape[1] == 0:
+        return first, cache
+      y, cache = self.time_conv(rest, cache)
+      return jnp.concatenate([first, _interleave_time(y)], axis=1), cache
+    y, cache = self.time_conv(x, cache)
+    return _interleave_time(y), cache
+
+  def _time_down(self, x, cache):
+    conv = self.time_conv.conv  # valid stride-2 conv over time, no padding
+    if cache is None:  # start of the video: [x0] ++ windows (x0,x1,x2), (x2,x3,x4), ...
+      if x.shape[1] % 2 != 1:
+        raise ValueError(f'Temporal downsampling at the start of a video needs 1 + 2k frames, '
+                         f'got {x.shape[1]}')
+      out = x[:, :1] if x.shape[1] == 1 else jnp.concatenate([x[:, :1], conv(x)], axis=1)
+      return out, x[:, -1:]
+    if x.shape[1] % 2 != 0:
+      raise ValueError(f'Temporal downsampling of a continuation chunk needs an even frame count, '
+                       f'got {x.shape[1]}')
+    return conv(jnp.concatenate([cache.astype(x.dtype), x], axis=1)), x[:, -1:]
+
+
+class MidBlock(nnx.Module):
+
+  def __init__(self, dim, dropout, *, base, rngs, dtype, param_dtype):
+    kw = dict(base=base, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.resnets = nnx.List([ResidualBlock(dim, dim, dropout, **kw) for _ in range(2)])
+    self.attentions = nnx.List([AttentionBlock(dim, **kw)])
+
+  def __call__(self, x, cache=None, rng=None):
+    cache = cache or (None, None)
+    x, c0 = self.resnets[0](x, cache[0], _fold(rng, 0))
+    x, _ = self.attentions[0](x)
+    x, c1 = self.resnets[1](x, cache[1], _fold(rng, 1))
+    return x, (c0, c1)
+
+
+def _run_sequence(layers, x, cache, rng):
+  """Apply cached layers in order; returns (x, list of their caches)."""
+  cache = cache or [None] * len(layers)
+  new = []
+  for i, layer in enumerate(layers):
+    x, c = layer(x, cache[i], _fold(rng, i))
+    new.append(c)
+  return x, new
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, *, in_channels, dim, z_dim, dim_mult, num_res_blocks, attn_scales,
+               temperal_downsample, dropout, rngs, dtype, param_dtype):
+    kw = dict(base=dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    dims = [dim * u for u in (1, *dim_mult)]
+    self.conv_in = CausalConv3d(in_channels, dims[0], 3, axes=_channel_axes(in_channels, dims[0], dim),
+                                rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    blocks, scale = [], 1.0
+    for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+      for _ in range(num_res_blocks):
+        blocks.append(ResidualBlock(din, dout, dropout, **kw))
+        if scale in attn_scales:
+          blocks.append(AttentionBlock(dout, **kw))
+        din = dout
+      if i != len(dim_mult) - 1:
+        blocks.append(Resample(dout, 'downsample3d' if temperal_downsample[i] else 'downsample2d',
+                               **kw))
+        scale /= 2.0
+    self.down_blocks = nnx.List(blocks)
+    self.mid_block = MidBlock(dims[-1], dropout, **kw)
+    self.norm_out = RMSNorm(dims[-1], param_dtype=param_dtype)
+    self.conv_out = CausalConv3d(dims[-1], z_dim, 3, axes=_channel_axes(dims[-1], z_dim, dim),
+                                 rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x, cache=None, rng=None):
+    cache = cache or (None, None, None, None)
+    x, c_in = self.conv_in(x, cache[0])
+    x, c_down = _run_sequence(self.down_blocks, x, cache[1], _fold(rng, 0))
+    x, c_mid = self.mid_block(x, cache[2], _fold(rng, 1))
+    x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), cache[3])
+    return x, (c_in, c_down, c_mid, c_out)
+
+
+class UpBlock(nnx.Module):
+
+  def __init__(self, din, dout, num_res_blocks, dropout, upsample_mode, *, base, rngs, dtype,
+               param_dtype):
+    kw = dict(base=base, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.resnets = nnx.List([ResidualBlock(din if j == 0 else dout, dout, dropout, **kw)
+                             for j in range(num_res_blocks + 1)])
+    self.upsamplers = nnx.List([Resample(dout, upsample_mode, **kw)] if upsample_mode else [])
+
+  def __call__(self, x, cache=None, rng=None):
+    cache = cache or (None, None)
+    x, c_res = _run_sequence(self.resnets, x, cache[0], _fold(rng, 0))
+    x, c_up = _run_sequence(self.upsamplers, x, cache[1], _fold(rng, 1))
+    return x, (c_res, c_up)
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, *, dim, z_dim, dim_mult, num_res_blocks, temperal_upsample, dropout,
+               out_channels, rngs, dtype, param_dtype):
+    kw = dict(base=dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
+    self.conv_in = CausalConv3d(z_dim, dims[0], 3, axes=_channel_axes(z_dim, dims[0], dim),
+                                rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mid_block = MidBlock(dims[0], dropout, **kw)
+    blocks = []
+    for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+      if i > 0:
+        din //= 2  # the previous block's upsampler halves the channels (Wan 2.1)
+      up = i != len(dim_mult) - 1
+      mode = ('upsample3d' if temperal_upsample[i] else 'upsample2d') if up else None
+      blocks.append(UpBlock(din, dout, num_res_blocks, dropout, mode, **kw))
+    self.up_blocks = nnx.List(blocks)
+    self.norm_out = RMSNorm(dims[-1], param_dtype=param_dtype)
+    self.conv_out = CausalConv3d(dims[-1], out_channels, 3,
+                                 axes=_channel_axes(dims[-1], out_channels, dim), rngs=rngs,
+                                 dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x, cache=None, rng=None):
+    cache = cache or (None, None, None, None)
+    x, c_in = self.conv_in(x, cache[0])
+    x, c_mid = self.mid_block(x, cache[1], _fold(rng, 0))
+    x, c_up = _run_sequence(self.up_blocks, x, cache[2], _fold(rng, 1))
+    x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), cache[3])
+    return x, (c_in, c_mid, c_up, c_out)
+
+
+def _scan_chunks(net, x, chunk_in, chunk_out):
+  """Causal chunked application of `net` (Encoder / Decoder) over time: frame 0 alone (the cache
+  starts empty), then `chunk_in`-frame chunks -> `chunk_out` frames each under a scan whose carry is
+  (caches, output buffer). Input chunks are sliced and outputs written in place, so nothing but the
+  input and output scales with the number of frames."""
+  b, t = x.shape[:2]
+  out0, cache = net(x[:, :1])
+  n = (t - 1) // chunk_in
+  out = jnp.zeros((b, 1 + n * chunk_out, *out0.shape[2:]), out0.dtype)
+  out = jax.lax.dynamic_update_slice_in_dim(out, out0, 0, axis=1)
+
+  def step(carry, i):
+    cache, out = carry
+    chunk = jax.lax.dynamic_slice_in_dim(x, 1 + i * chunk_in, chunk_in, axis=1)
+    y, cache = net(chunk, cache)
+    return (cache, jax.lax.dynamic_update_slice_in_dim(out, y, 1 + i * chunk_out, axis=1)), None
+
+  (_, out), _ = jax.lax.scan(step, (cache, out), jnp.arange(n))
+  return out
+
+
+def split_moments(moments):
+  """[..., 2z] -> (mean, logvar clipped to [-30, 20]) as diffusers' DiagonalGaussianDistribution."""
+  mean, logvar = jnp.split(moments, 2, axis=-1)
+  return mean, jnp.clip(logvar, -30.0, 20.0)
+
+
+def _blend(a, b, extent, axis):
+  """b's first `extent` rows along `axis` faded in from a's last ones (diffusers blend_v/blend_h)."""
+  extent = min(a.shape[axis], b.shape[axis], extent)
+  if extent <= 0:
+    return b
+  shape = [1] * b.ndim
+  shape[axis] = extent
+  w = (jnp.arange(extent, dtype=b.dtype) / extent).reshape(shape)
+  head = (jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis) * (1 - w)
+          + jax.lax.slice_in_dim(b, 0, extent, axis=axis) * w)
+  return jnp.concatenate([head, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis)
+
+
+def _tile_and_blend(fn, x, tile_in, stride_in, blend_out, stride_out, size_out):
+  """Apply fn to overlapping tiles of x [B, T, H, W, C] (axes 2, 3) and stitch the results: each
+  tile blended with its upper and left neighbours (already blended, as diffusers' in-place loop
+  does), cropped to the stride, concatenated, cropped to size_out."""
+  rows = []
+  for i in range(0, x.shape[2], stride_in[0]):
+    row = []
+    for j in range(0, x.shape[3], stride_in[1]):
+      out = fn(x[:, :, i:i + tile_in[0], j:j + tile_in[1]])
+      if rows:
+        out = _blend(rows[-1][len(row)], out, blend_out[0], axis=2)
+      if row:
+        out = _blend(row[-1], out, blend_out[1], axis=3)
+      row.append(out)
+    rows.append(row)
+  stitched = jnp.concatenate(
+      [jnp.concatenate([t[:, :, :stride_out[0], :stride_out[1]] for t in row], axis=3)
+       for row in rows], axis=2)
+  return stitched[:, :, :size_out[0], :size_out[1]]
+
+
+def tiled_moments(moments_fn, video, spatial_factor, tile=(256, 256), stride=(192, 192)):
+  """diffusers' tiled_encode: moments_fn (video tile -> moments) over pixel tiles of `tile` every
+  `stride`, blended in latent space over (tile - stride) / spatial_factor latent pixels."""
+  s = spatial_factor
+  lat_tile, lat_stride = [d // s for d in tile], [d // s for d in stride]
+  blend = [a - b for a, b in zip(lat_tile, lat_stride)]
+  size = (video.shape[2] // s, video.shape[3] // s)
+  return _tile_and_blend(moments_fn, video, tile, stride, blend, lat_stride, size)
+
+
+def tiled_decode(decode_fn, z, spatial_factor, tile=(256, 256), stride=(192, 192)):
+  """diffusers' tiled_decode: decode_fn (latent tile -> unclamped video) over latent tiles of
+  tile / spatial_factor every stride / spatial_factor, blended over (tile - stride) pixels."""
+  s = spatial_factor
+  lat_tile, lat_stride = [d // s for d in tile], [d // s for d in stride]
+  blend = [a - b for a, b in zip(tile, stride)]
+  size = (z.shape[2] * s, z.shape[3] * s)
+  return _tile_and_blend(decode_fn, z, lat_tile, lat_stride, blend, stride, size)
+
+
+class CausalVAE(nnx.Module):
+  """Wan 2.1 video VAE. Constructor fields = diffusers AutoencoderKLWan config fields.
+
+  encode(video [B, T, H, W, 3] in [-1, 1], T = 1 + 4k) -> (mean, logvar) [B, 1 + k, H/8, W/8, z];
+  decode(z) -> video [B, 1 + 4(T' - 1), H, W, 3]; __call__(video, rng) -> (recon, mean, logvar).
+  """
+
+  def __init__(self, *, base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=(1, 2, 4, 4),
+               num_res_blocks=2, attn_scales=(), temperal_downsample=(False, True, True),
+               dropout=0.0, latents_mean=CONFIG_DEFAULTS['latents_mean'],
+               latents_std=CONFIG_DEFAULTS['latents_std'], in_channels=3, out_channels=3,
+               scale_factor_temporal=None, scale_factor_spatial=None, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    dim_mult, temperal_downsample = tuple(dim_mult), tuple(temperal_downsample)
+    if len(temperal_downsample) != len(dim_mult) - 1:
+      raise ValueError(f'temperal_downsample needs len(dim_mult) - 1 = {len(dim_mult) - 1} entries, '
+                       f'got {temperal_downsample}')
+    self.z_dim = z_dim
+    self.temporal_factor = 2 ** sum(map(bool, temperal_downsample))
+    self.spatial_factor = 2 ** (len(dim_mult) - 1)
+    for name, given, actual in (('scale_factor_temporal', scale_factor_temporal,
+                                 self.temporal_factor),
+                                ('scale_factor_spatial', scale_factor_spatial, self.spatial_factor)):
+      if given is not None and given != actual:
+        raise ValueError(f'{name}={given} disagrees with the architecture ({actual})')
+    self.latents_mean = None if latents_mean is None else tuple(map(float, latents_mean))
+    self.latents_std = None if latents_std is None else tuple(map(float, latents_std))
+    self.dtype = dtype
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.encoder = Encoder(in_channels=in_channels, dim=base_dim, z_dim=2 * z_dim, dim_mult=dim_mult,
+                           num_res_blocks=num_res_blocks, attn_scales=tuple(attn_scales),
+                           temperal_downsample=temperal_downsample, dropout=dropout, **kw)
+    self.quant_conv = CausalConv3d(2 * z_dim, 2 * z_dim, 1, axes=(None, None), **kw)
+    self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1, axes=(None, None), **kw)
+    self.decoder = Decoder(dim=decoder_base_dim or base_dim, z_dim=z_dim, dim_mult=dim_mult,
+                           num_res_blocks=num_res_blocks,
+                           temperal_upsample=temperal_downsample[::-1], dropout=dropout,
+                           out_channels=out_channels, **kw)
+
+  # ----- encode ---------------------------------------------------------------------------------
+
+  def encode(self, video, *, chunked=True, rng=None):
+    """video [B, T, H, W, C] in [-1, 1], T = 1 + k * temporal_factor -> (mean, logvar) float32.
+
+    chunked: first frame, then `temporal_factor`-frame chunks under a scan (constant memory in T);
+    otherwise the whole sequence at once (same values; use for training). rng: dropout (training).
+    """
+    return split_moments(self.moments(video, chunked=chunked, rng=rng))
+
+  def moments(self, video, *, chunked=True, rng=None):
+    """The encoder + quant_conv output [B, T', h, w, 2 z_dim] float32 (mean ++ unclipped logvar)."""
+    b, t, h, w, _ = video.shape
+    f = self.temporal_factor
+    if (t - 1) % f or h % self.spatial_factor or w % self.spatial_factor:
+      raise ValueError(f'encode needs T = 1 + {f}k frames and H, W multiples of '
+                       f'{self.spatial_factor}; got video of shape {video.shape}')
+    x = video.astype(self.dtype)
+    if not chunked or t == 1:
+      out, _ = self.encoder(x, None, rng)
+    else:
+      out = _scan_chunks(self.encoder, x, f, 1)
+    return self.quant_conv(out)[0].astype(jnp.float32)
+
+  # ----- decode ---------------------------------------------------------------------------------
+
+  def decode(self, z, *, chunked=True, clamp=True, rng=None):
+    """z [B, T', h, w, z_dim] (unnormalised) -> video [B, 1 + temporal_factor (T' - 1), H, W, C].
+
+    chunked: one latent frame at a time under a scan. clamp: to [-1, 1] like diffusers (training
+    leaves it off so the gradient does not vanish outside the range).
+    """
+    if z.ndim != 5 or z.shape[-1] != self.z_dim:
+      raise ValueError(f'decode needs latents [B, T, h, w, {self.z_dim}], got shape {z.shape}')
+    x = self.post_quant_conv(z.astype(self.dtype))[0]
+    if not chunked or x.shape[1] == 1:
+      out, _ = self.decoder(x, None, rng)
+    else:
+      out = _scan_chunks(self.decoder, x, 1, self.temporal_factor)
+    out = out.astype(jnp.float32)
+    return jnp.clip(out, -1.0, 1.0) if clamp else out
+
+  # ----- spatial tiling -------------------------------------------------------------------------
+
+  def encode_tiled(self, video, *, tile=(256, 256), stride=(192, 192)):
+    """Chunked encode of overlapping spatial tiles (pixels), blended like diffusers' tiled_encode.
+    Under one jit all tiles are in one program; `tiled_moments` with a jitted per-tile function
+    (what interop.wan_vae does) runs them one after another."""
+    return split_moments(tiled_moments(self.moments, video, self.spatial_factor, tile, stride))
+
+  def decode_tiled(self, z, *, tile=(256, 256), stride=(192, 192), clamp=True):
+    """Chunked decode of overlapping latent tiles (sizes given in pixels), as diffusers'
+    tiled_decode."""
+    out = tiled_decode(lambda t: self.decode(t, clamp=False), z, self.spatial_factor, tile, stride)
+    return jnp.clip(out, -1.0, 1.0) if clamp else out
+
+  # ----- training -------------------------------------------------------------------------------
+
+  def __call__(self, video, rng):
+    """Full-sequence training pass: (recon (unclamped), mean, logvar); z ~ posterior via rng."""
+    rng_z, rng_enc, rng_dec = jax.random.split(rng, 3)
+    mean, logvar = self.encode(video, chunked=False, rng=rng_enc)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng_z, mean.shape)
+    return self.decode(z, chunked=False, clamp=False, rng=rng_dec), mean, logvar
+
+  # ----- latent normalisation (what the Wan pipelines apply around the DiT) ---------------------
+
+  def _stats(self):
+    if self.latents_mean is None or self.latents_std is None:
+      raise ValueError('This VAE config has no latents_mean / latents_std')
+    if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+      raise ValueError(f'latents_mean / latents_std have {len(self.latents_mean)} / '
+                       f'{len(self.latents_std)} entries, z_dim is {self.z_dim}')
+    return np.asarray(self.latents_mean, np.float32), np.asarray(self.latents_std, np.float32)
+
+  def normalize_latents(self, z):
+    """VAE latents -> the DiT's space: (z - latents_mean) / latents_std (per channel, last axis)."""
+    mean, std = self._stats()
+    return (z - mean) / std
+
+  def denormalize_latents(self, z):
+    """DiT-space latents -> VAE latents: z * latents_std + latents_mean."""
+    mean, std = self._stats()
+    return z * std + mean
+
+
+def vae_loss(model: CausalVAE, video, rng, *, kl_weight=1e-6, l1_weight=1.0, l2_weight=0.0):
+  """Reconstruction (L1 + L2, mean per pixel) + kl_weight * KL(q(z|x) || N(0, I)) (summed over a
+  latent frame's elements and averaged over latent frames and batch, as diffusers' kl() per image).
+
+  No perceptual (LPIPS) or adversarial term. Returns (loss, metrics).
+  """
+  recon, mean, logvar = model(video, rng)
+  diff = recon - video.astype(jnp.float32)
+  l1, l2 = jnp.mean(jnp.abs(diff)), jnp.mean(diff * diff)
+  kl = 0.5 * jnp.sum(mean * mean + jnp.exp(logvar) - 1.0 - logvar, axis=(2, 3, 4)).mean()
+  loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
+  psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(l2, 1e-10))  # peak-to-peak range 2 in [-1, 1]
+  return loss, dict(loss=loss, l1=l1, l2=l2, kl=kl, psnr=psnr)
