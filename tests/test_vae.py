@@ -1,5 +1,6 @@
 """Wan 2.1 causal VAE: parity with diffusers' AutoencoderKLWan (fixture from
-tests/fixtures/gen_wan_vae.py), chunked == full-sequence, causality, loading errors, a short training run."""
+tests/fixtures/gen_wan_vae.py), chunked == full-sequence, causality, tiling, loading errors, and a
+short training run."""
 
 import json
 import os
@@ -71,6 +72,16 @@ def test_chunked_equals_full_sequence(loaded, ref, full):
   assert rel_l2(out_f, ref['decoded_raw']) < 1e-4
 
 
+def test_spatial_tiling_parity(ref):
+  tiled = wan_vae.load_wan_vae(MODEL_DIR)
+  tiled.enable_tiling(16, 16, 8, 8)  # as the fixture: 2x3 tiles, 1-latent / 8-pixel blends
+  errors = {'image_mean_tiled': rel_l2(tiled.encode(ref['image']), ref['image_mean_tiled']),
+            'decoded_tiled': rel_l2(tiled.decode(ref['latents'][:, :1]), ref['decoded_tiled'])}
+  assert rel_l2(ref['image_mean_tiled'], ref['image_mean']) > 1e-2  # tiling changes the result
+  print('tiled rel L2 vs diffusers:', errors)
+  assert max(errors.values()) < 1e-4, errors
+
+
 def test_image_is_one_latent_frame_and_time_is_causal(loaded, ref, full):
   video = jnp.asarray(ref['video'])
   mean = loaded.encode(video)
@@ -122,6 +133,15 @@ def test_sharding_axis_names_resolve():
   leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   specs = [sharding.logical_to_spec(tuple(s)) for s in leaves]
   assert any('fsdp' in s for s in specs) and any(all(a is None for a in s) for s in specs)
+  # Loading onto a mesh places each parameter by its logical names as it is read.
+  n = jax.device_count()  # 8 fake CPU devices under tests/conftest.py
+  mesh = sharding.make_mesh(dict(data=1, fsdp=n, tensor=1, context=1))
+  config = vae.config_from_dict(wan_vae.load_config(MODEL_DIR))
+  abstract = nnx.eval_shape(lambda: vae.CausalVAE(**config, rngs=nnx.Rngs(0)))
+  placed = wan_vae.load_vae_params(MODEL_DIR, abstract, mesh=mesh)
+  kernel = placed.decoder.mid_block.resnets[0].conv1.kernel[...]  # [3, 3, 3, 16, 16]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, None, 'fsdp')
+  assert len(kernel.addressable_shards) == n
 
 
 def test_load_bf16_and_parent_folder(tmp_path, loaded, ref):

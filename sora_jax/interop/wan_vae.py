@@ -2,11 +2,11 @@
 
 A folder holds config.json and diffusion_pytorch_model.safetensors (or shards listed by its
 .index.json); a pipeline folder (its parent, with a vae/ subfolder) works too. Tensors are read with
-safetensors' numpy API (bfloat16 included, via ml_dtypes). Our module tree mirrors diffusers' names,
-so the name table is a rule (`diffusers_key`: 'kernel' -> 'weight', a Resample's conv 'resample' ->
-'resample.1', the nn.Sequential slot); every checkpoint key must be consumed and every model parameter
-assigned, or the error lists what is missing / unexpected. PyTorch's NC(T)HW conv weights are
-transposed to channels-last kernels as they are read.
+safetensors' numpy API (bfloat16 included, via ml_dtypes). Our module tree mirrors diffusers'
+names, so the name table is a rule (`diffusers_key`: 'kernel' -> 'weight', a Resample's conv
+'resample' -> 'resample.1', the nn.Sequential slot); every checkpoint key must be consumed and every
+model parameter assigned, or the error lists what is missing / unexpected. PyTorch's NC(T)HW conv
+weights are transposed to channels-last kernels as they are read.
 
   vae = load_wan_vae('Wan2.1-T2V-1.3B-Diffusers')        # or the .../vae folder itself
   mean = vae.encode(video)      # [B, T, H, W, 3] in [-1, 1] -> [B, 1 + (T-1)/4, H/8, W/8, 16]
@@ -61,7 +61,8 @@ def weight_files(path: str) -> dict[str, str]:
       files = {k: os.path.join(folder, v) for k, v in json.load(f)['weight_map'].items()}
     absent = sorted({f for f in files.values() if not os.path.isfile(f)})
     if absent:
-      raise FileNotFoundError(f'{INDEX_NAME} in {folder!r} lists shards that do not exist: {absent}')
+      raise FileNotFoundError(f'{INDEX_NAME} in {folder!r} lists shards that do not exist: '
+                              f'{absent}')
     return files
   single = os.path.join(folder, WEIGHTS_NAME)
   if os.path.isfile(single):
@@ -134,9 +135,9 @@ def load_vae_params(path: str, model: vae_lib.CausalVAE, mesh=None) -> vae_lib.C
       raw = handles[files[key]].get_tensor(key)
       value = convert(raw, len(variable.shape))
       if value.shape != tuple(variable.shape):
-        raise ValueError(f'Shape mismatch for {key} -> {"/".join(map(str, ours))}: checkpoint gives '
-                         f'{raw.shape} (-> {value.shape}), the model from config.json expects '
-                         f'{tuple(variable.shape)}')
+        raise ValueError(f'Shape mismatch for {key} -> {"/".join(map(str, ours))}: checkpoint '
+                         f'gives {raw.shape} (-> {value.shape}), the model from config.json '
+                         f'expects {tuple(variable.shape)}')
       value = value.astype(variable.dtype)
       if ours in shardings:
         target = shardings[ours].get_value()

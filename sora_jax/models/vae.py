@@ -5,22 +5,23 @@ config: the factors follow `dim_mult` / `temperal_downsample`). Time is causal e
 pad only on the past side, so latent frame 0 sees only video frame 0 and a single image is a 1-frame
 video in the same latent space.
 
-Causality is what makes chunking exact. Every module takes `cache` (its state from the previous chunk,
-or None at the start of a video) and returns (output, new cache):
+Causality is what makes chunking exact. Every module takes `cache` (its state from the previous
+chunk, or None at the start of a video) and returns (output, new cache):
   * a causal conv with a k-frame time kernel caches the last k - 1 frames of its input; None means
     zero frames, which is exactly the causal zero padding of the full sequence;
-  * a temporal downsample keeps frame 0 alone ([x0] ++ stride-2 valid conv over x) and caches the last
-    input frame for the next chunk's first window;
+  * a temporal downsample keeps frame 0 alone ([x0] ++ stride-2 valid conv over x) and caches the
+    last input frame for the next chunk's first window;
   * a temporal upsample keeps frame 0 alone and doubles the rest with a causal conv ([x0] ++
     interleave(conv(x[1:])), frame 0 never enters that conv's history).
-So the full sequence is just "one chunk starting the video" (cache=None), and encoding the first frame
-then chunks of 4 frames (decoding one latent frame at a time) with the caches carried gives the same
-result, as in diffusers' `feat_cache` loop. The chunked paths run the first chunk, then a
-`jax.lax.scan` over the remaining chunks with the caches as carry: one compiled step, memory that does
-not grow with video length. The full-sequence path (`chunked=False`) is the one to train with.
+So the full sequence is just "one chunk starting the video" (cache=None), and encoding the first
+frame then chunks of 4 frames (decoding one latent frame at a time) with the caches carried gives
+the same result, as in diffusers' `feat_cache` loop. The chunked paths run the first chunk, then a
+`jax.lax.scan` over the remaining chunks with the caches as carry: one compiled step, memory that
+does not grow with video length. The full-sequence path (`chunked=False`) is the one to train with.
 
 Spatial tiling (diffusers' `enable_tiling`): `encode_tiled` / `decode_tiled` (and `tiled_moments` /
-`tiled_decode` around any per-tile function) process overlapping tiles and blend them as diffusers does.
+`tiled_decode` around any per-tile function) process overlapping tiles and blend them as diffusers
+does.
 """
 
 import math
@@ -43,8 +44,9 @@ CONFIG_DEFAULTS = dict(
 
 
 def config_from_dict(config: dict) -> dict:
-  """diffusers config.json dict -> CausalVAE keyword arguments; unknown or unsupported fields raise."""
-  config = {k: v for k, v in config.items() if not k.startswith('_')}  # _class_name, _diffusers_version
+  """diffusers config.json dict -> CausalVAE keyword arguments; unknown/unsupported fields raise."""
+  # Drop diffusers' bookkeeping (_class_name, _diffusers_version, _name_or_path).
+  config = {k: v for k, v in config.items() if not k.startswith('_')}
   unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
   if unknown:
     raise ValueError(f'Unknown AutoencoderKLWan config fields: {unknown}; '
@@ -52,7 +54,8 @@ def config_from_dict(config: dict) -> dict:
   kwargs = {**CONFIG_DEFAULTS, **config}
   if kwargs['is_residual'] or kwargs['patch_size'] is not None:
     raise ValueError('Wan 2.2 VAE (is_residual=True / patch_size) is not supported, only Wan 2.1 '
-                     f'(got is_residual={kwargs["is_residual"]}, patch_size={kwargs["patch_size"]})')
+                     f'(got is_residual={kwargs["is_residual"]}, '
+                     f'patch_size={kwargs["patch_size"]})')
   for k in ('dim_mult', 'attn_scales', 'temperal_downsample', 'latents_mean', 'latents_std'):
     kwargs[k] = tuple(kwargs[k]) if kwargs[k] is not None else None
   del kwargs['is_residual'], kwargs['patch_size']
@@ -82,7 +85,8 @@ class Conv(nnx.Module):
     self.stride = tuple(stride or (1,) * nd)
     self.padding = tuple(padding or ((0, 0),) * nd)
     self.dtype = dtype
-    self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), (*self.kernel_size, din, dout), param_dtype),
+    shape = (*self.kernel_size, din, dout)
+    self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), shape, param_dtype),
                             out_sharding=(None,) * nd + tuple(axes))
     self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), out_sharding=tuple(axes[1:]))
 
@@ -185,7 +189,8 @@ class AttentionBlock(nnx.Module):
 
 
 def _interleave_time(y):
-  """[B, T, H, W, 2C] (two output frames per input frame, stacked on channels) -> [B, 2T, H, W, C]."""
+  """[B, T, H, W, 2C] (two output frames per input frame, stacked on channels) -> [B, 2T, H, W, C]
+  """
   b, t, h, w, c2 = y.shape
   y = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5)
   return y.reshape(b, 2 * t, h, w, c2 // 2)
@@ -206,8 +211,9 @@ class Resample(nnx.Module):
       out = dim // 2
       self.resample = Conv(dim, out, (3, 3), padding=((1, 1), (1, 1)),
                            axes=_channel_axes(dim, out, base), **kw)
-      self.time_conv = (CausalConv3d(dim, 2 * dim, (3, 1, 1), axes=_channel_axes(dim, 2 * dim, base),
-                                     **kw) if mode == 'upsample3d' else None)
+      self.time_conv = (CausalConv3d(dim, 2 * dim, (3, 1, 1),
+                                     axes=_channel_axes(dim, 2 * dim, base), **kw)
+                        if mode == 'upsample3d' else None)
     elif mode.startswith('downsample'):
       self.resample = Conv(dim, dim, (3, 3), stride=(2, 2), padding=((0, 1), (0, 1)),
                            axes=_channel_axes(dim, dim, base), **kw)
@@ -290,8 +296,9 @@ class Encoder(nnx.Module):
                temperal_downsample, dropout, rngs, dtype, param_dtype):
     kw = dict(base=dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     dims = [dim * u for u in (1, *dim_mult)]
-    self.conv_in = CausalConv3d(in_channels, dims[0], 3, axes=_channel_axes(in_channels, dims[0], dim),
-                                rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv_in = CausalConv3d(in_channels, dims[0], 3,
+                                axes=_channel_axes(in_channels, dims[0], dim), rngs=rngs,
+                                dtype=dtype, param_dtype=param_dtype)
     blocks, scale = [], 1.0
     for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
       for _ in range(num_res_blocks):
@@ -393,7 +400,7 @@ def split_moments(moments):
 
 
 def _blend(a, b, extent, axis):
-  """b's first `extent` rows along `axis` faded in from a's last ones (diffusers blend_v/blend_h)."""
+  """b's first `extent` rows along `axis` faded in from a's last ones (diffusers' blend_v / h)."""
   extent = min(a.shape[axis], b.shape[axis], extent)
   if extent <= 0:
     return b
@@ -461,22 +468,23 @@ class CausalVAE(nnx.Module):
                dtype=jnp.float32, param_dtype=jnp.float32):
     dim_mult, temperal_downsample = tuple(dim_mult), tuple(temperal_downsample)
     if len(temperal_downsample) != len(dim_mult) - 1:
-      raise ValueError(f'temperal_downsample needs len(dim_mult) - 1 = {len(dim_mult) - 1} entries, '
-                       f'got {temperal_downsample}')
+      raise ValueError(f'temperal_downsample needs len(dim_mult) - 1 = {len(dim_mult) - 1} '
+                       f'entries, got {temperal_downsample}')
     self.z_dim = z_dim
     self.temporal_factor = 2 ** sum(map(bool, temperal_downsample))
     self.spatial_factor = 2 ** (len(dim_mult) - 1)
-    for name, given, actual in (('scale_factor_temporal', scale_factor_temporal,
-                                 self.temporal_factor),
-                                ('scale_factor_spatial', scale_factor_spatial, self.spatial_factor)):
+    for name, given, actual in (
+        ('scale_factor_temporal', scale_factor_temporal, self.temporal_factor),
+        ('scale_factor_spatial', scale_factor_spatial, self.spatial_factor)):
       if given is not None and given != actual:
         raise ValueError(f'{name}={given} disagrees with the architecture ({actual})')
     self.latents_mean = None if latents_mean is None else tuple(map(float, latents_mean))
     self.latents_std = None if latents_std is None else tuple(map(float, latents_std))
     self.dtype = dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.encoder = Encoder(in_channels=in_channels, dim=base_dim, z_dim=2 * z_dim, dim_mult=dim_mult,
-                           num_res_blocks=num_res_blocks, attn_scales=tuple(attn_scales),
+    self.encoder = Encoder(in_channels=in_channels, dim=base_dim, z_dim=2 * z_dim,
+                           dim_mult=dim_mult, num_res_blocks=num_res_blocks,
+                           attn_scales=tuple(attn_scales),
                            temperal_downsample=temperal_downsample, dropout=dropout, **kw)
     self.quant_conv = CausalConv3d(2 * z_dim, 2 * z_dim, 1, axes=(None, None), **kw)
     self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1, axes=(None, None), **kw)
@@ -552,7 +560,8 @@ class CausalVAE(nnx.Module):
 
   # ----- latent normalisation (what the Wan pipelines apply around the DiT) ---------------------
 
-  def _stats(self):
+  def latent_stats(self):
+    """(latents_mean, latents_std) as float32 numpy [z_dim]; ValueError if the config has none."""
     if self.latents_mean is None or self.latents_std is None:
       raise ValueError('This VAE config has no latents_mean / latents_std')
     if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
@@ -560,14 +569,16 @@ class CausalVAE(nnx.Module):
                        f'{len(self.latents_std)} entries, z_dim is {self.z_dim}')
     return np.asarray(self.latents_mean, np.float32), np.asarray(self.latents_std, np.float32)
 
+  _stats = latent_stats  # the name sora_jax/frozen.py calls
+
   def normalize_latents(self, z):
     """VAE latents -> the DiT's space: (z - latents_mean) / latents_std (per channel, last axis)."""
-    mean, std = self._stats()
+    mean, std = self.latent_stats()
     return (z - mean) / std
 
   def denormalize_latents(self, z):
     """DiT-space latents -> VAE latents: z * latents_std + latents_mean."""
-    mean, std = self._stats()
+    mean, std = self.latent_stats()
     return z * std + mean
 
 
