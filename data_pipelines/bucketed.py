@@ -147,16 +147,21 @@ class BatchPlan:
 # ----------------------------------------------------------------------------------------- load --
 
 class LoadBatch(grain.transforms.Map):
-  """Plan -> this process's rows of the batch: video in [-1, 1], byte tokens, mask; plus '_paths' and
+  """Plan -> this process's rows of the batch: video in [-1, 1], tokens, mask; plus '_paths' and
   '_skipped' (path, reason) for the main process's bookkeeping (CountSkips).
 
-  load_fn(example, bucket, rng) -> (uint8 video [frames, height, width, 3], caption).
+  load_fn(example, bucket, rng) -> (clip, caption): clip is uint8 pixels [frames, height, width, 3],
+  or float cached latents [t, h, w, C] (prepared with --cache_latents) which go to 'latents' as they
+  are; caption is a str (tokenized by `tokenize`, default the byte tokenizer), or cached (embeddings
+  [n, D], mask [n]) (--cache_text), which are padded with zero rows to max_length as
+  'text_embeddings' [B, L, D] / 'text_mask' [B, L]. sora_jax.frozen.Frozen.encode_batch finishes both.
   """
 
   def __init__(self, examples: list[Example], table, *, load_fn, seed: int, max_length: int,
-               process_index: int = 0, process_count: int = 1):
+               tokenize=None, process_index: int = 0, process_count: int = 1):
     self.examples, self.table, self.load_fn = examples, table, load_fn
     self.seed, self.max_length = seed, max_length
+    self.tokenize = tokenize or functools.partial(text.tokenize, max_length=max_length)
     self.process_index, self.process_count = process_index, process_count
     by_bucket = collections.defaultdict(list)
     for i, e in enumerate(examples):
@@ -167,16 +172,28 @@ class LoadBatch(grain.transforms.Map):
     bucket = self.table[plan['bucket']]
     n = bucket.batch_size // self.process_count
     rows = plan['ids'][self.process_index * n:(self.process_index + 1) * n]
-    videos, captions, paths, skipped = [], [], [], []
+    clips, captions, paths, skipped = [], [], [], []
     for row in rows:
       rng = np.random.default_rng([self.seed, plan['index'], int(row)])
-      video, caption, path = self._load_or_replace(int(row), bucket, rng, skipped)
-      videos.append(video)
+      clip, caption, path = self._load_or_replace(int(row), bucket, rng, skipped)
+      clips.append(clip)
       captions.append(caption)
       paths.append(path)
-    tokens, mask = text.tokenize(captions, self.max_length)
-    video = np.stack(videos).astype(np.float32) / 127.5 - 1.0
-    return {'video': video, 'tokens': tokens, 'mask': mask, '_skipped': skipped, '_paths': paths}
+    batch = {'_skipped': skipped, '_paths': paths}
+    if len({clip.dtype == np.uint8 for clip in clips}) > 1:
+      raise ValueError(f'Batch mixes pixel clips and cached latents ({paths}).')
+    if clips[0].dtype == np.uint8:
+      batch['video'] = np.stack(clips).astype(np.float32) / 127.5 - 1.0
+    else:
+      batch['latents'] = np.stack(clips)
+    if len({isinstance(c, str) for c in captions}) > 1:
+      raise ValueError(f'Batch mixes captions and cached caption embeddings ({paths}).')
+    if isinstance(captions[0], str):
+      batch['tokens'], batch['mask'] = self.tokenize(captions)
+    else:
+      batch['text_embeddings'], batch['text_mask'] = pad_embeddings(captions, self.max_length,
+                                                                    paths)
+    return batch
 
   def _load_or_replace(self, row, bucket, rng, skipped):
     members = self.by_bucket[self.examples[row].bucket]
@@ -189,6 +206,21 @@ class LoadBatch(grain.transforms.Map):
       row = int(members[rng.integers(len(members))])  # a deterministic stand-in, same bucket
     raise ValueError(f'{_FALLBACK_TRIES + 1} examples of bucket {bucket.shape} in a row failed to'
                      f' decode; last: {skipped[-1]}. Is the data readable?')
+
+
+def pad_embeddings(captions, max_length: int, paths=None):
+  """[(embeddings [n_i, D], mask [n_i])] -> (embeddings [B, max_length, D], mask [B, max_length]):
+  prepare stores the rows up to a caption's last real token only; the rest are zeros / False."""
+  width, dtype = captions[0][0].shape[-1], captions[0][0].dtype
+  embeddings = np.zeros((len(captions), max_length, width), dtype)
+  mask = np.zeros((len(captions), max_length), bool)
+  for i, (e, m) in enumerate(captions):
+    if len(e) > max_length or e.shape[-1] != width:
+      where = f' ({paths[i]})' if paths else ''
+      raise ValueError(f'Cached caption embeddings {list(e.shape)}{where} do not fit'
+                       f' config.text.max_length={max_length} x width {width}.')
+    embeddings[i, :len(e)], mask[i, :len(m)] = e, m
+  return embeddings, mask
 
 
 def decode_file(example: Example, bucket, rng, *, fps: float, random_crop: bool):

@@ -14,19 +14,43 @@ import grain
 import numpy as np
 from absl import logging
 
-from data_pipelines import bucketed, packing, records, shapes
+from data_pipelines import bucketed, packing, prepare, records, shapes
 from data_pipelines import buckets as buckets_lib
+from sora_jax import config_lib
 from sora_jax.models import text
 
 
-class ToModelInputs(grain.transforms.Map):
-  """uint8 video -> float32 in [-1, 1]; caption -> byte tokens and mask."""
+class Tokenizer:
+  """captions -> (tokens [B, L] int32, mask [B, L] bool), L = config.text.max_length, as the config's
+  text encoder reads them: byte tokens (text.encoder='bytes') or umT5's sentencepiece pieces ('umt5':
+  the frozen encoder must see its own vocabulary, the one sampling uses too). Picklable for Grain
+  workers: the sentencepiece model is loaded on first use in each process."""
 
-  def __init__(self, max_length: int):
-    self.max_length = max_length
+  def __init__(self, config):
+    self.encoder, self.path = config.text.encoder, config.text.path
+    self.max_length = config.text.max_length
+    self._sentencepiece = None
+
+  def __call__(self, captions):
+    if self.encoder != 'umt5':
+      return text.tokenize(captions, self.max_length)
+    if self._sentencepiece is None:
+      from sora_jax.interop import umt5  # pylint: disable=import-outside-toplevel
+      self._sentencepiece = umt5.load_umt5_tokenizer(self.path)
+    return self._sentencepiece.tokenize(captions, self.max_length)
+
+  def __getstate__(self):
+    return dict(self.__dict__, _sentencepiece=None)
+
+
+class ToModelInputs(grain.transforms.Map):
+  """uint8 video -> float32 in [-1, 1]; caption -> tokens and mask (`Tokenizer`)."""
+
+  def __init__(self, tokenize: Tokenizer):
+    self.tokenize = tokenize
 
   def map(self, record):
-    tokens, mask = text.tokenize([record['caption']], self.max_length)
+    tokens, mask = self.tokenize([record['caption']])
     return {
         'video': record['video'].astype(np.float32) / 127.5 - 1.0,
         'tokens': tokens[0],
@@ -57,7 +81,7 @@ def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
                      f' {process_count} processes.')
   # Records are i.i.d. draws keyed by index, so index order is already a shuffle.
   ds = grain.MapDataset.source(source(config, 'train', config.seed))
-  ds = ds[process_index::process_count].map(ToModelInputs(config.text.max_length))
+  ds = ds[process_index::process_count].map(ToModelInputs(Tokenizer(config)))
   per_process = config.batch_size // process_count
   ds = ds.to_iter_dataset(_read_options(config, per_process))
   ds = ds.batch(per_process, drop_remainder=True)
@@ -88,7 +112,7 @@ def user_examples(config, table, skips: bucketed.SkipLog):
                                        num_threads=d.probe_threads)
     return examples, functools.partial(bucketed.decode_file, fps=d.fps, random_crop=d.random_crop)
   if d.prepared:
-    return prepared_examples(d.prepared, table, skips, d.fps)
+    return prepared_examples(config, table, skips)
   return tfds_examples(d.tfds_name, d.tfds_data_dir or None, table)
 
 
@@ -111,8 +135,10 @@ def _load_tfds(source, example, bucket, rng):
   return record['video'], caption.decode('utf-8') if isinstance(caption, bytes) else caption
 
 
-def prepared_examples(folder: str, table, skips: bucketed.SkipLog, config_fps: float):
-  """Examples of shards written by data_pipelines.prepare; their buckets must be the config's."""
+def prepared_examples(config, table, skips: bucketed.SkipLog):
+  """Examples of shards written by data_pipelines.prepare (config.data.prepared); their buckets,
+  frame rate and cached encodings (latents, caption embeddings) must be the config's."""
+  folder = config.data.prepared
   with open(os.path.join(folder, 'index.json')) as f:
     index = json.load(f)
   shapes_here = [tuple(s) for s in index['buckets']]
@@ -120,26 +146,37 @@ def prepared_examples(folder: str, table, skips: bucketed.SkipLog, config_fps: f
   if shapes_here != wanted:
     raise ValueError(f'config.data.prepared={folder!r} was prepared for buckets {shapes_here}, but'
                      f' the config has {wanted} (config.data.buckets / num_frames, height, width).')
-  if abs(index['fps'] - config_fps) > 1e-6:
+  if abs(index['fps'] - config.data.fps) > 1e-6:
     raise ValueError(f'config.data.prepared={folder!r} was prepared at {index["fps"]} fps, but'
-                     f' config.data.fps={config_fps}.')
+                     f' config.data.fps={config.data.fps}.')
+  cached = index.get('cached', {})
+  prepare.check_cached(cached, config, folder)
   skips.seen += index['num_rows']
   for path, reason in index['skipped']:
     skips.skipped.append((path, reason))
   source = records.data_source([os.path.join(folder, s) for s in index['shards']])
   examples = [bucketed.Example(path, '', bucket, record=i)
               for i, (path, bucket) in enumerate(zip(index['paths'], index['record_buckets']))]
-  return examples, functools.partial(_load_record, source)
+  if 'latents' in cached:
+    geometry = config_lib.autoencoder_geometry(config.autoencoder)
+    clip_shapes = {s: (*config_lib.latent_shape(s, geometry), geometry['z_dim']) for s in wanted}
+  else:
+    clip_shapes = {s: (*s, 3) for s in wanted}
+  return examples, functools.partial(_load_record, source, clip_shapes)
 
 
-def _load_record(source, example, bucket, rng):
+def _load_record(source, clip_shapes, example, bucket, rng):
+  """(clip, caption) of a prepared record: uint8 pixels or cached latents; the caption's text, or
+  its cached (embeddings [n, D], mask [n]) (see LoadBatch)."""
   del rng  # prepared clips are already cut and cropped
   record = records.decode(source[example.record])
-  video = record['video']
-  if video.shape != (*bucket.shape, 3):
-    raise ValueError(f'Prepared record {example.record} ({example.path}) has shape {video.shape},'
-                     f' expected {(*bucket.shape, 3)}.')
-  return video, record['caption']
+  clip = record['video'] if 'video' in record else record['latents']
+  if clip.shape != clip_shapes[bucket.shape]:
+    raise ValueError(f'Prepared record {example.record} ({example.path}) has shape {clip.shape},'
+                     f' expected {clip_shapes[bucket.shape]}.')
+  if 'text_embeddings' in record:
+    return clip, (record['text_embeddings'], record['text_mask'])
+  return clip, record['caption']
 
 
 def _user_data_iterator(config, process_index, process_count, data_parallel, skips):
@@ -156,7 +193,7 @@ def _user_data_dataset(config, process_index, process_count, data_parallel, skip
                 for i, b in enumerate(table)], plan.per_epoch)
   ds = grain.MapDataset.source(plan).map(bucketed.LoadBatch(
       examples, table, load_fn=load_fn, seed=config.seed, max_length=config.text.max_length,
-      process_index=process_index, process_count=process_count))
+      tokenize=Tokenizer(config), process_index=process_index, process_count=process_count))
   return _prefetch(ds.to_iter_dataset(_read_options(config, 1)), config).map(
       bucketed.CountSkips(skips))
 
@@ -178,7 +215,7 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
         _user_data_dataset(config, process_index, process_count, data_parallel, skips))
   else:
     clips = grain.MapDataset.source(source(config, 'train', config.seed))
-    clips = clips[process_index::process_count].map(ToModelInputs(config.text.max_length))
+    clips = clips[process_index::process_count].map(ToModelInputs(Tokenizer(config)))
     clips = _prefetch(clips.to_iter_dataset(_read_options(config, 1)), config)
   d = config.data
   ds = packing.pack_dataset(
@@ -191,5 +228,5 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
 def eval_batches(config, split: str, num_videos: int, batch_size: int, seed_offset: int = 1000):
   """A fixed, finite list of batches from a seed disjoint from training's."""
   ds = grain.MapDataset.source(source(config, split, config.seed + seed_offset))[:num_videos]
-  ds = ds.map(ToModelInputs(config.text.max_length)).batch(batch_size, drop_remainder=True)
+  ds = ds.map(ToModelInputs(Tokenizer(config))).batch(batch_size, drop_remainder=True)
   return [ds[i] for i in range(len(ds))]

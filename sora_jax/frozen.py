@@ -36,8 +36,11 @@ class Frozen:
       self.text_encoder, self.text_params = nnx.split(module)
       self.tokenizer = umt5_interop.load_umt5_tokenizer(config.text.path)
     self._encode_video = jax.jit(self._encode_video_impl)
+    self._encode_mean = jax.jit(self._encode_mean_impl)
+    self._normalize = jax.jit(self._normalize_impl)
     self._decode_video = jax.jit(self._decode_video_impl)
     self._encode_text = jax.jit(self._encode_text_impl)
+    self._cached_text = jax.jit(self._cached_text_impl)
 
   # ---- captions
   def tokenize(self, captions):
@@ -62,18 +65,45 @@ class Frozen:
     # Padded positions carry zeros (what the Wan pipeline feeds its DiT).
     return embeddings * mask[..., None].astype(embeddings.dtype), mask
 
+  def _cached_text_impl(self, embeddings, mask):
+    mask = mask.astype(bool)
+    return embeddings.astype(jnp.float32) * mask[..., None], mask
+
   # ---- video
   def encode_batch(self, batch, sharding=None):
     """A training batch of pixels/tokens -> what the model trains on (latents / embeddings), placed
-    on `sharding` (the train step's batch sharding) when given."""
-    if self.vae is None and self.text_encoder is None:
+    on `sharding` (the train step's batch sharding) when given.
+
+    Batches from shards prepared with --cache_latents / --cache_text (data_pipelines/prepare.py)
+    arrive half done: 'latents' (unnormalised posterior means) are only normalised, and
+    'text_embeddings' / 'text_mask' are the caption as they are (padded rows zeroed). The result
+    has the same keys either way: 'video', 'tokens', 'mask'.
+    """
+    cached = {'latents', 'text_embeddings'} & set(batch)
+    if self.vae is None and self.text_encoder is None and not cached:
       return batch
     batch = dict(batch)
-    if self.vae is not None:
+    if 'latents' in batch:
+      if self.vae is None:
+        raise ValueError('The batch holds cached latents (data prepared with --cache_latents) but'
+                         ' config.autoencoder is empty: set it to the autoencoder they came from.')
+      batch['video'] = self._normalize(batch.pop('latents'))
+    elif self.vae is not None:
       batch['video'] = self._encode_video(self.vae_params, batch['video'])
-    if self.text_encoder is not None:
+    if 'text_embeddings' in batch:
+      if self.text_encoder is None:
+        raise ValueError('The batch holds cached caption embeddings (data prepared with'
+                         " --cache_text) but config.text.encoder is not 'umt5'.")
+      batch['tokens'], batch['mask'] = self._cached_text(batch.pop('text_embeddings'),
+                                                         batch.pop('text_mask'))
+    elif self.text_encoder is not None:
       batch['tokens'], batch['mask'] = self.caption_inputs(batch['tokens'], batch['mask'])
     return batch if sharding is None else jax.device_put(batch, sharding)
+
+  def encode_video_mean(self, video):
+    """Pixels [B, T, H, W, 3] in [-1, 1] -> the autoencoder's posterior mean, unnormalised (what
+    prepare --cache_latents stores: the normalisation stays with the config that trains on it)."""
+    return self._encode_mean(self.vae_params, video)
 
   def decode(self, latents):
     """Model-space videos -> pixels in [-1, 1] (identity without an autoencoder)."""
@@ -82,8 +112,13 @@ class Frozen:
     return self._decode_video(self.vae_params, latents)
 
   def _encode_video_impl(self, params, video):
-    mean, _ = nnx.merge(self.vae, params).encode(video)
-    return (mean - self.latent_mean) / self.latent_std
+    return self._normalize_impl(self._encode_mean_impl(params, video))
+
+  def _encode_mean_impl(self, params, video):
+    return nnx.merge(self.vae, params).encode(video)[0]
+
+  def _normalize_impl(self, mean):
+    return (mean.astype(jnp.float32) - self.latent_mean) / self.latent_std
 
   def _decode_video_impl(self, params, latents):
     z = latents * self.latent_std + self.latent_mean
@@ -105,7 +140,7 @@ def load_autoencoder(path: str):
     return graphdef, params, mean, std
   from sora_jax.interop import wan_vae  # pylint: disable=g-import-not-at-top
   model = wan_vae.load_wan_vae(path).model
-  mean, std = model._stats()  # pylint: disable=protected-access
+  mean, std = model.latent_stats()
   graphdef, params = nnx.split(model)
   return graphdef, params, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
