@@ -12,7 +12,8 @@ held-out colour 1.00, shape 0.75, direction 0.88, stable 0.88.
 from sora_jax import config_lib
 
 
-def get_config():
+def get_config(autoencoder: str = ''):
+  """`configs/demo.py:runs/vae_demo` diffuses in the latent space of that autoencoder run instead."""
   config = config_lib.base_config()
   config.batch_size = 16
   config.total_steps = 3000
@@ -33,6 +34,18 @@ def get_config():
   # 80% of clips get a flow time per frame: with some frames clean, where the object goes next depends
   # on the caption's direction word, which otherwise barely matters for denoising (0.32 -> 0.82 judged).
   config.diffusion.frame_noise_prob = 0.8
+  # x0 prediction + velocity loss weights the x0 error by 1/t^2: capped at t = 0.3, the few near-clean
+  # examples stop dominating the gradient, and shape/direction binding improves (shape 0.68 -> 0.80).
+  config.diffusion.loss_t_floor = 0.3
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
+  config.eval.samples_per_prompt = 3  # 204 seen + 48 held-out judged videos: +-3% rather than +-6%
+  if autoencoder:
+    # configs/vae_demo.py: 13 frames of 32x32 -> 4 x 8 x 8 latents of 8 channels; 1x2x2 patches give
+    # 64 tokens of 32 values, so the velocity is predicted directly.
+    config.autoencoder = autoencoder
+    config.data.num_frames = 13
+    config.model.patch_size = (1, 2, 2)
+    config.diffusion.prediction = 'velocity'
+    config.diffusion.shift_base_tokens = 64
   return config

@@ -15,9 +15,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a training workdir?')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # On top of today's defaults, so runs saved before a key existed still load (with its default).
+  config = config_lib.base_config()
+  _merge(config, saved)
   config.model.patch_size = tuple(config.model.patch_size)
   return config
+
+
+def _merge(config, saved: dict):
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _merge(config[key], value)
+    else:
+      with config.ignore_type():
+        config[key] = value
 
 
 def load(workdir: str, *, step: int | None = None, use_ema: bool = True):
