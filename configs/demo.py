@@ -4,9 +4,9 @@ r"""Demo: captioned shapes, 12 frames of 32x32 pixels, trained on a 2-core CPU i
   python -m sora_jax.evaluate --workdir=runs/demo --output=runs/demo/eval.json
 
 Pixel space; 2x8x8 spacetime patches give 96 tokens per clip, which is what a 2-core CPU affords.
-Measured on 2 CPU cores (2026-11-27): training 12.6 min wall, ~1.6 GB peak RSS; evaluate (68 seen / 16
-held-out prompts, judged from the mp4s): seen colour 1.00, shape 0.68, direction 0.82, stable 0.96;
-held-out colour 1.00, shape 0.75, direction 0.88, stable 0.88.
+Measured on 2 CPU cores (2026-11-27): training 12.6 min wall, ~1.6 GB peak RSS; evaluate (3 videos per
+prompt: 204 seen / 48 held-out, judged from the mp4s): seen colour 1.00, shape 0.80, direction 0.88,
+stable 0.97; held-out colour 1.00, shape 0.88, direction 0.94, stable 0.96.
 """
 
 from sora_jax import config_lib
