@@ -30,12 +30,17 @@ def base_config() -> ml_collections.ConfigDict:
   # trained with model.family='vae', or a diffusers AutoencoderKLWan folder.
   c.autoencoder = ''
   c.num_train_samples = 4  # videos written by periodic sampling
+  c.peak_tflops_per_device = 0.0  # for the logged MFU; 0: from the device kind (unknown on CPU)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.context = 1  # sequence sharding; arrives with the scale-out issue
+  # Multi-slice TPU pods / multi-host GPU: how many of data's / fsdp's devices are in different slices
+  # (data-centre network); the rest of each axis stays inside a slice. Must divide mesh.data / fsdp.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
 
   c.data = ml_collections.ConfigDict()
   # Source: the built-in captioned shapes generator, unless one of these three is set.
@@ -167,6 +172,10 @@ def resolve_mesh_shape(config, num_devices: int) -> dict[str, int]:
     raise ValueError(
         f'config.mesh.context={config.mesh.context}: sequence (context) parallelism is not'
         ' implemented yet; set config.mesh.context=1.')
+  for a in ('data', 'fsdp'):
+    dcn = int(config.mesh.get(f'dcn_{a}', 1))
+    if dcn < 1:
+      raise ValueError(f'config.mesh.dcn_{a}={dcn} must be >= 1.')
   free = [a for a, n in axes.items() if n == -1]
   if len(free) > 1:
     raise ValueError(f'config.mesh: only one axis may be -1, got {free}.')
@@ -180,7 +189,15 @@ def resolve_mesh_shape(config, num_devices: int) -> dict[str, int]:
   elif fixed != num_devices:
     raise ValueError(
         f'config.mesh: data*fsdp*tensor*context = {fixed} but there are {num_devices} devices.')
+  for a in ('data', 'fsdp'):
+    dcn = int(config.mesh.get(f'dcn_{a}', 1))
+    if axes[a] % dcn:
+      raise ValueError(f'config.mesh.dcn_{a}={dcn} does not divide mesh.{a}={axes[a]}.')
   return axes
+
+
+def dcn_shape(config) -> dict[str, int]:
+  return {a: int(config.mesh.get(f'dcn_{a}', 1)) for a in ('data', 'fsdp')}
 
 
 def _check_data(config):

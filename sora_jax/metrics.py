@@ -53,3 +53,29 @@ class Progress:
     logging.info('step %d/%d  loss %.4f  %.2f steps/s  ETA %dm%02ds', step, self.total, loss, rate,
                  eta // 60, eta % 60)
     return rate
+
+
+# Dense bf16 peak FLOP/s per chip, by jax `device_kind` prefix (vendor datasheets).
+PEAK_TFLOPS = (
+    ('TPU v6', 918.0), ('TPU v5p', 459.0), ('TPU v5 lite', 197.0), ('TPU v5e', 197.0),
+    ('TPU v4', 275.0), ('NVIDIA H200', 989.0), ('NVIDIA H100', 989.0), ('NVIDIA A100', 312.0),
+    ('NVIDIA B200', 2250.0), ('NVIDIA L4', 121.0),
+)
+
+
+def peak_tflops(device=None, override: float = 0.0) -> float | None:
+  """Peak TFLOP/s of one device: `override` if set, else from PEAK_TFLOPS; None when unknown (CPU)."""
+  if override:
+    return float(override)
+  kind = (device or jax.devices()[0]).device_kind
+  return next((v for k, v in PEAK_TFLOPS if kind.startswith(k)), None)
+
+
+def transformer_step_flops(num_params: int, tokens_per_sequence: int, sequences: int, *,
+                           depth: int, width: int) -> float:
+  """Model FLOPs of one training step (forward + backward) of a transformer, the PaLM/MaxText way:
+  6 * params * tokens for the matmuls plus 12 * depth * width * seq^2 per sequence for attention
+  (QK^T and AV, forward and backward). Text/cross-attention and remat recomputation are not counted,
+  so MFU is the useful work only."""
+  tokens = tokens_per_sequence * sequences
+  return 6.0 * num_params * tokens + 12.0 * depth * width * tokens_per_sequence ** 2 * sequences

@@ -6,6 +6,8 @@ Re-running the same command on an existing workdir resumes from its latest check
 data iterator), bit-exactly on CPU.
 """
 
+import functools
+import math
 import os
 
 import jax
@@ -138,6 +140,21 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
   return train_step
 
 
+def model_flops(config, num_params: int, batch) -> float:
+  """Model FLOPs of one train step on `batch` (0 for the autoencoder: convolutions, not counted)."""
+  m = config.model
+  if m.family == 'vae':
+    return 0.0
+  if 'segment_ids' in batch:  # packed: [B, N] tokens per sequence
+    sequences, tokens = batch['segment_ids'].shape
+  else:
+    sequences = batch['video'].shape[0]
+    tokens = math.prod(n // p for n, p in zip(batch['video'].shape[1:4], m.patch_size))
+  depth, width = ((m.wan.num_layers, m.wan.num_attention_heads * m.wan.attention_head_dim)
+                  if m.family == 'wan' else (m.depth, m.width))
+  return metrics.transformer_step_flops(num_params, tokens, sequences, depth=depth, width=width)
+
+
 def reconstruct(graphdef, params, video):
   """Autoencoder reconstruction (posterior mean) of [B, T, H, W, 3] clips in [-1, 1]."""
   model = nnx.merge(graphdef, params)
@@ -155,7 +172,7 @@ def sample_prompts(n: int) -> list[str]:
 def train(config: ml_collections.ConfigDict, workdir: str):
   # ---- Config and mesh: everything is checked before anything compiles.
   mesh_shape = config_lib.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape, dcn=config_lib.dcn_shape(config))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -218,13 +235,18 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   writer = metrics.Writer(workdir, resume_step=step)
   progress = metrics.Progress(step, config.total_steps)
   pending = []  # device metrics since the last log; fetched only when logging
+  window_flops = []  # model FLOPs of each step since the last log (from shapes: no device sync)
+  step_flops = functools.partial(model_flops, config, num_params)
+  peak = metrics.peak_tflops(override=config.peak_tflops_per_device)
   with jax.set_mesh(mesh):
     while step < config.total_steps:
       local = next(data_iter)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in local.items()}
-      state, step_metrics = train_step(state, frozen.encode_batch(batch, batch_sharding))
+      batch = frozen.encode_batch(batch, batch_sharding)
+      state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
+      window_flops.append(step_flops(batch))
       step += 1
       if step % config.log_every_steps == 0 or step == config.total_steps:
         window = jax.device_get(pending)
@@ -235,6 +257,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         if pipeline.uses_user_data(config):
           logged['skipped_examples'] = len(skips.skipped)
         logged['steps_per_second'] = progress.update(step, logged['loss'])
+        if window_flops[-1]:
+          tflops = np.mean(window_flops) * logged['steps_per_second'] / jax.device_count() / 1e12
+          logged['tflops_per_device'] = float(tflops)
+          if peak:
+            logged['mfu'] = float(tflops / peak)
+        window_flops = []
         writer.write(step, logged)
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
         checkpoint.save(mngr, step, state, data_iter)
