@@ -35,6 +35,7 @@ import copy
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 
@@ -47,7 +48,10 @@ from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline, video_decode
 from data_pipelines import buckets as buckets_lib
-from sora_jax import config_lib, sharding, state as state_lib, train
+from sora_jax import config_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Base training config.')
 flags.DEFINE_integer('num_videos', 48, 'Fixture videos.')
@@ -232,29 +236,6 @@ def fullest_bucket(config) -> int:
 
 # ----------------------------------------------------------------------------------- train step --
 
-def time_step(config, steps: int):
-  """(compile s, s/step) of the jitted train step, as benchmarks/train_step.py times it."""
-  mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()))
-  tx, schedule = state_lib.make_optimizer(config)
-  graphdef, state, state_sh = state_lib.init(config, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                    donate_argnums=(0,))
-  it = pipeline.train_iterator(config)
-  batches = [jax.device_put(next(it), batch_sh) for _ in range(2)]
-  with jax.set_mesh(mesh):
-    start = time.perf_counter()
-    state, m = step_fn(state, batches[0])
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(steps):
-      state, m = step_fn(state, batches[i % 2])
-    jax.block_until_ready(m)
-  return compile_s, (time.perf_counter() - start) / steps
-
-
 # ----------------------------------------------------------------------------------------- main --
 
 def run(base, folder: str, f):
@@ -295,7 +276,7 @@ def run(base, folder: str, f):
         f' raw thr: in {threads} threads of one process, as the pipeline loads batches in each of'
         f' its processes (grain.ReadOptions). ratio = pipe / raw.')
 
-  compile_s, step_s = time_step(base, f.steps)
+  compile_s, step_s, _ = common.time_train_step(base, f.steps)
   demo_shape = (base.data.num_frames, base.data.height, base.data.width)
   print(f'\n2. Does the trainer wait? --config train step: {step_s:.3f} s/step at batch'
         f' {base.batch_size}, clip {demo_shape} (compile {compile_s:.1f} s, {f.steps} steps).')

@@ -1,0 +1,44 @@
+"""What several benchmarks share: build the sharded train step for a config and time it.
+
+Flag-free (the benchmark scripts define their absl flags at import), so any of them can import it.
+"""
+
+import time
+
+import jax
+
+from data_pipelines import pipeline
+from sora_jax import config_lib, sharding, state as state_lib, train
+
+
+def train_step(config, mesh=None):
+  """(jitted step with explicit shardings and donation, state, batch sharding, mesh)."""
+  mesh = mesh or sharding.make_mesh(config_lib.validate(config, jax.device_count()))
+  tx, schedule = state_lib.make_optimizer(config)
+  graphdef, state, state_sh = state_lib.init(config, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule),
+                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                    donate_argnums=(0,))
+  return step_fn, state, batch_sh, mesh
+
+
+def time_train_step(config, steps: int, batches=None):
+  """(compile s, s/step, parameter count) of the train step on two alternating batches (default:
+  from the config's own data pipeline)."""
+  step_fn, state, batch_sh, mesh = train_step(config)
+  if batches is None:
+    it = pipeline.train_iterator(config)
+    batches = [next(it) for _ in range(2)]
+  batches = [jax.device_put(b, batch_sh) for b in batches]
+  params = sum(x.size for x in jax.tree.leaves(state['params']))
+  with jax.set_mesh(mesh):
+    start = time.perf_counter()
+    state, m = step_fn(state, batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(steps):
+      state, m = step_fn(state, batches[i % len(batches)])
+    jax.block_until_ready(m)
+  return compile_s, (time.perf_counter() - start) / steps, params
