@@ -7,6 +7,11 @@ r"""Demo autoencoder: a small causal video VAE (the Wan-VAE architecture) on the
 13 frames of 32x32 -> 4 latent frames of 8x8x8 (4x temporal, 4x spatial: the first frame is encoded
 alone, so an image is a 1-frame video in the same latent space). Wan's own VAE compresses 8x
 spatially with 16 channels; at 32x32 pixels that leaves 4x4 latents, too coarse for the demo's shapes.
+
+Measured (2026-11-27, 2 CPU cores shared with other jobs): 500 steps in 36 min wall, 1.1 GB peak RSS;
+reconstruction PSNR 15.1 dB on held-out clips (64; 15.1 seen), L1 0.10 in [-1, 1]. That is an
+undertrained VAE: colour and motion survive, shapes come back as blobs (triangles judged as circles).
+3D convolutions are slow on XLA:CPU; train it longer on an accelerator.
 """
 
 from sora_jax import config_lib
