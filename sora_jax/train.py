@@ -3,12 +3,16 @@ r"""Trains a text-to-video DiT with rectified flow.
   python -m sora_jax.train --config=configs/demo.py --workdir=runs/demo [--config.total_steps=...]
 
 Re-running the same command on an existing workdir resumes from its latest checkpoint (state, RNG and
-data iterator), bit-exactly on CPU.
+data iterator), bit-exactly on CPU, also with another number of processes or devices. Several hosts:
+launch/ (local.sh, tpu_pod.sh, slurm.sbatch, gke_xpk.md) and sora_jax/distributed.py. SIGTERM
+(preemption) saves a checkpoint at a step all processes agree on, then exits 0
+(--preempted_exit_code).
 """
 
 import functools
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,7 @@ from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline
 from data_pipelines import shapes
-from sora_jax import checkpoint, config_lib, metrics, sampling, sharding, video_io
+from sora_jax import checkpoint, config_lib, distributed, metrics, sampling, sharding, video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax import state as state_lib
 from sora_jax.diffusion import flow
@@ -32,6 +36,7 @@ def define_flags():
   """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
+  distributed.define_flags()
 
 
 def make_train_step(graphdef, config, tx, schedule, null_caption=None):
@@ -186,6 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       config, process_index=jax.process_index(), process_count=jax.process_count(),
       data_parallel=mesh.shape['data'] * mesh.shape['fsdp'], skips=skips)
   batch_sharding = sharding.batch_sharding(mesh)
+  distributed.check_batch_rows(batch_sharding, mesh.shape['data'] * mesh.shape['fsdp'])
 
   # Frozen parts (autoencoder, pretrained text encoder) turn batches into what the model trains on.
   frozen = frozen_lib.Frozen(config)
@@ -195,7 +201,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   mngr = checkpoint.manager(workdir, config)
   if mngr.latest_step() is not None:
     graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
-    state = checkpoint.restore(mngr, abstract, data_iter)
+    # Grain's iterator state is per process: written by another process count, re-derive it.
+    same_layout = distributed.saved_process_count(mngr) == jax.process_count()
+    state = checkpoint.restore(mngr, abstract, data_iter if same_layout else None)
+    if not same_layout:
+      distributed.seek(data_iter, int(state['step']))
     logging.info('Resumed from step %d.', int(state['step']))
   else:
     graphdef, state, state_sh = state_lib.init(config, mesh)
@@ -238,6 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   window_flops = []  # model FLOPs of each step since the last log (from shapes: no device sync)
   step_flops = functools.partial(model_flops, config, num_params)
   peak = metrics.peak_tflops(override=config.peak_tflops_per_device)
+  preemption, preempted = distributed.Preemption(), False
   with jax.set_mesh(mesh):
     while step < config.total_steps:
       local = next(data_iter)
@@ -264,12 +275,17 @@ def train(config: ml_collections.ConfigDict, workdir: str):
             logged['mfu'] = float(tflops / peak)
         window_flops = []
         writer.write(step, logged)
-      if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-        checkpoint.save(mngr, step, state, data_iter)
+      preempted = preemption.reached(step)  # every step, on every process
+      if preempted or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+        checkpoint.save(mngr, step, state, data_iter, force=preempted)
+      if preempted:
+        logging.warning('Preempted: saved step %d; run the same command again to resume.', step)
+        break
       if config.sample_every_steps and step % config.sample_every_steps == 0:
         write_samples(step)
-    if config.sample_every_steps == 0 or step % config.sample_every_steps:
+    if not preempted and (config.sample_every_steps == 0 or step % config.sample_every_steps):
       write_samples(step)
+  preemption.close()
   mngr.wait_until_finished()
   writer.close()
   return state
@@ -277,11 +293,14 @@ def train(config: ml_collections.ConfigDict, workdir: str):
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()  # before anything touches a device
   jax.config.update('jax_threefry_partitionable', True)
   checkpoint.quiet_orbax_logs()
   if flags.FLAGS.workdir is None:
     raise app.UsageError('--workdir is required.')
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  state = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  if int(state['step']) < flags.FLAGS.config.total_steps:  # preempted; saved
+    sys.exit(flags.FLAGS.preempted_exit_code)
 
 
 if __name__ == '__main__':
