@@ -78,25 +78,31 @@ def _per_token_modulation(mod, index):
 
 class DiTBlock(nnx.Module):
 
-  def __init__(self, width, num_heads, mlp_ratio, *, rngs, dtype):
+  def __init__(self, width, num_heads, mlp_ratio, *, rngs, dtype, attention_impl='auto',
+               context_parallel=None):
     # adaLN-zero: modulation starts at zero, so every block starts as the identity.
     self.modulation = layers.linear(width, 6 * width, ('embed', 'mlp'), zero=True, rngs=rngs,
                                     dtype=dtype)
     self.norm1 = layers.layer_norm(width, rngs=rngs, dtype=dtype)
-    self.self_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype)
+    attn = dict(rngs=rngs, dtype=dtype, impl=attention_impl, context_parallel=context_parallel)
+    self.self_attn = layers.Attention(width, num_heads, **attn)
     self.norm2 = layers.layer_norm(width, affine=True, rngs=rngs, dtype=dtype)
-    self.cross_attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.cross_attn = layers.Attention(width, num_heads, **attn)
     self.norm3 = layers.layer_norm(width, rngs=rngs, dtype=dtype)
     self.mlp = layers.Mlp(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, c, context, cross_mask, rope_cs, self_mask=None, index=None):
+  def __call__(self, x, c, context, rope_cs, *, cross_mask=None, self_segments=None,
+               cross_segments=None, index=None):
     """x [B, N, D]; c [B, D] (one clip per row) or [B, S, D] with `index` [B, N] (packed segments);
-    cross_mask / self_mask: boolean attention masks broadcastable to [B, heads, N, keys]."""
+    cross_mask: boolean, broadcastable to [B, heads, N, keys]; self_segments [B, N]: tokens attend
+    within their segment; cross_segments: (query [B, N], key [B, keys]) segment ids."""
     mod = _per_token_modulation(self.modulation(jax.nn.silu(c)), index)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-    x = x + gate1 * self.self_attn(modulate(self.norm1(x), shift1, scale1), mask=self_mask,
-                                   rope_cs=rope_cs)
-    x = x + self.cross_attn(self.norm2(x), context, mask=cross_mask)
+    x = x + gate1 * self.self_attn(modulate(self.norm1(x), shift1, scale1),
+                                   segment_ids=self_segments, rope_cs=rope_cs)
+    q_seg, kv_seg = cross_segments or (None, None)
+    x = x + self.cross_attn(self.norm2(x), context, mask=cross_mask, segment_ids=q_seg,
+                            kv_segment_ids=kv_seg)
     x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
     return sharding.constrain(x, ('batch', 'length', 'act_embed'))
 
@@ -110,7 +116,10 @@ REMAT_POLICIES = {
 class VideoDiT(nnx.Module):
 
   def __init__(self, *, channels, patch_size, width, depth, num_heads, mlp_ratio, context_width,
-               rope_theta=256.0, scan_layers=True, remat='none', dtype=jnp.float32, rngs):
+               rope_theta=256.0, scan_layers=True, remat='none', dtype=jnp.float32,
+               attention_impl='auto', context_parallel=None, rngs):
+    """attention_impl: attention backend (models/attention.py IMPLS); context_parallel: None, 'ring'
+    or 'all_to_all', used when the mesh shards the token sequence ('context' axis > 1)."""
     self.channels, self.patch_size = channels, tuple(patch_size)
     self.num_heads, self.rope_theta = num_heads, rope_theta
     self.scan_layers, self.remat = scan_layers, remat
@@ -128,7 +137,8 @@ class VideoDiT(nnx.Module):
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_blocks(rngs):
-      return DiTBlock(width, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
+      return DiTBlock(width, num_heads, mlp_ratio, rngs=rngs, dtype=dtype,
+                      attention_impl=attention_impl, context_parallel=context_parallel)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.layer_norm(width, rngs=rngs, dtype=dtype)
@@ -180,15 +190,15 @@ class VideoDiT(nnx.Module):
     segment_ids = segment_ids.astype(jnp.int32)
     index = segment_index(segment_ids)
     # Self-attention within a segment (padding attends to padding); cross-attention to the token's
-    # own caption among the S flattened ones.
-    self_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    # own caption among the S flattened ones: caption positions carry their slot's 0-based index,
+    # padded positions -1 (matches no token). Segment ids, not [N, N] masks: the attention
+    # backends build the mask blockwise (or never).
     key_segment = jnp.repeat(jnp.arange(s, dtype=jnp.int32), lc)
-    cross_mask = ((index[:, :, None] == key_segment[None, None, :])
-                  & context_mask.reshape(b, 1, s * lc).astype(bool))[:, None]
+    key_segment = jnp.where(context_mask.reshape(b, s * lc).astype(bool), key_segment[None], -1)
     head_dim = x.shape[-1] // self.num_heads
     rope_cs = rope.frequencies(positions, head_dim, self.rope_theta)
-    x = self._blocks(x, c=c, context=context, cross_mask=cross_mask, rope_cs=rope_cs,
-                     self_mask=self_mask, index=index)
+    x = self._blocks(x, c=c, context=context, rope_cs=rope_cs, self_segments=segment_ids,
+                     cross_segments=(index, key_segment), index=index)
     return self._head(x, c, index).astype(jnp.float32)
 
   def _time(self, t):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax import sharding
-from sora_jax.models import rope
+from sora_jax.models import attention, rope
 
 
 def linear(din, dout, axes, *, rngs, dtype=jnp.float32, zero=False, bias=True):
@@ -18,17 +18,34 @@ def linear(din, dout, axes, *, rngs, dtype=jnp.float32, zero=False, bias=True):
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with RMS QK-normalisation; self-attention gets 3D RoPE."""
+  """Multi-head attention with RMS QK-normalisation; self-attention gets 3D RoPE.
 
-  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32, context_width=None):
+  impl: the attention backend (attention.IMPLS) of self-attention; cross-attention to the (short)
+  context runs `attention.cross_attention_impl(impl)`. context_parallel: None, 'ring' or
+  'all_to_all': how self-attention runs when the mesh shards the sequence ('context' axis > 1);
+  cross-attention then attends each query shard to the whole context, without communication.
+  """
+
+  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32, context_width=None,
+               impl='auto', context_parallel=None):
+    if impl not in attention.IMPLS:
+      raise ValueError(f'attention impl={impl!r}: expected one of {attention.IMPLS}')
+    if context_parallel not in attention.CONTEXT_PARALLEL:
+      raise ValueError(f'context_parallel={context_parallel!r}: expected one of '
+                       f'{attention.CONTEXT_PARALLEL}')
     self.num_heads, self.head_dim = num_heads, width // num_heads
+    self.impl, self.context_parallel = impl, context_parallel
     self.q = linear(width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.kv = linear(context_width or width, 2 * width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.out = linear(width, width, ('heads', 'embed'), rngs=rngs, dtype=dtype)
     self.q_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
     self.k_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, context=None, *, mask=None, rope_cs=None):
+  def __call__(self, x, context=None, *, mask=None, segment_ids=None, kv_segment_ids=None,
+               rope_cs=None):
+    """mask: boolean, broadcastable to [B, heads, N, keys]; segment_ids [B, N] / kv_segment_ids
+    [B, keys]: attend within equal ids (packed sequences)."""
+    self_attention = context is None
     context = x if context is None else context
     b, n, _ = x.shape
     heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, self.head_dim)
@@ -38,7 +55,10 @@ class Attention(nnx.Module):
     if rope_cs is not None:
       q, k = rope.apply(q, *rope_cs), rope.apply(k, *rope_cs)
     q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))
-    out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype), mask=mask)
+    out = attention.attention(
+        q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        impl=self.impl if self_attention else attention.cross_attention_impl(self.impl),
+        context_parallel=self.context_parallel, kv_sharded=self_attention)
     return self.out(out.reshape(b, n, -1))
 
 

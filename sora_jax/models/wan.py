@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax import sharding
-from sora_jax.models import dit, rope
+from sora_jax.models import attention, dit, rope
 
 ROPE_THETA = 10000.0
 
@@ -148,10 +148,19 @@ def _gate(y, gate):
 
 class WanAttention(nnx.Module):
   """Attention with RMSNorm over the full q and k width (all heads together: Wan's
-  'rms_norm_across_heads'), and RoPE on self-attention."""
+  'rms_norm_across_heads'), and RoPE on self-attention. attention_impl / context_parallel: as
+  layers.Attention (self-attention runs the backend; cross-attention its cross_attention_impl)."""
 
-  def __init__(self, width, num_heads, eps, *, rngs, dtype, param_dtype, attention_impl=None):
-    self.num_heads, self.eps, self.attention_impl = num_heads, eps, attention_impl
+  def __init__(self, width, num_heads, eps, *, rngs, dtype, param_dtype, attention_impl='auto',
+               context_parallel=None):
+    attention_impl = 'xla' if attention_impl is None else attention_impl
+    if attention_impl not in attention.IMPLS:
+      raise ValueError(f'attention_impl={attention_impl!r}: expected one of {attention.IMPLS}')
+    if context_parallel not in attention.CONTEXT_PARALLEL:
+      raise ValueError(f'context_parallel={context_parallel!r}: expected one of '
+                       f'{attention.CONTEXT_PARALLEL}')
+    self.num_heads, self.eps = num_heads, eps
+    self.attention_impl, self.context_parallel = attention_impl, context_parallel
     lin = lambda a, b, axes: _linear(a, b, axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.to_q = lin(width, width, ('embed', 'heads'))
     self.to_k = lin(width, width, ('embed', 'heads'))
@@ -162,6 +171,7 @@ class WanAttention(nnx.Module):
     self.norm_k = _param(ones, (width,), ('heads',), rngs=rngs, param_dtype=param_dtype)
 
   def __call__(self, x, context=None, *, rope_cs=None):
+    self_attention = context is None
     context = x if context is None else context
     heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, -1)
     q = heads(rms_norm(self.to_q(x), self.norm_q[...], self.eps))
@@ -170,8 +180,10 @@ class WanAttention(nnx.Module):
     if rope_cs is not None:
       q, k = rope.apply(q, *rope_cs), rope.apply(k, *rope_cs)
     q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))
-    out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype),
-                                       implementation=self.attention_impl)
+    impl = self.attention_impl
+    out = attention.attention(
+        q, k, v, impl=impl if self_attention else attention.cross_attention_impl(impl),
+        context_parallel=self.context_parallel, kv_sharded=self_attention)
     return self.to_out(out.reshape(*x.shape[:2], -1))
 
 
@@ -190,14 +202,15 @@ class WanFeedForward(nnx.Module):
 
 class WanBlock(nnx.Module):
 
-  def __init__(self, cfg: WanConfig, *, rngs, dtype, param_dtype, attention_impl=None):
+  def __init__(self, cfg: WanConfig, *, rngs, dtype, param_dtype, attention_impl='auto',
+               context_parallel=None):
     d = cfg.inner_dim
     self.eps, self.dtype = cfg.eps, dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    attn = dict(kw, attention_impl=attention_impl, context_parallel=context_parallel)
     self.scale_shift_table = _param(nnx.initializers.normal(d ** -0.5), (6, d), (None, 'embed'),
                                     rngs=rngs, param_dtype=param_dtype)
-    self.attn1 = WanAttention(d, cfg.num_attention_heads, cfg.eps, attention_impl=attention_impl,
-                              **kw)
+    self.attn1 = WanAttention(d, cfg.num_attention_heads, cfg.eps, **attn)
     if cfg.cross_attn_norm:
       self.norm2_scale = _param(nnx.initializers.ones_init(), (d,), ('embed',), rngs=rngs,
                                 param_dtype=param_dtype)
@@ -205,8 +218,7 @@ class WanBlock(nnx.Module):
                                param_dtype=param_dtype)
     else:
       self.norm2_scale = self.norm2_bias = None
-    self.attn2 = WanAttention(d, cfg.num_attention_heads, cfg.eps, attention_impl=attention_impl,
-                              **kw)
+    self.attn2 = WanAttention(d, cfg.num_attention_heads, cfg.eps, **attn)
     self.ffn = WanFeedForward(d, cfg.ffn_dim, **kw)
 
   def __call__(self, x, e, context, rope_cs):
@@ -236,13 +248,16 @@ class WanDiT(nnx.Module):
   the sora_jax.diffusion.flow convention, which is Wan's with sigma = t) and feeds Wan its timestep
   1000 * t. `forward_wan` takes Wan's timestep directly.
 
-  attention_impl: jax.nn.dot_product_attention's `implementation`. None is XLA's, which builds the
-  full [heads, N, N] score matrix; at 480p x 81 frames (N = 32760) use 'cudnn' (flash attention,
-  bf16 on GPU).
+  attention_impl: the attention backend (models/attention.py): 'auto' (default) picks cuDNN flash
+  attention on GPU (bf16), splash on TPU, XLA for short and 'chunked' (O(N) memory) for long
+  sequences elsewhere; 'xla' (or None) always builds the full [heads, N, N] score matrix, too big
+  at 480p x 81 frames (N = 32760). context_parallel: None, 'ring' or 'all_to_all', used when the
+  mesh shards the token sequence ('context' axis > 1).
   """
 
   def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, scan_layers=True, remat='none', attention_impl=None):
+               param_dtype=jnp.float32, scan_layers=True, remat='none', attention_impl='auto',
+               context_parallel=None):
     if remat != 'none' and remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r}: expected one of none, {", ".join(REMAT_POLICIES)}')
     cfg = self.config = config
@@ -262,7 +277,7 @@ class WanDiT(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_blocks(rngs):
       return WanBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                      attention_impl=attention_impl)
+                      attention_impl=attention_impl, context_parallel=context_parallel)
 
     self.blocks = make_blocks(rngs)
     self.scale_shift_table = _param(nnx.initializers.normal(d ** -0.5), (2, d), (None, 'embed'),
