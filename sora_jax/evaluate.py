@@ -1,6 +1,7 @@
 r"""Evaluates a trained run: held-out flow-matching loss and (shapes) prompt adherence from pixels.
 
-  python -m sora_jax.evaluate --workdir=runs/demo --output=runs/demo/eval.json
+  python -m sora_jax.evaluate --workdir=runs/demo --output=runs/demo/eval.json \
+      [--sampler=dpm++2m --num_steps=16 --negative_prompt=... --guidance_schedule=linear]
 
 Loss: mean velocity MSE on fresh clips (seed disjoint from training) at a fixed timestep grid with fixed
 noise, for seen and held-out (colour, shape) pairs. Adherence: one video per prompt (every pair x every
@@ -29,8 +30,9 @@ def define_flags():
   flags.DEFINE_string('output', None, 'JSON file for the results.')
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to evaluate (default: latest).')
   flags.DEFINE_integer('seed', 0, 'Sampling noise seed.')
-  flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
-  flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+  sampling.define_sampler_flags()
+  flags.DEFINE_bool('flow_loss', True, 'Also measure the held-out flow-matching loss (it does not'
+                    ' depend on the sampling flags).')
   flags.DEFINE_bool('use_ema', True, 'Evaluate the EMA parameters.')
   flags.DEFINE_string('videos_dir', None, 'Where judged videos go (default: next to --output).')
 
@@ -97,8 +99,26 @@ def reconstruction(graphdef, params, config, mesh, split: str) -> dict:
   return {'psnr_db': float(np.mean(psnr)), 'l1': float(np.mean(l1)), 'num_videos': len(psnr)}
 
 
+def adherence_prompts(split: str, samples_per_prompt: int) -> list[str]:
+  """Every (colour, shape) pair of `split` x every direction, `samples_per_prompt` times."""
+  return [shapes.caption(c, s, d) for c, s in shapes.pairs(split)
+          for d in shapes.DIRECTIONS] * samples_per_prompt
+
+
+def split_adherence(generate, params, config, mesh, split: str, videos_dir: str, *, seed: int,
+                    frozen) -> dict:
+  """Generates `split`'s adherence prompts with `generate` (sampling.make_generate), writes them to
+  `videos_dir` and judges them. Run under `jax.set_mesh(mesh)`."""
+  prompts = adherence_prompts(split, config.eval.samples_per_prompt)
+  videos = sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh, seed=seed,
+                                    batch_size=config.eval.batch_size, frozen=frozen)
+  return adherence(sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps))
+
+
 def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_scale=None,
-             use_ema=True, videos_dir=None) -> dict:
+             use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
+             guidance_schedule=None, guidance_interval=None, flow_loss=True) -> dict:
+  """Sampling options left None come from config.sample (see `sampling.settings`)."""
   config, mesh, graphdef, params, step = restore.load(workdir, step=step, use_ema=use_ema)
   if config.model.family == 'vae':
     result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema}
@@ -109,25 +129,25 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
     _write(result, output)
     return result
   frozen = frozen_lib.Frozen(config)
-  num_steps = num_steps or config.sample.num_steps
-  guidance = config.sample.guidance_scale if guidance_scale is None else guidance_scale
+  options = sampling.settings(config, num_steps=num_steps, guidance_scale=guidance_scale,
+                              sampler=sampler, negative_prompt=negative_prompt,
+                              guidance_schedule=guidance_schedule,
+                              guidance_interval=guidance_interval)
   videos_dir = videos_dir or os.path.splitext(output)[0] + '_videos'
-  generate = sampling.make_generate(graphdef, config, num_steps=num_steps,
-                                    guidance_scale=guidance, frozen=frozen)
-  result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema,
-            'num_steps': num_steps, 'guidance_scale': guidance, 'seed': seed}
+  generate = sampling.make_generate(graphdef, config, frozen=frozen, **options)
+  result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema, **options,
+            'seed': seed}
   with jax.set_mesh(mesh):
     for name, split in SPLITS.items():
-      loss = flow_matching_loss(graphdef, params, config, mesh, split, frozen)
-      prompts = [shapes.caption(c, s, d) for c, s in shapes.pairs(split)
-                 for d in shapes.DIRECTIONS] * config.eval.samples_per_prompt
-      videos = sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh,
-                                        seed=seed, batch_size=config.eval.batch_size,
-                                        frozen=frozen)
-      samples = sampling.write_videos(videos, prompts, os.path.join(videos_dir, name),
-                                      fps=config.data.fps)
-      result[name] = {'flow_matching_loss': loss, 'adherence': adherence(samples)}
-      logging.info('%s: loss %.4f, adherence %s', name, loss['mean'],
+      result[name] = {}
+      if flow_loss:
+        result[name]['flow_matching_loss'] = flow_matching_loss(graphdef, params, config, mesh,
+                                                                split, frozen)
+      result[name]['adherence'] = split_adherence(generate, params, config, mesh, split,
+                                                  os.path.join(videos_dir, name), seed=seed,
+                                                  frozen=frozen)
+      logging.info('%s: loss %s, adherence %s', name,
+                   result[name].get('flow_matching_loss', {}).get('mean'),
                    result[name]['adherence']['rates'])
   _write(result, output)
   return result
@@ -144,15 +164,20 @@ def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
-  result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed,
-                    num_steps=f.num_steps, guidance_scale=f.guidance_scale, use_ema=f.use_ema,
-                    videos_dir=f.videos_dir)
+  try:
+    options = sampling.flag_values()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
+                    videos_dir=f.videos_dir, flow_loss=f.flow_loss, **options)
   for name in SPLITS:
     if 'reconstruction' in result[name]:
       print(name, result[name]['reconstruction'])
-    else:
+    elif 'flow_matching_loss' in result[name]:
       print(name, 'loss', round(result[name]['flow_matching_loss']['mean'], 4),
             result[name]['adherence']['rates'])
+    else:
+      print(name, result[name]['adherence']['rates'])
 
 
 if __name__ == '__main__':

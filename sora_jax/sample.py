@@ -1,7 +1,9 @@
 r"""Samples videos from a trained run.
 
   python -m sora_jax.sample --workdir=runs/demo --prompt="a red circle moving left" \
-      --prompt="a green square moving up" --output_dir=out
+      --prompt="a green square moving up" --output_dir=out [--sampler=dpm++2m --num_steps=16]
+      [--negative_prompt="a blue triangle"]
+      [--guidance_schedule=interval --guidance_interval=0.2,0.8]
 
 Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "path"}, ...]}.
 """
@@ -19,8 +21,7 @@ def define_flags():
   flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat the flag for several videos.')
   flags.DEFINE_string('output_dir', None, 'Where the mp4 files and samples.json go.')
   flags.DEFINE_integer('seed', 0, 'Noise seed; video i uses fold_in(seed, i).')
-  flags.DEFINE_integer('num_steps', None, 'Euler steps (default: config.sample.num_steps).')
-  flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+  sampling.define_sampler_flags()
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to load (default: latest).')
   flags.DEFINE_bool('use_ema', True, 'Sample with the EMA parameters.')
   flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
@@ -32,18 +33,16 @@ def main(argv):
   f = flags.FLAGS
   config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
                                                       use_ema=f.use_ema)
-  num_steps = f.num_steps or config.sample.num_steps
-  guidance = config.sample.guidance_scale if f.guidance_scale is None else f.guidance_scale
-  if num_steps <= 0:
-    raise app.UsageError(f'--num_steps={num_steps} must be positive.')
-  logging.info('Sampling %d prompts from step %d (%d steps, guidance %.1f).', len(f.prompt), step,
-               num_steps, guidance)
+  try:
+    options = sampling.settings(config, **sampling.flag_values())
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  logging.info('Sampling %d prompts from step %d (%s).', len(f.prompt), step, options)
   if config.model.family == 'vae':
     raise app.UsageError(f'{f.workdir} holds an autoencoder (model.family=vae), not a text-to-video'
                          ' model; use it as --config.autoencoder of a DiT run.')
   frozen = frozen_lib.Frozen(config)
-  generate = sampling.make_generate(graphdef, config, num_steps=num_steps,
-                                    guidance_scale=guidance, frozen=frozen)
+  generate = sampling.make_generate(graphdef, config, frozen=frozen, **options)
   with jax.set_mesh(mesh):
     videos = sampling.generate_videos(generate, params, f.prompt, config=config, mesh=mesh,
                                       seed=f.seed, batch_size=f.batch_size, frozen=frozen)

@@ -1,0 +1,105 @@
+r"""Prompt adherence and wall time per ODE sampler and step count, on a trained shapes run.
+
+  python benchmarks/samplers.py --workdir=runs/demo --output_dir=runs/samplers_bench \
+      [--samplers=euler,heun,dpm++2m] [--steps=8,16,32] [--guidance_scale=4] [--negative_prompt=]
+
+For each (sampler, steps) it runs `evaluate`'s adherence protocol (every seen / held-out (colour,
+shape) pair x direction x config.eval.samples_per_prompt, one video each, written as mp4, decoded and
+judged), with the same seed for all, so rows differ only by the solver. The checkpoint is loaded once.
+Prints a table and writes OUTPUT_DIR/results.json (judged videos under OUTPUT_DIR/videos/).
+
+Model calls per video (each on the doubled CFG batch): euler N, heun 2N - 1, dpm++2m N. Times: the
+first batch (compilation + one batch), then generation of both splits after it (steady state; mp4
+writing and judging excluded).
+"""
+
+import json
+import os
+import time
+
+import jax
+from absl import app, flags
+
+from sora_jax import checkpoint, restore, sampling
+from sora_jax import evaluate as evaluate_lib
+from sora_jax import frozen as frozen_lib
+from sora_jax.diffusion import flow, samplers
+
+flags.DEFINE_string('workdir', None, 'Trained shapes run (config.json + checkpoints/); read only.')
+flags.DEFINE_string('output_dir', None, 'Where results.json and the judged videos go.')
+flags.DEFINE_list('samplers', list(samplers.SAMPLERS), 'Solvers to compare.')
+flags.DEFINE_list('steps', ['8', '16', '32'], 'Step counts.')
+flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+flags.DEFINE_string('negative_prompt', None, 'Negative prompt (default: the empty caption).')
+flags.DEFINE_enum('guidance_schedule', None, list(flow.GUIDANCE_SCHEDULES), 'CFG scale schedule.')
+flags.DEFINE_list('guidance_interval', None, 'lo,hi for --guidance_schedule=interval.')
+flags.DEFINE_integer('seed', 0, 'Noise seed (as evaluate --seed).')
+flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint (default: latest).')
+
+KEYS = ('color', 'shape', 'direction', 'stable', 'all')
+
+
+def run_one(generate, params, config, mesh, frozen, videos_dir, seed):
+  """Adherence rates per split plus timings for one compiled `generate`."""
+  prompts = {name: evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
+             for name, split in evaluate_lib.SPLITS.items()}
+  kw = dict(config=config, mesh=mesh, seed=seed, batch_size=config.eval.batch_size, frozen=frozen)
+  start = time.perf_counter()
+  sampling.generate_videos(generate, params, prompts['seen'][:config.eval.batch_size], **kw)
+  row = {'first_batch_s': time.perf_counter() - start, 'generate_s': 0.0, 'num_videos': 0}
+  for name, split_prompts in prompts.items():
+    start = time.perf_counter()
+    videos = sampling.generate_videos(generate, params, split_prompts, **kw)
+    row['generate_s'] += time.perf_counter() - start
+    row['num_videos'] += len(split_prompts)
+    samples = sampling.write_videos(videos, split_prompts, os.path.join(videos_dir, name),
+                                    fps=config.data.fps)
+    row[name] = evaluate_lib.adherence(samples)['rates']
+  return row
+
+
+def table(rows) -> str:
+  head = (f'{"sampler":8} {"steps":>5} {"calls":>5} | ' + ' '.join(f'{k:>5.5}' for k in KEYS)
+          + ' | ' + ' '.join(f'{k:>5.5}' for k in KEYS) + ' | first_s  gen_s  s/video')
+  lines = [f'{"":21} | {"seen":^29} | {"held-out":^29} |', head, '-' * len(head)]
+  for r in rows:
+    lines.append(f'{r["sampler"]:8} {r["num_steps"]:5d} {r["model_calls"]:5d} | '
+                 + ' '.join(f'{r["seen"][k]:5.2f}' for k in KEYS) + ' | '
+                 + ' '.join(f'{r["held_out"][k]:5.2f}' for k in KEYS)
+                 + f' | {r["first_batch_s"]:7.1f} {r["generate_s"]:6.1f} '
+                 + f'{r["generate_s"] / r["num_videos"]:8.3f}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  checkpoint.quiet_orbax_logs()
+  f = flags.FLAGS
+  config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step)
+  frozen = frozen_lib.Frozen(config)
+  interval = tuple(float(v) for v in f.guidance_interval) if f.guidance_interval else None
+  os.makedirs(f.output_dir, exist_ok=True)
+  out_path = os.path.join(f.output_dir, 'results.json')
+  rows = []
+  for name in f.samplers:
+    for num_steps in (int(n) for n in f.steps):
+      options = sampling.settings(config, num_steps=num_steps, sampler=name,
+                                  guidance_scale=f.guidance_scale,
+                                  negative_prompt=f.negative_prompt,
+                                  guidance_schedule=f.guidance_schedule, guidance_interval=interval)
+      generate = sampling.make_generate(graphdef, config, frozen=frozen, **options)
+      videos_dir = os.path.join(f.output_dir, 'videos', f'{name}_{num_steps}')
+      with jax.set_mesh(mesh):
+        row = run_one(generate, params, config, mesh, frozen, videos_dir, f.seed)
+      rows.append({**options, 'model_calls': samplers.model_calls(name, num_steps), **row})
+      print(table(rows[-1:]).splitlines()[-1], flush=True)
+      with open(out_path, 'w') as fp:
+        json.dump({'workdir': os.path.abspath(f.workdir), 'step': step, 'seed': f.seed,
+                   'device': jax.devices()[0].device_kind, 'rows': rows}, fp, indent=2)
+  print(f'\n{f.workdir} step {step}, seed {f.seed}, {jax.devices()[0].device_kind}')
+  print(table(rows))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'output_dir'])
+  app.run(main)
