@@ -68,6 +68,25 @@ def uses_user_data(config) -> bool:
   return bool(config.data.manifest or config.data.prepared or config.data.tfds_name)
 
 
+class ProcessRows:
+  """The rows of each global batch that one process feeds: a contiguous block, because its devices
+  hold a contiguous block of the global batch (`make_array_from_process_local_data`). So global
+  batch s is records s*B .. s*B + B - 1 whatever the process count, and a run on 2 processes sees
+  exactly the batches of a run on 1."""
+
+  def __init__(self, records, batch_size: int, process_index: int, process_count: int):
+    self.records, self.batch_size = records, batch_size
+    self.per_process = batch_size // process_count
+    self.offset = process_index * self.per_process
+
+  def __len__(self):
+    return len(self.records) // self.batch_size * self.per_process
+
+  def __getitem__(self, i):
+    s, j = divmod(i, self.per_process)
+    return self.records[s * self.batch_size + self.offset + j]
+
+
 def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
                    data_parallel: int = 1, skips: bucketed.SkipLog | None = None):
   """Infinite, checkpointable iterator of per-process batches (grain.DatasetIterator)."""
@@ -80,8 +99,9 @@ def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the'
                      f' {process_count} processes.')
   # Records are i.i.d. draws keyed by index, so index order is already a shuffle.
-  ds = grain.MapDataset.source(source(config, 'train', config.seed))
-  ds = ds[process_index::process_count].map(ToModelInputs(Tokenizer(config)))
+  ds = grain.MapDataset.source(ProcessRows(source(config, 'train', config.seed), config.batch_size,
+                                           process_index, process_count))
+  ds = ds.map(ToModelInputs(Tokenizer(config)))
   per_process = config.batch_size // process_count
   ds = ds.to_iter_dataset(_read_options(config, per_process))
   ds = ds.batch(per_process, drop_remainder=True)
@@ -214,8 +234,9 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
     clips = packing.unbatch(
         _user_data_dataset(config, process_index, process_count, data_parallel, skips))
   else:
-    clips = grain.MapDataset.source(source(config, 'train', config.seed))
-    clips = clips[process_index::process_count].map(ToModelInputs(Tokenizer(config)))
+    clips = grain.MapDataset.source(ProcessRows(source(config, 'train', config.seed),
+                                                config.batch_size, process_index, process_count))
+    clips = clips.map(ToModelInputs(Tokenizer(config)))
     clips = _prefetch(clips.to_iter_dataset(_read_options(config, 1)), config)
   d = config.data
   ds = packing.pack_dataset(

@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  c.mesh.context = 1  # sequence sharding; arrives with the scale-out issue
+  c.mesh.context = 1  # sequence sharding; self-attention then runs per model.context_parallel
   # Multi-slice TPU pods / multi-host GPU: how many of data's / fsdp's devices are in different slices
   # (data-centre network); the rest of each axis stays inside a slice. Must divide mesh.data / fsdp.
   c.mesh.dcn_data = 1
@@ -93,6 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype; parameters are always float32
   c.model.scan_layers = True
   c.model.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
+  # Self-attention kernel (sora_jax/models/attention.py): auto | xla | cudnn | splash | chunked.
+  # auto: cuDNN flash on GPU, Pallas splash on TPU, else xla for short and chunked for long sequences.
+  c.model.attention = 'auto'
+  # With mesh.context > 1: 'ring' (K/V blocks rotate with ppermute), 'all_to_all' (Ulysses: sequence
+  # <-> heads), or '' (let GSPMD partition the attention).
+  c.model.context_parallel = 'ring'
 
   # model.family='wan': diffusers WanTransformer3DModel fields (patch: model.patch_size; text_dim: the
   # text encoder's width; channels: 3 or the autoencoder's latent channels). Wan 2.1 T2V 1.3B below.
@@ -168,10 +174,6 @@ def resolve_mesh_shape(config, num_devices: int) -> dict[str, int]:
   for a, n in axes.items():
     if n == 0 or n < -1:
       raise ValueError(f'config.mesh.{a}={n}: axis sizes are positive or -1.')
-  if config.mesh.context > 1:
-    raise ValueError(
-        f'config.mesh.context={config.mesh.context}: sequence (context) parallelism is not'
-        ' implemented yet; set config.mesh.context=1.')
   for a in ('data', 'fsdp'):
     dcn = int(config.mesh.get(f'dcn_{a}', 1))
     if dcn < 1:
@@ -327,6 +329,13 @@ def _check_transformer(config, mesh):
         raise ValueError(
             f'config.model.patch_size={patch} does not divide {where}: {key}={n if not geometry else clip}'
             f' gives {name} {n}, not a multiple of {p}.')
+  if mesh['context'] > 1:
+    for clip in clips:
+      shape = latent_shape(clip, geometry) if geometry else clip
+      tokens = math.prod(n // p for n, p in zip(shape, patch))
+      if tokens % mesh['context']:
+        raise ValueError(f'config.mesh.context={mesh["context"]} does not divide the {tokens} tokens'
+                         f' of clip {clip}: the token sequence is split evenly over it.')
   _check_packing(config)
   if config.data.packing and (m.family != 'dit' or config.autoencoder or
                               config.text.encoder != 'bytes'):
@@ -374,6 +383,13 @@ def validate(config, num_devices: int) -> dict[str, int]:
     _check_vae(config)
   else:
     _check_transformer(config, mesh)
+  from sora_jax.models import attention  # pylint: disable=g-import-not-at-top
+  if m.attention not in attention.IMPLS:
+    raise ValueError(f'config.model.attention={m.attention!r}: expected one of'
+                     f' {", ".join(attention.IMPLS)}.')
+  if m.context_parallel not in ('', 'ring', 'all_to_all'):
+    raise ValueError(f'config.model.context_parallel={m.context_parallel!r}: expected ring,'
+                     ' all_to_all or "".')
   if m.remat not in ('none', 'full', 'dots'):
     raise ValueError(f'config.model.remat={m.remat!r}: expected none, full or dots.')
   if m.dtype not in ('float32', 'bfloat16'):

@@ -37,9 +37,13 @@ def reference():
     dict(data=1, fsdp=8, tensor=1),
     dict(data=2, fsdp=2, tensor=2),
     dict(data=1, fsdp=2, tensor=4),
+    dict(data=2, fsdp=1, tensor=2, context=2),  # ring attention over the token sequence
+    dict(data=1, fsdp=2, tensor=1, context=4, context_parallel='all_to_all'),
 ])
 def test_sharded_step_matches_single_device(config, reference, mesh):
   assert jax.device_count() == 8
+  mesh = dict(mesh)
+  config.model.context_parallel = mesh.pop('context_parallel', 'ring')
   config.mesh.update(mesh)
   metrics, state = one_step(config, jax.devices())
   ref_metrics, ref_state = reference

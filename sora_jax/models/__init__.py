@@ -82,12 +82,15 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
   if m.family == 'wan':
     from sora_jax.models import wan  # pylint: disable=g-import-not-at-top
     video_model = wan.WanDiT(wan.WanConfig(**wan_kwargs(config, channels_in)),
-                             scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs)
+                             scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs,
+                             attention_impl=m.attention,
+                             context_parallel=m.context_parallel or None)
   else:
     video_model = dit.VideoDiT(
         channels=channels_in, patch_size=tuple(m.patch_size), width=m.width, depth=m.depth,
         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, context_width=text_width(config),
-        rope_theta=m.rope_theta, scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs)
+        rope_theta=m.rope_theta, scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs,
+        attention_impl=m.attention, context_parallel=m.context_parallel or None)
   return TextToVideo(encoder, video_model, config.diffusion.prediction)
 
 
