@@ -11,6 +11,8 @@ Sections (--sections, comma-separated):
                FSDP over all devices, against the theoretical FSDP volume: all-gather the parameters
                for the forward and again for the backward, reduce-scatter the gradients,
                each (n - 1) / n of the parameter bytes per device.
+  remat        compiled peak temp memory of the whole train step for growing frame sizes (tokens), per
+               remat policy (none / full / dots) and attention backend.
   mfu          model FLOPs / step time / device peak for the config's train step (peak from the
                device kind; unknown on CPU, where TFLOP/s per device is printed).
 """
@@ -33,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config (collectives, mfu).')
-flags.DEFINE_list('sections', ['attention', 'collectives', 'mfu'], 'What to measure.')
+flags.DEFINE_list('sections', ['attention', 'remat', 'collectives', 'mfu'], 'What to measure.')
+flags.DEFINE_list('frame_sizes', ['32', '64', '128'], 'Frame height = width (remat).')
 flags.DEFINE_list('lengths', ['1024', '2048', '4096', '8192'], 'Sequence lengths (attention).')
 flags.DEFINE_list('backends', ['xla', 'chunked'], 'Attention backends (attention).')
 flags.DEFINE_integer('steps', 5, 'Timed steps (mfu) / calls (attention).')
@@ -118,6 +121,30 @@ def section_attention(lengths, backends, calls):
       print(f'{backend:10s} {length:7d} {temp:9.1f} {ms:9.1f}', flush=True)
 
 
+def section_remat(config, sizes):
+  print('\n== train step, compiled temp memory per device (MB) by remat policy and attention ==')
+  print(f'{"tokens":>7s} ' + ' '.join(f'{r + "/" + a:>14s}' for r in ('none', 'full', 'dots')
+                                      for a in ('xla', 'chunked')))
+  for size in sizes:
+    row = []
+    for remat in ('none', 'full', 'dots'):
+      for attn in ('xla', 'chunked'):
+        c = config.copy_and_resolve_references()
+        c.data.height = c.data.width = size
+        c.model.remat, c.model.attention = remat, attn
+        step_fn, state, batch_sh, mesh = common.train_step(c)
+        shapes = dict(video=(c.batch_size, c.data.num_frames, size, size, 3),
+                      tokens=(c.batch_size, c.text.max_length), mask=(c.batch_size, c.text.max_length))
+        dtypes = dict(video=jnp.float32, tokens=jnp.int32, mask=jnp.bool_)
+        batch = {k: jax.ShapeDtypeStruct(v, dtypes[k], sharding=batch_sh) for k, v in shapes.items()}
+        with jax.set_mesh(mesh):
+          mem = step_fn.lower(state, batch).compile().memory_analysis()
+        row.append(mem.temp_size_in_bytes / 1e6)
+    tokens = math.prod(n // p for n, p in zip((config.data.num_frames, size, size),
+                                              config.model.patch_size))
+    print(f'{tokens:7d} ' + ' '.join(f'{m:14.1f}' for m in row), flush=True)
+
+
 def section_mfu(config, steps):
   compile_s, step_s, params = common.time_train_step(config, steps)
   clip = config_lib.model_clip_shape(config)
@@ -139,6 +166,8 @@ def main(argv):
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}')
   if 'attention' in f.sections:
     section_attention([int(x) for x in f.lengths], f.backends, f.steps)
+  if 'remat' in f.sections:
+    section_remat(f.config, [int(x) for x in f.frame_sizes])
   if 'collectives' in f.sections:
     section_collectives(f.config)
   if 'mfu' in f.sections:
