@@ -134,6 +134,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.frame_noise_prob = 0.0  # fraction of clips trained with a flow time per frame
   c.diffusion.loss_t_floor = 0.0  # velocity-loss weight min(1, (t / floor)^2); 0 = unweighted
 
+  # Conditioning on given frames (sora_jax/conditioning.py): image-to-video, extension, connecting
+  # clips. mix: (pattern, probability) pairs drawn per training clip, patterns none | first | first_k
+  # | last_k | first_last; only 'none' (default): no mask input channel, plain text-to-video.
+  # max_frames: k of the *_k patterns is uniform in [1, max_frames] temporal patches.
+  c.condition = ml_collections.ConfigDict()
+  c.condition.mix = (('none', 1.0),)
+  c.condition.max_frames = 1
+
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 100
@@ -402,6 +410,11 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if not 0.0 <= config.diffusion.frame_noise_prob <= 1.0:
     raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
                      ' [0, 1].')
+  if m.family != 'vae':
+    from sora_jax import conditioning  # pylint: disable=g-import-not-at-top
+    geometry = autoencoder_geometry(config.autoencoder) if config.autoencoder else None
+    conditioning.check(config, [latent_shape(s, geometry)[0] if geometry else s[0]
+                                for s in buckets.shapes(config)])
   if config.text.encoder not in ('bytes', 'umt5'):
     raise ValueError(f'config.text.encoder={config.text.encoder!r}: expected bytes or umt5.')
   if config.text.encoder == 'umt5' and not os.path.isdir(config.text.path):

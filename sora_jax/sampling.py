@@ -12,7 +12,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from sora_jax import config_lib, sharding, video_io
+from sora_jax import conditioning, config_lib, sharding, video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax.diffusion import flow, samplers
 
@@ -75,9 +75,17 @@ def flag_values() -> dict:
 
 def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=None,
                   sampler: str = 'euler', negative_prompt: str = '',
-                  guidance_schedule: str = 'constant', guidance_interval=(0.0, 1.0)):
-  """jitted (params, captions [B, L(, D)], mask [B, L], keys [B]) -> model-space videos [B, T, H, W, C]
-  (pixels in [-1, 1], or latents: decode with `frozen.decode`).
+                  guidance_schedule: str = 'constant', guidance_interval=(0.0, 1.0),
+                  edit_strength=None):
+  """jitted (params, captions [B, L(, D)], mask [B, L], keys [B], video=None, given=None) ->
+  model-space videos [B, T, H, W, C] (pixels in [-1, 1], or latents: decode with `frozen.decode`).
+
+  Conditioning (sora_jax/conditioning.py): `video` [B, T, H, W, C] model-space frames and `given`
+  [B, T] their given-frame mask (whole temporal patches). At every sampler step the given frames are
+  reset to their clean values with t = 0 for their tokens; they come out exactly as given. Given frames
+  need a model trained with config.condition.mix (else ValueError).
+  edit_strength s in (0, 1] (SDEdit): start from `video` noised to t = s, (1 - s) video + s noise, and
+  integrate from s to 0 (num_steps steps) under the prompts; `given` may be None then.
 
   Captions are what the model takes (`frozen.caption_inputs`). Noise comes from one key per video, so
   a prompt's video does not depend on what it is batched with.
@@ -98,26 +106,71 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
   else:
     scale = flow.guidance_schedule(guidance_scale, guidance_schedule, guidance_interval)
 
+  if edit_strength is not None:
+    if not 0.0 < edit_strength <= 1.0:
+      raise ValueError(f'edit_strength={edit_strength} must be in (0, 1].')
+    # The same shifted schedule, started at t = s: invert the shift at s, space evenly below it.
+    a = timestep_shift(config)
+    start = edit_strength / (a - (a - 1.0) * edit_strength)
+    timesteps = flow.shift_timesteps(jnp.linspace(start, 0.0, num_steps + 1), a)
+  conditioned = conditioning.enabled(config)
+
   @jax.jit
-  def generate(params, tokens, mask, keys):
+  def generate(params, tokens, mask, keys, video=None, given=None):
+    if given is not None and not conditioned:
+      raise ValueError('Given frames need a model trained with conditioning (config.condition.mix'
+                       ' beyond "none"); this one was trained without.')
     model = nnx.merge(graphdef, params)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
     both_tokens = jnp.concatenate([tokens, jnp.broadcast_to(neg_tokens, tokens.shape)])
     both_mask = jnp.concatenate([mask, jnp.broadcast_to(neg_mask, mask.shape)])
-    velocity = flow.guided_velocity(lambda x, t: model(x, t, both_tokens, both_mask), scale)
-    return solve(velocity, noise, timesteps)
+    if video is None:
+      velocity = flow.guided_velocity(lambda x, t: model(x, t, both_tokens, both_mask), scale)
+      return solve(velocity, noise, timesteps)
+    # SDEdit (edit_strength s): start from the given video noised to t = s.
+    x = noise if edit_strength is None else flow.interpolate(video, noise, timesteps[0])
+    if given is None:
+      both_given = None
+      keep = jnp.zeros(video.shape[:2] + (1, 1, 1), bool)
+    else:
+      both_given = jnp.concatenate([given, given]) if conditioned else None
+      keep = (given > 0)[:, :, None, None, None]
+
+    def model_fn(x2, t2):
+      if given is None:
+        return model(x2, t2, both_tokens, both_mask)
+      # Given frames: clean values at t = 0 (per-frame times), flagged by the mask channel.
+      t_frames = jnp.where(jnp.concatenate([given, given]) > 0, 0.0, t2[:, None])
+      return model(x2, t_frames, both_tokens, both_mask, given=both_given)
+
+    guided = flow.guided_velocity(model_fn, scale)
+
+    def velocity(x, t):
+      # Reset the given frames at every step, and never move them.
+      return jnp.where(keep, 0.0, guided(jnp.where(keep, video, x), t))
+
+    return jnp.where(keep, video, solve(velocity, jnp.where(keep, video, x), timesteps))
 
   return generate
 
 
 def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
-                    batch_size: int, frozen=None) -> np.ndarray:
-  """All prompts, in fixed-size (padded) batches: one compilation. Returns uint8 [N, T, H, W, 3]."""
+                    batch_size: int, frozen=None, video=None, given=None,
+                    decode: bool = True) -> np.ndarray:
+  """All prompts, in fixed-size (padded) batches: one compilation. Returns uint8 [N, T, H, W, 3].
+
+  video: model-space frames [T, H, W, C] shared by all prompts, or [N, T, H, W, C] one per prompt;
+  given [T]: their given-frame mask (see make_generate). decode=False: the model-space float videos
+  [N, T, H, W, C] instead."""
   frozen = frozen or frozen_lib.Frozen(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
   data_sharding = sharding.batch_sharding(mesh)
   base = jax.random.PRNGKey(seed)
+  if video is not None:
+    video = np.asarray(video, np.float32)
+    if video.ndim == 4:
+      video = np.broadcast_to(video, (len(prompts), *video.shape))
   out = []
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
@@ -125,12 +178,94 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
     chunk += [''] * (batch_size - n)
     tokens, mask = frozen.tokenize(chunk)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch_size))
-    tokens, mask, keys = jax.device_put((tokens, mask, keys), data_sharding)
-    videos = frozen.decode(generate(params, *frozen.caption_inputs(tokens, mask), keys))
+    extra = ()
+    if video is not None:
+      v = video[start:start + n]
+      v = np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)])
+      g = None if given is None else np.broadcast_to(np.asarray(given, np.float32),
+                                                     (batch_size, len(given)))
+      extra = (v, g)
+    tokens, mask, keys, extra = jax.device_put((tokens, mask, keys, extra), data_sharding)
+    videos = generate(params, *frozen.caption_inputs(tokens, mask), keys, *extra)
+    videos = frozen.decode(videos) if decode else videos
     # Every process gets all videos (its devices hold only some rows on a multi-host mesh).
-    videos = multihost_utils.process_allgather(videos, tiled=True)
-    out.append(video_io.to_uint8(np.asarray(videos)[:n]))
+    videos = np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n]
+    out.append(video_io.to_uint8(videos) if decode else videos)
   return np.concatenate(out)
+
+
+def long_windows(generate, params, prompts, *, config, mesh, seed: int, batch_size: int,
+                 num_frames: int, overlap: int, frozen=None, video=None, given=None,
+                 direction: str = 'forward') -> list[np.ndarray]:
+  """Sliding windows in model space: a list of [N, T, H, W, C] windows of the training length T.
+
+  Window k + 1 is conditioned on the `overlap` frames of window k nearest to it (its last frames going
+  forward, its first going backward) and reproduces them exactly; `video` / `given` condition the first
+  window. Windows run one at a time through the same compiled `generate`, so device memory stays that
+  of one window whatever `num_frames` (model frames in all) is; windows are kept on the host.
+  """
+  t_len = config_lib.model_clip_shape(config)[0]
+  pt = config.model.patch_size[0]
+  if direction not in ('forward', 'backward'):
+    raise ValueError(f'direction={direction!r}: expected forward or backward.')
+  if overlap <= 0 or overlap >= t_len or overlap % pt:
+    raise ValueError(f'overlap={overlap} must be a positive multiple of model.patch_size[0]={pt}'
+                     f' below the window length {t_len} (model frames).')
+  step = t_len - overlap
+  count = 1 + max(0, -(-(num_frames - t_len) // step))
+  g = np.zeros(t_len, np.float32)
+  if direction == 'forward':
+    g[:overlap] = 1
+  else:
+    g[t_len - overlap:] = 1
+  windows = []
+  for k in range(count):
+    if k:
+      prev = windows[-1]
+      video = np.zeros_like(prev)
+      if direction == 'forward':
+        video[:, :overlap] = prev[:, t_len - overlap:]
+      else:
+        video[:, t_len - overlap:] = prev[:, :overlap]
+      given = g
+    windows.append(generate_videos(generate, params, prompts, config=config, mesh=mesh,
+                                   seed=seed + k, batch_size=batch_size, frozen=frozen,
+                                   video=video, given=given, decode=False))
+  return windows
+
+
+def join_windows(windows, overlap: int, num_frames: int, direction: str = 'forward'):
+  """Windows from `long_windows` -> one [N, num_frames, ...] sequence (each overlap counted once)."""
+  if direction == 'backward':
+    parts = [w[:, :w.shape[1] - overlap] for w in windows[:0:-1]] + [windows[0]]
+    return np.concatenate(parts, axis=1)[:, -num_frames:]
+  parts = [windows[0]] + [w[:, overlap:] for w in windows[1:]]
+  return np.concatenate(parts, axis=1)[:, :num_frames]
+
+
+def generate_long(generate, params, prompts, *, config, mesh, seed: int, batch_size: int,
+                  num_frames: int, overlap: int, frozen=None, video=None, given=None,
+                  direction: str = 'forward') -> np.ndarray:
+  """Videos longer than the training length by sliding windows (`long_windows`): uint8
+  [N, num_frames, H, W, 3] (num_frames in model frames; latent frames with an autoencoder, decoded
+  window by window, each window's overlap frames dropped after decoding)."""
+  frozen = frozen or frozen_lib.Frozen(config)
+  windows = long_windows(generate, params, prompts, config=config, mesh=mesh, seed=seed,
+                         batch_size=batch_size, num_frames=num_frames, overlap=overlap,
+                         frozen=frozen, video=video, given=given, direction=direction)
+  if frozen.vae is None:
+    return video_io.to_uint8(join_windows(windows, overlap, num_frames, direction))
+  temporal = config_lib.autoencoder_geometry(config.autoencoder)['temporal']
+  cut = conditioning.pixel_frames(overlap, temporal, at_start=direction == 'forward')
+  pixels = []
+  for k, w in enumerate(windows):
+    p = np.asarray(frozen.decode(jnp.asarray(w)))
+    if k:
+      p = p[:, cut:] if direction == 'forward' else p[:, :p.shape[1] - cut]
+    pixels.append(video_io.to_uint8(p))
+  if direction == 'backward':
+    return np.concatenate(pixels[::-1], axis=1)
+  return np.concatenate(pixels, axis=1)
 
 
 def write_videos(videos, prompts, output_dir: str, fps: int) -> list[dict]:

@@ -25,7 +25,8 @@ from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline
 from data_pipelines import shapes
-from sora_jax import checkpoint, config_lib, distributed, metrics, sampling, sharding, video_io
+from sora_jax import checkpoint, conditioning, config_lib, distributed, metrics, sampling, sharding
+from sora_jax import video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax import state as state_lib
 from sora_jax.diffusion import flow
@@ -79,6 +80,11 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
                               shift=shift)
     if d.frame_noise_prob > 0:
       t = per_frame_timesteps(jax.random.fold_in(t_rng, 1), t, x0.shape[1])
+    given = None
+    if conditioning.enabled(config):
+      # Given frames ride on the per-frame times: t = 0 before interpolation keeps them clean.
+      given = conditioning.sample_given(jax.random.fold_in(t_rng, 2), config, b, x0.shape[1])
+      t = jnp.where(given > 0, 0.0, t if t.ndim == 2 else jnp.broadcast_to(t[:, None], given.shape))
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     x_t = flow.interpolate(x0, noise, t)
     # Caption dropout: the empty caption teaches the unconditional velocity used by CFG.
@@ -87,8 +93,12 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     mask = dropped(drop, null_mask, batch['mask'])
 
     def loss_fn(params):
-      v = nnx.merge(graphdef, params)(x_t, t, tokens, mask)
-      return flow.loss(v, x0, noise, flow.loss_weight(t, d.loss_t_floor)).mean(), {}
+      if given is None:
+        v = nnx.merge(graphdef, params)(x_t, t, tokens, mask)
+        return flow.loss(v, x0, noise, flow.loss_weight(t, d.loss_t_floor)).mean(), {}
+      v = nnx.merge(graphdef, params)(x_t, t, tokens, mask, given=given)
+      weight = flow.loss_weight(t, d.loss_t_floor)
+      return conditioning.masked_loss(v, x0, noise, weight, given).mean(), {}
 
     return loss_fn
 

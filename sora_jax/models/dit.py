@@ -10,6 +10,16 @@ token carries its segment id (0 = padding, 1..S = clip) and its (t, h, w) patch 
 own clip. The same weights and block code then restrict self-attention to the token's segment, take
 RoPE from the explicit coordinates, modulate with the segment's own timestep + pooled text (adaLN per
 token) and cross-attend only to the segment's caption, so a packed clip gets the output it gets alone.
+
+Conditioning on given frames (`condition_channel=True`; sora_jax/conditioning.py): image-to-video,
+forward/backward extension, connecting clips and sliding-window long videos all give the model some
+frames of the clip. Given frames are kept CLEAN in the input and their temporal tokens get flow time
+t = 0 through the per-frame times above; one extra input channel (channel concat: C + 1 in, C out) is 1
+on given frames and 0 elsewhere, so the model can tell a given frame from one that is merely nearly
+clean. The loss covers only the other frames. Why per-frame times rather than a separate reference
+branch: a clean frame at t = 0 is exactly what per-frame training (diffusion.frame_noise_prob) already
+teaches the model to read, with no new weights beyond the mask channel's patch-embedding rows. A given
+"frame" is a whole temporal patch (patch_size[0] frames): one token carries one time.
 """
 
 import math
@@ -117,14 +127,17 @@ class VideoDiT(nnx.Module):
 
   def __init__(self, *, channels, patch_size, width, depth, num_heads, mlp_ratio, context_width,
                rope_theta=256.0, scan_layers=True, remat='none', dtype=jnp.float32,
-               attention_impl='auto', context_parallel=None, rngs):
+               attention_impl='auto', context_parallel=None, condition_channel=False, rngs):
     """attention_impl: attention backend (models/attention.py IMPLS); context_parallel: None, 'ring'
-    or 'all_to_all', used when the mesh shards the token sequence ('context' axis > 1)."""
+    or 'all_to_all', used when the mesh shards the token sequence ('context' axis > 1);
+    condition_channel: takes the given-frame mask as an extra input channel (module docstring)."""
     self.channels, self.patch_size = channels, tuple(patch_size)
+    self.condition_channel = condition_channel
     self.num_heads, self.rope_theta = num_heads, rope_theta
     self.scan_layers, self.remat = scan_layers, remat
     patch_dim = math.prod(self.patch_size) * channels
-    self.patch_embed = layers.linear(patch_dim, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
+    in_dim = math.prod(self.patch_size) * (channels + int(condition_channel))
+    self.patch_embed = layers.linear(in_dim, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.time_embed1 = layers.linear(256, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.time_embed2 = layers.linear(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
     self.context_embed1 = layers.linear(context_width, width, ('patch', 'embed'), rngs=rngs,
@@ -147,10 +160,19 @@ class VideoDiT(nnx.Module):
     self.final = layers.linear(width, patch_dim, ('embed', 'patch'), zero=True, rngs=rngs,
                                dtype=dtype)
 
-  def __call__(self, video, t, context, context_mask):
+  def __call__(self, video, t, context, context_mask, given=None):
     """video [B, T, H, W, C], t [B] (or [B, T]: a flow time per frame, constant within each temporal
-    patch), context [B, L, Dc], context_mask [B, L] -> [B, T, H, W, C]."""
+    patch), context [B, L, Dc], context_mask [B, L], given [B, T]: the given-frame mask (models with
+    condition_channel; None: nothing given) -> [B, T, H, W, C]."""
     dtype = self.patch_embed.dtype
+    if self.condition_channel:
+      b, frames = video.shape[:2]
+      given = jnp.zeros((b, frames), dtype) if given is None else given.astype(dtype)
+      channel = jnp.broadcast_to(given[:, :, None, None, None], (*video.shape[:4], 1))
+      video = jnp.concatenate([video.astype(dtype), channel], axis=-1)
+    elif given is not None:
+      raise ValueError('This VideoDiT was built without condition_channel: it cannot take given'
+                       ' frames (train it with config.condition.mix).')
     x, grid = patchify(video.astype(dtype), self.patch_size)
     x = sharding.constrain(self.patch_embed(x), ('batch', 'length', 'act_embed'))
     c_text, context = self._condition(context, context_mask)

@@ -1,0 +1,19 @@
+r"""The demo (configs/demo.py) trained to also condition on given frames: image-to-video, forward /
+backward extension and sliding-window long videos from one model (sora_jax/conditioning.py).
+
+  python -m sora_jax.train --config=configs/demo_conditioned.py --workdir=runs/demo_conditioned
+  python -m sora_jax.sample --workdir=runs/demo_conditioned --prompt="a red circle moving left" \
+      --image=first.png --output_dir=out
+
+With 2x8x8 patches a given "frame" is a temporal patch of 2 frames; 12 frames = 6 temporal patches,
+of which first_k / last_k give 1 or 2. Not yet trained to its targets (a 5-step smoke run only).
+"""
+
+from configs import demo
+
+
+def get_config(autoencoder: str = ''):
+  config = demo.get_config(autoencoder)
+  config.condition.mix = (('none', 0.4), ('first', 0.3), ('first_k', 0.15), ('last_k', 0.15))
+  config.condition.max_frames = 2
+  return config

@@ -1,0 +1,147 @@
+"""Conditioning on given frames: image-to-video, extension, connecting clips, SDEdit, long videos.
+
+One model serves all of them (dit.py's docstring has the design): some frames of the clip are "given",
+kept clean in the model input with flow time t = 0 for their temporal tokens, and flagged by an extra
+input channel (1 on given frames). A given-frame mask is [B, T] over the model's frames (pixels, or
+latents with an autoencoder) and is constant within each temporal patch: with model.patch_size[0] = 2 a
+"frame" of the patterns below is a temporal patch of 2 frames.
+
+Training draws one pattern per clip from `config.condition.mix`:
+  none        nothing given (plain text-to-video)
+  first       the first temporal patch (image-to-video)
+  first_k     the first k patches (forward extension), k uniform in [1, config.condition.max_frames]
+  last_k      the last k patches (backward extension)
+  first_last  the first and the last k patches (connecting two clips / two images)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PATTERNS = ('none', 'first', 'first_k', 'last_k', 'first_last')
+
+
+def mix(config) -> tuple[tuple[str, float], ...]:
+  """config.condition.mix as ((pattern, probability), ...); workdirs saved before conditioning existed
+  (or a JSON round trip: lists) read as today's default."""
+  cond = config.get('condition')
+  if cond is None:
+    return (('none', 1.0),)
+  return tuple((str(p), float(q)) for p, q in cond.mix)
+
+
+def enabled(config) -> bool:
+  """Whether the model conditions on given frames (and so has the extra mask input channel)."""
+  return any(p != 'none' and q > 0 for p, q in mix(config))
+
+
+def check(config, model_frames: list[int]) -> None:
+  """Validates config.condition for clips of `model_frames` frames (as the model sees them)."""
+  pairs = config.condition.mix
+  try:
+    pairs = mix(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.condition.mix={pairs!r} must be a tuple of (pattern, probability)'
+                     f' pairs: {e}.') from None
+  if not pairs:
+    raise ValueError('config.condition.mix is empty; use (("none", 1.0),) for no conditioning.')
+  for p, q in pairs:
+    if p not in PATTERNS:
+      raise ValueError(f'config.condition.mix: unknown pattern {p!r}; expected one of'
+                       f' {", ".join(PATTERNS)}.')
+    if q < 0:
+      raise ValueError(f'config.condition.mix: probability {q} of {p!r} is negative.')
+  if abs(sum(q for _, q in pairs) - 1.0) > 1e-6:
+    raise ValueError(f'config.condition.mix: probabilities sum to {sum(q for _, q in pairs):g},'
+                     ' not 1.')
+  k = config.condition.max_frames
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f'config.condition.max_frames={k!r} must be an int >= 1.')
+  if not enabled(config):
+    return
+  if config.model.family != 'dit' or config.data.packing:
+    raise ValueError('config.condition.mix conditions on given frames with model.family="dit" and'
+                     ' data.packing=False only.')
+  pt = config.model.patch_size[0]
+  used = {p for p, q in pairs if q > 0}
+  for frames in model_frames:
+    patches = frames // pt
+    if frames == 1:
+      continue  # image clips: nothing given (sample_given clamps k)
+    need = {'first': 1, 'first_k': k, 'last_k': k, 'first_last': 2 * k}
+    for p in used - {'none'}:
+      if need[p] >= patches:
+        raise ValueError(
+            f'config.condition.max_frames={k} with pattern {p!r} gives {need[p]} temporal patch(es),'
+            f' but a clip of {frames} model frames has only {patches} temporal patches'
+            f' (model.patch_size[0]={pt}): at least one must stay to generate. max_frames counts'
+            f' temporal patches.')
+
+
+def pattern_mask(pattern: str, k: int, num_frames: int, patch_t: int = 1) -> np.ndarray:
+  """Given-frame mask [num_frames] float32 of one pattern with k temporal patches (host side)."""
+  if pattern not in PATTERNS:
+    raise ValueError(f'Unknown conditioning pattern {pattern!r}; expected one of {PATTERNS}.')
+  patches = num_frames // patch_t
+  m = np.zeros(patches, np.float32)
+  if pattern in ('first', 'first_k', 'first_last'):
+    m[:1 if pattern == 'first' else k] = 1
+  if pattern in ('last_k', 'first_last'):
+    m[patches - k:] = 1
+  return np.repeat(m, patch_t)
+
+
+def sample_given(rng, config, batch: int, num_frames: int):
+  """Training: a pattern per clip from config.condition.mix -> given-frame mask [B, T] float32.
+
+  k is uniform in [1, max_frames], clamped per pattern so that at least one temporal patch is left to
+  generate (1-frame image clips then get nothing given)."""
+  pt = config.model.patch_size[0]
+  patches = num_frames // pt
+  pairs = mix(config)
+  pick_rng, k_rng = jax.random.split(rng)
+  pattern = jax.random.choice(pick_rng, len(pairs), (batch,),
+                              p=jnp.asarray([q for _, q in pairs], jnp.float32))
+  k = jax.random.randint(k_rng, (batch,), 1, config.condition.max_frames + 1)
+  idx = jnp.arange(patches)[None]
+  masks = []
+  for name, _ in pairs:
+    kk = {'none': 0, 'first': 1, 'first_k': k, 'last_k': k, 'first_last': k}[name]
+    limit = (patches - 1) // 2 if name == 'first_last' else patches - 1
+    kk = jnp.minimum(jnp.broadcast_to(kk, (batch,)), limit)[:, None]
+    first = idx < kk if name in ('first', 'first_k', 'first_last') else jnp.zeros_like(idx, bool)
+    last = idx >= patches - kk if name in ('last_k', 'first_last') else jnp.zeros_like(idx, bool)
+    masks.append(jnp.broadcast_to(first | last, (batch, patches)))
+  given = jnp.stack(masks)[pattern, jnp.arange(batch)]  # [B, patches]
+  return jnp.repeat(given, pt, axis=1).astype(jnp.float32)
+
+
+def masked_loss(v_pred, x0, noise, weight, given):
+  """Per-example mean squared velocity error over the non-given frames only [B].
+
+  weight: [B] or [B, T] loss weights (flow.loss_weight); given [B, T]. Given frames are inputs, not
+  predictions: their outputs get no gradient. Equals flow.loss when nothing is given."""
+  err = jnp.square(v_pred.astype(jnp.float32) - (noise - x0))
+  keep = 1.0 - given.astype(jnp.float32)
+  w = keep if weight is None else keep * jnp.broadcast_to(
+      weight.reshape(weight.shape + (1,) * (2 - weight.ndim)), keep.shape)
+  err = err * w.reshape(w.shape + (1,) * (err.ndim - 2))
+  per_frame = err.reshape(*err.shape[:2], -1).mean(-1)  # [B, T]
+  return per_frame.sum(-1) / jnp.maximum(keep.sum(-1), 1.0)
+
+
+def pixel_frames(model_frames: int, temporal: int, *, at_start: bool) -> int:
+  """Pixel frames that make `model_frames` latent frames of a causal autoencoder (temporal = its
+  compression; 1 without one): the first latent frame encodes one pixel frame alone."""
+  if temporal == 1 or model_frames == 0:
+    return model_frames
+  return 1 + (model_frames - 1) * temporal if at_start else model_frames * temporal
+
+
+def check_mask(given, patch_t: int):
+  """A given-frame mask must be constant within each temporal patch (one flow time per token)."""
+  g = np.asarray(given)
+  blocks = g.reshape(g.shape[0], -1, patch_t)
+  if not (blocks == blocks[..., :1]).all():
+    raise ValueError(f'Given frames must fill whole temporal patches of {patch_t} frames'
+                     f' (model.patch_size[0]); got the mask {g.astype(int).tolist()}.')

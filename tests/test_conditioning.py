@@ -1,0 +1,178 @@
+"""Conditioning on given frames: masks, loss, exact reproduction, SDEdit, sliding windows, config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sora_jax import conditioning, config_lib, models, sampling, sharding
+from sora_jax.diffusion import flow
+
+
+def cond_config():
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.data.num_frames = 6  # 3 temporal patches of 2 frames
+  c.condition.mix = (('none', 0.25), ('first', 0.25), ('first_k', 0.25), ('last_k', 0.25))
+  c.condition.max_frames = 2
+  c.sample.num_steps = 2
+  return c
+
+
+@pytest.fixture(scope='module')
+def model_and_mesh():
+  c = cond_config()
+  model = models.build(c, nnx.Rngs(0))
+  # Random (non-zero) head so the outputs depend on the inputs.
+  graphdef, params = nnx.split(model)
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'context': 1},
+                            devices=jax.devices()[:1])
+  return c, graphdef, params, mesh
+
+
+def test_pattern_masks():
+  m = lambda p, k: conditioning.pattern_mask(p, k, 6, 2).astype(int).tolist()
+  assert m('none', 1) == [0] * 6
+  assert m('first', 2) == [1, 1, 0, 0, 0, 0]
+  assert m('first_k', 2) == [1, 1, 1, 1, 0, 0]
+  assert m('last_k', 1) == [0, 0, 0, 0, 1, 1]
+  assert m('first_last', 1) == [1, 1, 0, 0, 1, 1]
+
+
+def test_sample_given_patterns_align_with_patches():
+  c = cond_config()
+  given = np.asarray(conditioning.sample_given(jax.random.PRNGKey(0), c, 256, 6))
+  assert given.shape == (256, 6)
+  conditioning.check_mask(given, 2)
+  patches = given[:, ::2]
+  assert (patches.sum(1) < 3).all()  # one patch always left to generate
+  seen = {tuple(r) for r in patches.astype(int).tolist()}
+  assert seen == {(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1)}
+  # max_frames counts temporal patches; image clips (1 patch) get nothing given.
+  assert np.asarray(conditioning.sample_given(jax.random.PRNGKey(0), c, 64, 2)).sum() == 0
+
+
+def test_loss_ignores_given_frames():
+  x0, noise, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 4, 2, 2, 3)) for i in range(3))
+  given = jnp.asarray([[1, 1, 0, 0], [0, 0, 0, 0]], jnp.float32)
+  grad = jax.grad(lambda v: conditioning.masked_loss(v, x0, noise, None, given).sum())(v)
+  assert float(jnp.abs(grad[0, :2]).max()) == 0.0 and float(jnp.abs(grad[0, 2:]).min()) > 0
+  # Nothing given: the plain flow loss.
+  np.testing.assert_allclose(conditioning.masked_loss(v, x0, noise, None, given)[1],
+                             flow.loss(v, x0, noise)[1], rtol=1e-6)
+  err = np.square(np.asarray(v - (noise - x0)))[0, 2:].mean()
+  np.testing.assert_allclose(conditioning.masked_loss(v, x0, noise, None, given)[0], err, rtol=1e-5)
+
+
+def test_unconditioned_model_has_no_mask_channel():
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  plain = models.build(tiny_config(), nnx.Rngs(0))
+  cond = models.build(cond_config(), nnx.Rngs(0))
+  assert not plain.dit.condition_channel and cond.dit.condition_channel
+  assert cond.dit.patch_embed.kernel.shape[0] == plain.dit.patch_embed.kernel.shape[0] * 4 // 3
+
+
+def test_train_step_runs_with_conditioning():
+  from sora_jax import state as state_lib, train  # pylint: disable=g-import-not-at-top
+  c = cond_config()
+  c.batch_size = 2
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'context': 1},
+                            devices=jax.devices()[:1])
+  graphdef, state, _ = state_lib.init(c, mesh)
+  tx, schedule = state_lib.make_optimizer(c)
+  step = jax.jit(train.make_train_step(graphdef, c, tx, schedule))
+  from sora_jax.models import text  # pylint: disable=g-import-not-at-top
+  tokens, mask = text.tokenize(['a red circle', 'a blue square'], c.text.max_length)
+  batch = {'video': jax.random.normal(jax.random.PRNGKey(0), (2, 6, 16, 16, 3)),
+           'tokens': jnp.asarray(tokens), 'mask': jnp.asarray(mask)}
+  _, m = step(state, batch)
+  assert np.isfinite(float(m['loss'])) and float(m['grad_norm']) > 0
+
+
+def _inputs(c, n=2):
+  from sora_jax.models import text  # pylint: disable=g-import-not-at-top
+  tokens, mask = text.tokenize(['a red circle moving left'] * n, c.text.max_length)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(n))
+  return jnp.asarray(tokens), jnp.asarray(mask), keys
+
+
+def test_given_frames_are_reproduced_exactly(model_and_mesh):
+  c, graphdef, params, _ = model_and_mesh
+  generate = sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=2.0, sampler='dpm++2m')
+  video = jax.random.uniform(jax.random.PRNGKey(5), (2, 6, 16, 16, 3), minval=-1, maxval=1)
+  given = jnp.asarray([conditioning.pattern_mask('first_k', 1, 6, 2),
+                       conditioning.pattern_mask('last_k', 2, 6, 2)])
+  out = np.asarray(generate(params, *_inputs(c), video, given))
+  assert out.shape == (2, 6, 16, 16, 3)
+  np.testing.assert_array_equal(out[0, :2], np.asarray(video)[0, :2])
+  np.testing.assert_array_equal(out[1, 2:], np.asarray(video)[1, 2:])
+  assert np.abs(out[0, 2:] - np.asarray(video)[0, 2:]).mean() > 0.1  # the rest is generated
+
+
+def test_sdedit_near_zero_strength_returns_input(model_and_mesh):
+  c, graphdef, params, _ = model_and_mesh
+  video = jax.random.uniform(jax.random.PRNGKey(5), (2, 6, 16, 16, 3), minval=-1, maxval=1)
+  weak = sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=2.0, edit_strength=1e-4)
+  out = np.asarray(weak(params, *_inputs(c), video))
+  np.testing.assert_allclose(out, np.asarray(video), atol=2e-3)
+  strong = sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=2.0, edit_strength=0.9)
+  assert np.abs(np.asarray(strong(params, *_inputs(c), video)) - np.asarray(video)).mean() > 0.05
+  with pytest.raises(ValueError, match='edit_strength'):
+    sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=2.0, edit_strength=1.5)
+
+
+def test_unconditioned_model_rejects_given_frames():
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  graphdef, params = nnx.split(models.build(c, nnx.Rngs(0)))
+  generate = sampling.make_generate(graphdef, c, num_steps=1, guidance_scale=1.0)
+  video = jnp.zeros((2, 4, 16, 16, 3))
+  with pytest.raises(ValueError, match='trained without'):
+    generate(params, *_inputs(c), video, jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize('direction', ['forward', 'backward'])
+def test_sliding_windows(model_and_mesh, direction):
+  c, graphdef, params, mesh = model_and_mesh
+  generate = sampling.make_generate(graphdef, c, num_steps=1, guidance_scale=1.0)
+  kw = dict(config=c, mesh=mesh, seed=0, batch_size=2, num_frames=13, overlap=2,
+            direction=direction)
+  with jax.set_mesh(mesh):
+    windows = sampling.long_windows(generate, params, ['a red circle'], **kw)
+    long = sampling.generate_long(generate, params, ['a red circle'], **kw)
+  assert len(windows) == 3 and all(w.shape == (1, 6, 16, 16, 3) for w in windows)  # 6+4+4 >= 13
+  for prev, nxt in zip(windows, windows[1:]):
+    if direction == 'forward':
+      np.testing.assert_array_equal(nxt[:, :2], prev[:, -2:])
+    else:
+      np.testing.assert_array_equal(nxt[:, -2:], prev[:, :2])
+  assert long.shape == (1, 13, 16, 16, 3) and long.dtype == np.uint8
+  joined = sampling.join_windows(windows, 2, 13, direction)
+  end = joined[:, :6] if direction == 'forward' else joined[:, -6:]
+  np.testing.assert_array_equal(end, windows[0])
+  with pytest.raises(ValueError, match='overlap'):
+    sampling.long_windows(generate, params, ['x'], **{**kw, 'overlap': 3})
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(mix=(('none', 0.5), ('first', 0.6))), 'sum to 1.1'),
+    (dict(mix=(('none', 0.5), ('middle', 0.5))), "unknown pattern 'middle'"),
+    (dict(mix=(('first_k', 1.0),), max_frames=3), 'max_frames=3'),
+    (dict(mix=(('first_last', 1.0),), max_frames=2), "pattern 'first_last'"),
+    (dict(max_frames=0), 'max_frames=0'),
+])
+def test_config_validation(change, message):
+  c = cond_config()
+  for k, v in change.items():
+    c.condition[k] = v
+  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+    config_lib.validate(c, 1)
+
+
+def test_default_config_is_unconditioned():
+  c = config_lib.base_config()
+  assert not conditioning.enabled(c)
+  config_lib.validate(c, 1)
