@@ -145,3 +145,94 @@ def check_mask(given, patch_t: int):
   if not (blocks == blocks[..., :1]).all():
     raise ValueError(f'Given frames must fill whole temporal patches of {patch_t} frames'
                      f' (model.patch_size[0]); got the mask {g.astype(int).tolist()}.')
+
+
+def read_frames(path, height: int, width: int) -> np.ndarray:
+  """Frames of a video or an image file (anything PyAV reads: mp4, png, jpg, ...) resized to
+  height x width, as float32 [T, H, W, 3] in [-1, 1]."""
+  import av  # pylint: disable=g-import-not-at-top
+  try:
+    with av.open(str(path)) as container:
+      frames = [f.reformat(width=width, height=height, format='rgb24').to_ndarray()
+                for f in container.decode(video=0)]
+  except (OSError, av.error.FFmpegError, ValueError) as e:  # pytype: disable=module-attr
+    raise ValueError(f'Cannot read {path!r} as an image or video: {e}') from None
+  if not frames:
+    raise ValueError(f'{path!r} holds no video frames.')
+  return np.stack(frames).astype(np.float32) / 127.5 - 1.0
+
+
+def cli_inputs(config, *, image=None, end_image=None, video=None, extend=None, edit_strength=None,
+               overlap=None):
+  """The sample CLI's conditioning flags -> (pixel clip [T, H, W, 3], pixel given mask [T] or None,
+  model given mask [T_model] or None). Checks everything (files, lengths, the checkpoint's training)
+  before anything compiles; raises ValueError naming the flag.
+
+  --image: the first temporal patch (its pixel frames all show the image); --end_image: the last one;
+  --video --extend=forward: its last `overlap` model frames start the clip; backward: its first ones
+  end it; --video --edit_strength: SDEdit of its first T frames (nothing given)."""
+  t_pix, h, w = config.data.num_frames, config.data.height, config.data.width
+  t_model = config_lib_model_frames(config)
+  pt = config.model.patch_size[0]
+  temporal = _temporal(config)
+  if extend is not None and video is None:
+    raise ValueError('--extend needs --video.')
+  if edit_strength is not None and (video is None or extend is not None):
+    raise ValueError('--edit_strength needs --video (and no --extend).')
+  if video is not None and extend is None and edit_strength is None:
+    raise ValueError('--video needs --extend=forward|backward or --edit_strength.')
+  if video is not None and (image or end_image):
+    raise ValueError('--video cannot be combined with --image / --end_image.')
+  given_wanted = bool(image or end_image or extend)
+  if given_wanted and not enabled(config):
+    raise ValueError('This checkpoint was trained without conditioning (config.condition.mix has'
+                     ' only "none"): it cannot take --image, --end_image or --extend. Train with a'
+                     ' conditioning mix, e.g. configs/demo_conditioned.py.')
+  clip = np.zeros((t_pix, h, w, 3), np.float32)
+  given_pix = np.zeros(t_pix, np.float32)
+  given_model = np.zeros(t_model, np.float32)
+  if edit_strength is not None:
+    frames = read_frames(video, h, w)
+    if len(frames) < t_pix:
+      raise ValueError(f'--video={video!r} has {len(frames)} frames; --edit_strength needs'
+                       f' {t_pix} (config.data.num_frames).')
+    return frames[:t_pix], None, None
+  if image:
+    n = pixel_frames(pt, temporal, at_start=True)
+    clip[:n] = read_frames(image, h, w)[0]
+    given_pix[:n], given_model[:pt] = 1, 1
+  if end_image:
+    n = pixel_frames(pt, temporal, at_start=False)
+    clip[t_pix - n:] = read_frames(end_image, h, w)[0]
+    given_pix[t_pix - n:], given_model[t_model - pt:] = 1, 1
+  if extend is not None:
+    k = overlap or pt * config.condition.max_frames
+    if k % pt or not 0 < k < t_model:
+      raise ValueError(f'--overlap={k} must be a multiple of model.patch_size[0]={pt} below the'
+                       f' clip length {t_model} (model frames).')
+    forward = extend == 'forward'
+    n = pixel_frames(k, temporal, at_start=forward)
+    frames = read_frames(video, h, w)
+    if len(frames) < n:
+      raise ValueError(f'--video={video!r} has {len(frames)} frames, shorter than the overlap of'
+                       f' {n} frames to continue from.')
+    if forward:
+      clip[:n], given_pix[:n], given_model[:k] = frames[-n:], 1, 1
+    else:
+      clip[t_pix - n:], given_pix[t_pix - n:] = frames[:n], 1
+      given_model[t_model - k:] = 1
+  if not given_wanted:
+    return None, None, None
+  return clip, given_pix, given_model
+
+
+def config_lib_model_frames(config) -> int:
+  from sora_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.model_clip_shape(config)[0]
+
+
+def _temporal(config) -> int:
+  if not config.autoencoder:
+    return 1
+  from sora_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.autoencoder_geometry(config.autoencoder)['temporal']

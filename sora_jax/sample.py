@@ -5,13 +5,22 @@ r"""Samples videos from a trained run.
       [--negative_prompt="a blue triangle"]
       [--guidance_schedule=interval --guidance_interval=0.2,0.8]
 
+Conditioning (a run trained with config.condition.mix, e.g. configs/demo_conditioned.py;
+sora_jax/conditioning.py): --image=first.png (image-to-video), --end_image=last.png (with --image:
+connect two images), --video=clip.mp4 --extend=forward|backward [--overlap=K] (continue a clip after
+its last / before its first K model frames; the output starts / ends with them), --video=clip.mp4
+--edit_strength=0.6 (SDEdit under the new prompt: works with any run), --num_frames=N longer than the
+training clip (sliding windows of the training length overlapping by --overlap frames). Images and
+videos are resized to the run's frame size.
+
 Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "path"}, ...]}.
 """
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 
-from sora_jax import checkpoint, restore, sampling
+from sora_jax import checkpoint, conditioning, config_lib, restore, sampling
 from sora_jax import frozen as frozen_lib
 
 
@@ -25,27 +34,72 @@ def define_flags():
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to load (default: latest).')
   flags.DEFINE_bool('use_ema', True, 'Sample with the EMA parameters.')
   flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
+  flags.DEFINE_string('image', None, 'First frame (image-to-video); any image PyAV reads.')
+  flags.DEFINE_string('end_image', None, 'Last frame (with --image: connect the two).')
+  flags.DEFINE_string('video', None, 'Input video for --extend or --edit_strength.')
+  flags.DEFINE_enum('extend', None, ['forward', 'backward'], 'Continue --video after its end or'
+                    ' before its start.')
+  flags.DEFINE_float('edit_strength', None, 'SDEdit strength in (0, 1] of --video: noise it to'
+                     ' this flow time and denoise under the prompt.')
+  flags.DEFINE_integer('num_frames', None, 'Output frames; more than the training clip: sliding'
+                       ' windows.')
+  flags.DEFINE_integer('overlap', None, 'Model frames shared by consecutive windows / taken from'
+                       ' --video (default: patch_size[0] * config.condition.max_frames).')
 
 
 def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
-  config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
-                                                      use_ema=f.use_ema)
+  # Every input is checked before the checkpoint loads and anything compiles.
+  config = restore.load_config(f.workdir)
+  t_pix, pt = config.data.num_frames, config.model.patch_size[0]
+  overlap = f.overlap or pt * config.condition.max_frames
   try:
     options = sampling.settings(config, **sampling.flag_values())
+    clip, _, given = conditioning.cli_inputs(
+        config, image=f.image, end_image=f.end_image, video=f.video, extend=f.extend,
+        edit_strength=f.edit_strength, overlap=overlap)
+    long = f.num_frames is not None and f.num_frames != t_pix
+    if long:
+      if f.num_frames < t_pix:
+        raise ValueError(f'--num_frames={f.num_frames} is below the training clip of {t_pix}.')
+      if not conditioning.enabled(config):
+        raise ValueError('--num_frames beyond the training clip conditions each window on the'
+                         ' previous one: this checkpoint was trained without conditioning'
+                         ' (config.condition.mix).')
+      if f.edit_strength is not None:
+        raise ValueError('--edit_strength works on one clip; drop --num_frames.')
+      if overlap % pt or not 0 < overlap < config_lib.model_clip_shape(config)[0]:
+        raise ValueError(f'--overlap={overlap} must be a multiple of model.patch_size[0]={pt} below'
+                         f' the clip length {config_lib.model_clip_shape(config)[0]} (model frames).')
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  logging.info('Sampling %d prompts from step %d (%s).', len(f.prompt), step, options)
   if config.model.family == 'vae':
     raise app.UsageError(f'{f.workdir} holds an autoencoder (model.family=vae), not a text-to-video'
                          ' model; use it as --config.autoencoder of a DiT run.')
+  config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
+                                                      use_ema=f.use_ema)
+  logging.info('Sampling %d prompts from step %d (%s).', len(f.prompt), step, options)
   frozen = frozen_lib.Frozen(config)
-  generate = sampling.make_generate(graphdef, config, frozen=frozen, **options)
+  generate = sampling.make_generate(graphdef, config, frozen=frozen,
+                                    edit_strength=f.edit_strength, **options)
+  video = None
+  if clip is not None:
+    video = clip if frozen.vae is None else np.asarray(
+        frozen._encode_video(frozen.vae_params, clip[None]))[0]  # pylint: disable=protected-access
+  kw = dict(config=config, mesh=mesh, seed=f.seed, batch_size=f.batch_size, frozen=frozen,
+            video=video, given=given)
   with jax.set_mesh(mesh):
-    videos = sampling.generate_videos(generate, params, f.prompt, config=config, mesh=mesh,
-                                      seed=f.seed, batch_size=f.batch_size, frozen=frozen)
+    if long:
+      temporal = conditioning._temporal(config)  # pylint: disable=protected-access
+      model_frames = 1 + -(-(f.num_frames - 1) // temporal) if temporal > 1 else f.num_frames
+      direction = 'backward' if f.extend == 'backward' else 'forward'
+      videos = sampling.generate_long(generate, params, f.prompt, num_frames=model_frames,
+                                      overlap=overlap, direction=direction, **kw)
+      videos = videos[:, :f.num_frames] if direction == 'forward' else videos[:, -f.num_frames:]
+    else:
+      videos = sampling.generate_videos(generate, params, f.prompt, **kw)
   if jax.process_index() == 0:
     samples = sampling.write_videos(videos, f.prompt, f.output_dir, fps=config.data.fps)
     for s in samples:

@@ -176,3 +176,33 @@ def test_default_config_is_unconditioned():
   c = config_lib.base_config()
   assert not conditioning.enabled(c)
   config_lib.validate(c, 1)
+
+
+def test_cli_inputs(tmp_path):
+  from sora_jax import video_io  # pylint: disable=g-import-not-at-top
+  c = cond_config()
+  clip = np.zeros((3, 20, 24, 3), np.uint8)
+  clip[:, :, :, 1] = 255  # green
+  path = str(tmp_path / 'clip.mp4')
+  video_io.write_mp4(path, clip)
+  video, given_pix, given = conditioning.cli_inputs(c, image=path)
+  assert video.shape == (6, 16, 16, 3) and given.tolist() == [1, 1, 0, 0, 0, 0]
+  assert video[0, 8, 8, 1] > 0.9 and video[2].max() == 0  # resized, first temporal patch only
+  _, _, given = conditioning.cli_inputs(c, video=path, extend='backward', overlap=2)
+  assert given.tolist() == [0, 0, 0, 0, 1, 1]
+  _, _, given = conditioning.cli_inputs(c, image=path, end_image=path)
+  assert given.tolist() == [1, 1, 0, 0, 1, 1]
+  with pytest.raises(ValueError, match='shorter than the overlap'):
+    conditioning.cli_inputs(c, video=path, extend='forward', overlap=4)
+  bad = tmp_path / 'bad.png'
+  bad.write_text('not an image')
+  with pytest.raises(ValueError, match='Cannot read'):
+    conditioning.cli_inputs(c, image=str(bad))
+  with pytest.raises(ValueError, match='--extend needs --video'):
+    conditioning.cli_inputs(c, extend='forward')
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='trained without conditioning'):
+    conditioning.cli_inputs(tiny_config(), image=path)
+  # SDEdit needs no conditioning training, but a clip of the full length.
+  with pytest.raises(ValueError, match='has 3 frames'):
+    conditioning.cli_inputs(tiny_config(), video=path, edit_strength=0.5)
