@@ -155,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 30
   c.sample.guidance_scale = 4.0
+  c.sample.sampler = 'euler'  # 'euler' | 'heun' | 'dpm++2m' (sora_jax/diffusion/samplers.py)
+  c.sample.negative_prompt = ''  # the unconditional half of CFG sees this caption
+  c.sample.guidance_schedule = 'constant'  # 'constant' | 'linear' | 'interval'
+  c.sample.guidance_interval = (0.0, 1.0)  # flow-time interval for 'interval'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_videos = 64  # for the held-out flow-matching loss

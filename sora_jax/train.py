@@ -232,8 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                        in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
                        donate_argnums=(0,))
   if not is_vae:
-    generate = sampling.make_generate(graphdef, config, num_steps=config.sample.num_steps,
-                                      guidance_scale=config.sample.guidance_scale, frozen=frozen)
+    generate = sampling.make_generate(graphdef, config, frozen=frozen, **sampling.settings(config))
 
   def write_samples(step):
     out_dir = os.path.join(workdir, 'samples', f'step_{step}')
