@@ -149,7 +149,7 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema'], params)
     new_state = dict(step=step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng)
-    return new_state, dict(extra, loss=loss, grad_norm=optax.global_norm(grads),
+    return new_state, dict(extra, loss=loss, grad_norm=optax.tree.norm(grads),
                            learning_rate=schedule(step))
 
   return train_step
