@@ -4,8 +4,8 @@ r"""Demo: captioned shapes, 12 frames of 32x32 pixels, trained on a 2-core CPU i
   python -m sora_jax.evaluate --workdir=runs/demo --output=runs/demo/eval.json
 
 Pixel space; 2x8x8 spacetime patches give 96 tokens per clip, which is what a 2-core CPU affords.
-Measured on 2 CPU cores (2026-11-27): training 12.6 min wall, ~1.6 GB peak RSS; evaluate (3 videos per
-prompt: 204 seen / 48 held-out, judged from the mp4s): seen colour 1.00, shape 0.80, direction 0.88,
+Measured on 2 CPU cores (2026-11-27): training 13.9 min wall, 1.6 GB peak RSS; evaluate (3 videos per
+prompt: 204 seen / 48 held-out, judged from the mp4s): seen colour 1.00, shape 0.79, direction 0.88,
 stable 0.97; held-out colour 1.00, shape 0.88, direction 0.94, stable 0.96.
 """
 
@@ -35,7 +35,7 @@ def get_config(autoencoder: str = ''):
   # on the caption's direction word, which otherwise barely matters for denoising (0.32 -> 0.82 judged).
   config.diffusion.frame_noise_prob = 0.8
   # x0 prediction + velocity loss weights the x0 error by 1/t^2: capped at t = 0.3, the few near-clean
-  # examples stop dominating the gradient, and shape/direction binding improves (shape 0.68 -> 0.80).
+  # examples stop dominating the gradient, and shape/direction binding improves (shape 0.68 -> 0.79).
   config.diffusion.loss_t_floor = 0.3
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
