@@ -56,7 +56,12 @@ def wan_config_from_diffusers(path: str) -> dict:
 
 def weight_files(path: str) -> dict[str, str]:
   """Checkpoint key -> safetensors file holding it (single file or sharded)."""
-  folder = transformer_dir(path)
+  return folder_weight_files(transformer_dir(path))
+
+
+def folder_weight_files(folder: str) -> dict[str, str]:
+  """Checkpoint key -> file, for a diffusers model folder (diffusion_pytorch_model.safetensors, or
+  shards listed in its .index.json)."""
   index = os.path.join(folder, INDEX_NAME)
   if os.path.isfile(index):
     with open(index) as f:

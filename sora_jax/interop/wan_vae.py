@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from sora_jax import sharding
+from sora_jax.interop import wan_transformer
 from sora_jax.models import vae as vae_lib
 
 CONFIG_NAME = 'config.json'
@@ -54,23 +55,7 @@ def load_config(path: str) -> dict:
 
 def weight_files(path: str) -> dict[str, str]:
   """Checkpoint key -> safetensors file holding it (single file or sharded)."""
-  folder = vae_dir(path)
-  index = os.path.join(folder, INDEX_NAME)
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = {k: os.path.join(folder, v) for k, v in json.load(f)['weight_map'].items()}
-    absent = sorted({f for f in files.values() if not os.path.isfile(f)})
-    if absent:
-      raise FileNotFoundError(f'{INDEX_NAME} in {folder!r} lists shards that do not exist: '
-                              f'{absent}')
-    return files
-  single = os.path.join(folder, WEIGHTS_NAME)
-  if os.path.isfile(single):
-    with safe_open(single, framework='numpy') as f:
-      return {k: single for k in f.keys()}
-  raise FileNotFoundError(
-      f'No weights in {folder!r}: expected {WEIGHTS_NAME} or {INDEX_NAME} (safetensors only; '
-      f'.bin checkpoints need converting); found {sorted(os.listdir(folder))}')
+  return wan_transformer.folder_weight_files(vae_dir(path))
 
 
 # --------------------------------------------------------------------------- name mapping

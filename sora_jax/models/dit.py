@@ -123,6 +123,25 @@ REMAT_POLICIES = {
 }
 
 
+def run_blocks(blocks, x, *, remat: str, scan_layers: bool, **block_args):
+  """Applies stacked blocks (params on a leading 'layers' axis) in turn: one compiled block under
+  `jax.lax.scan`, or unrolled; each block rematerialised per `remat`. Shared by every DiT family."""
+  graphdef, params = nnx.split(blocks)
+
+  def body(x, block_params):
+    block = nnx.merge(graphdef, block_params)
+    return block(x, **block_args), None
+
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  if scan_layers:
+    x, _ = jax.lax.scan(body, x, params)
+  else:
+    for i in range(jax.tree.leaves(params)[0].shape[0]):
+      x, _ = body(x, jax.tree.map(lambda p, i=i: p[i], params))
+  return x
+
+
 class VideoDiT(nnx.Module):
 
   def __init__(self, *, channels, patch_size, width, depth, num_heads, mlp_ratio, context_width,
@@ -239,21 +258,7 @@ class VideoDiT(nnx.Module):
     return c_text, context
 
   def _blocks(self, x, **block_args):
-    graphdef, params = nnx.split(self.blocks)
-
-    def body(x, block_params):
-      block = nnx.merge(graphdef, block_params)
-      return block(x, **block_args), None
-
-    if self.remat != 'none':
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    if self.scan_layers:
-      x, _ = jax.lax.scan(body, x, params)
-    else:
-      depth = jax.tree.leaves(params)[0].shape[0]
-      for i in range(depth):
-        x, _ = body(x, jax.tree.map(lambda p: p[i], params))
-    return x
+    return run_blocks(self.blocks, x, remat=self.remat, scan_layers=self.scan_layers, **block_args)
 
   def _head(self, x, c, index=None):
     mod = _per_token_modulation(self.final_modulation(jax.nn.silu(c)), index)

@@ -350,17 +350,5 @@ class WanDiT(nnx.Module):
                        f'{context.shape}')
 
   def _blocks(self, x, **block_args):
-    graphdef, params = nnx.split(self.blocks)
-
-    def body(x, block_params):
-      block = nnx.merge(graphdef, block_params)
-      return block(x, **block_args), None
-
-    if self.remat != 'none':
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    if self.scan_layers:
-      x, _ = jax.lax.scan(body, x, params)
-    else:
-      for i in range(self.config.num_layers):
-        x, _ = body(x, jax.tree.map(lambda p: p[i], params))
-    return x
+    return dit.run_blocks(self.blocks, x, remat=self.remat, scan_layers=self.scan_layers,
+                          **block_args)
