@@ -14,6 +14,9 @@ from configs import demo
 
 def get_config(autoencoder: str = ''):
   config = demo.get_config(autoencoder)
-  config.condition.mix = (('none', 0.4), ('first', 0.3), ('first_k', 0.15), ('last_k', 0.15))
+  # Text-to-video stays the largest share; 'first' is image-to-video, first_k / last_k extension
+  # (and every sliding window after the first), first_last connects two clips.
+  config.condition.mix = (('none', 0.3), ('first', 0.3), ('first_k', 0.2), ('last_k', 0.1),
+                          ('first_last', 0.1))
   config.condition.max_frames = 2
   return config

@@ -8,7 +8,9 @@ latents with an autoencoder) and is constant within each temporal patch: with mo
 
 Training draws one pattern per clip from `config.condition.mix`:
   none        nothing given (plain text-to-video)
-  first       the first temporal patch (image-to-video)
+  first       the first temporal patch (image-to-video): in pixel space every frame of that patch
+              shows the clip's first frame, as `--image` gives it (train as used); with a causal
+              autoencoder the first latent frame already encodes one image
   first_k     the first k patches (forward extension), k uniform in [1, config.condition.max_frames]
   last_k      the last k patches (backward extension)
   first_last  the first and the last k patches (connecting two clips / two images)
@@ -92,7 +94,8 @@ def pattern_mask(pattern: str, k: int, num_frames: int, patch_t: int = 1) -> np.
 
 
 def sample_given(rng, config, batch: int, num_frames: int):
-  """Training: a pattern per clip from config.condition.mix -> given-frame mask [B, T] float32.
+  """Training: a pattern per clip from config.condition.mix -> (given-frame mask [B, T] float32,
+  image [B] bool: the clip drew 'first', see `as_image`).
 
   k is uniform in [1, max_frames], clamped per pattern so that at least one temporal patch is left to
   generate (1-frame image clips then get nothing given)."""
@@ -113,7 +116,20 @@ def sample_given(rng, config, batch: int, num_frames: int):
     last = idx >= patches - kk if name in ('last_k', 'first_last') else jnp.zeros_like(idx, bool)
     masks.append(jnp.broadcast_to(first | last, (batch, patches)))
   given = jnp.stack(masks)[pattern, jnp.arange(batch)]  # [B, patches]
-  return jnp.repeat(given, pt, axis=1).astype(jnp.float32)
+  names = [name for name, _ in pairs]
+  image = (pattern == names.index('first')) if 'first' in names else jnp.zeros(batch, bool)
+  image = image & (given.sum(-1) > 0)
+  return jnp.repeat(given, pt, axis=1).astype(jnp.float32), image
+
+
+def as_image(x0, image, patch_t: int):
+  """Clips that drew 'first' in pixel space: their first temporal patch becomes copies of frame 0 (an
+  image is one frame; `cli_inputs` fills the first patch with it the same way). x0 [B, T, ...]."""
+  if patch_t == 1:
+    return x0
+  still = jnp.broadcast_to(x0[:, :1], x0[:, :patch_t].shape)
+  first = jnp.concatenate([still, x0[:, patch_t:]], axis=1)
+  return jnp.where(image.reshape((-1,) + (1,) * (x0.ndim - 1)), first, x0)
 
 
 def masked_loss(v_pred, x0, noise, weight, given):

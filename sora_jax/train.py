@@ -83,7 +83,10 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     given = None
     if conditioning.enabled(config):
       # Given frames ride on the per-frame times: t = 0 before interpolation keeps them clean.
-      given = conditioning.sample_given(jax.random.fold_in(t_rng, 2), config, b, x0.shape[1])
+      given, image = conditioning.sample_given(jax.random.fold_in(t_rng, 2), config, b,
+                                               x0.shape[1])
+      if not config.autoencoder:
+        x0 = conditioning.as_image(x0, image, config.model.patch_size[0])
       t = jnp.where(given > 0, 0.0, t if t.ndim == 2 else jnp.broadcast_to(t[:, None], given.shape))
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     x_t = flow.interpolate(x0, noise, t)

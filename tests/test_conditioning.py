@@ -44,15 +44,28 @@ def test_pattern_masks():
 
 def test_sample_given_patterns_align_with_patches():
   c = cond_config()
-  given = np.asarray(conditioning.sample_given(jax.random.PRNGKey(0), c, 256, 6))
-  assert given.shape == (256, 6)
+  given, image = conditioning.sample_given(jax.random.PRNGKey(0), c, 256, 6)
+  given, image = np.asarray(given), np.asarray(image)
+  assert given.shape == (256, 6) and image.shape == (256,)
   conditioning.check_mask(given, 2)
   patches = given[:, ::2]
   assert (patches.sum(1) < 3).all()  # one patch always left to generate
   seen = {tuple(r) for r in patches.astype(int).tolist()}
   assert seen == {(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1)}
+  # 'first' clips are flagged as images (only they, and all of them give exactly the first patch).
+  assert image.any() and (patches[image] == [1, 0, 0]).all()
   # max_frames counts temporal patches; image clips (1 patch) get nothing given.
-  assert np.asarray(conditioning.sample_given(jax.random.PRNGKey(0), c, 64, 2)).sum() == 0
+  given, image = conditioning.sample_given(jax.random.PRNGKey(0), c, 64, 2)
+  assert np.asarray(given).sum() == 0 and not np.asarray(image).any()
+
+
+def test_image_pattern_repeats_the_first_frame():
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 2, 2, 3))
+  out = np.asarray(conditioning.as_image(x0, jnp.asarray([True, False]), 2))
+  np.testing.assert_array_equal(out[0, 1], np.asarray(x0)[0, 0])  # the patch shows frame 0 twice
+  np.testing.assert_array_equal(out[0, 2:], np.asarray(x0)[0, 2:])
+  np.testing.assert_array_equal(out[1], np.asarray(x0)[1])
+  np.testing.assert_array_equal(conditioning.as_image(x0, jnp.asarray([True, True]), 1), x0)
 
 
 def test_loss_ignores_given_frames():
