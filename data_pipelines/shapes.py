@@ -232,11 +232,11 @@ def _vote(values):
   return collections.Counter(values).most_common(1)[0][0] if values else None
 
 
-def judge_clip(video: np.ndarray) -> dict:
-  """Judges a [T, H, W, 3] clip (uint8 or float in [0, 255]) from pixels only.
+def track(video: np.ndarray) -> dict:
+  """Per-frame object measurements of a [T, H, W, 3] clip (uint8 or float in [0, 255]).
 
-  Returns {'color', 'shape', 'direction'} (a name or None) and 'stable' (bool).
-  """
+  Returns 'present' [T] bool, 'area' [T] pixels, 'color' / 'shape' [T] names (None where absent or
+  unclassified) and 'centroid' [T, 2] (y, x) in frame fractions (NaN where absent)."""
   video = np.asarray(video, np.float32)
   if video.ndim != 4 or video.shape[-1] != 3:
     raise ValueError(f'expected [T, H, W, 3] video, got shape {video.shape}')
@@ -244,18 +244,32 @@ def judge_clip(video: np.ndarray) -> dict:
   obj = _largest_components(video.max(axis=-1) > _FG_THRESHOLD)
   areas = obj.sum(axis=(1, 2))
   present = areas >= _MIN_AREA_FRAC * min(h, w) ** 2
-  colors, shapes, cents = [], [], []
+  colors, shapes, cents = [None] * t, [None] * t, np.full((t, 2), np.nan)
   for f in np.flatnonzero(present):
     rgb = np.median(video[f][obj[f]], axis=0)
-    colors.append(list(COLORS)[np.argmin(((_PALETTE - rgb) ** 2).sum(-1))])
+    colors[f] = list(COLORS)[np.argmin(((_PALETTE - rgb) ** 2).sum(-1))]
     # Shape from the object's "half-brightness" core: blur spreads a bright
     # edge into neighbours at <= 1/3 of its brightness, and noise then makes a
     # ragged 96-threshold border; the 50% level follows the true edge.
     bright = video[f].max(axis=-1)
     core = obj[f] & (bright >= _CORE_LEVEL * np.median(bright[obj[f]]))
-    shapes.append(_classify_shape(core))
+    shapes[f] = _classify_shape(core)
     ys, xs = np.nonzero(obj[f])
-    cents.append((ys.mean() / h, xs.mean() / w))  # centroid in frame fractions
+    cents[f] = (ys.mean() / h, xs.mean() / w)
+  return {'present': present, 'area': areas, 'color': colors, 'shape': shapes, 'centroid': cents}
+
+
+def judge_clip(video: np.ndarray) -> dict:
+  """Judges a [T, H, W, 3] clip (uint8 or float in [0, 255]) from pixels only.
+
+  Returns {'color', 'shape', 'direction'} (a name or None) and 'stable' (bool).
+  """
+  tr = track(video)
+  t = len(tr['present'])
+  present, areas = tr['present'], tr['area']
+  colors = [tr['color'][f] for f in np.flatnonzero(present)]
+  shapes = [tr['shape'][f] for f in np.flatnonzero(present)]
+  cents = [tuple(tr['centroid'][f]) for f in np.flatnonzero(present)]
   color = _vote(colors)
   direction = None
   if len(cents) >= 2:

@@ -180,17 +180,14 @@ def read_frames(path, height: int, width: int) -> np.ndarray:
 
 def cli_inputs(config, *, image=None, end_image=None, video=None, extend=None, edit_strength=None,
                overlap=None):
-  """The sample CLI's conditioning flags -> (pixel clip [T, H, W, 3], pixel given mask [T] or None,
-  model given mask [T_model] or None). Checks everything (files, lengths, the checkpoint's training)
-  before anything compiles; raises ValueError naming the flag.
+  """The sample CLI's conditioning flags (file paths) -> (pixel clip [T, H, W, 3], pixel given mask
+  [T] or None, model given mask [T_model] or None). Checks everything (files, lengths, the
+  checkpoint's training) before anything compiles; raises ValueError naming the flag.
 
   --image: the first temporal patch (its pixel frames all show the image); --end_image: the last one;
   --video --extend=forward: its last `overlap` model frames start the clip; backward: its first ones
   end it; --video --edit_strength: SDEdit of its first T frames (nothing given)."""
   t_pix, h, w = config.data.num_frames, config.data.height, config.data.width
-  t_model = config_lib_model_frames(config)
-  pt = config.model.patch_size[0]
-  temporal = _temporal(config)
   if extend is not None and video is None:
     raise ValueError('--extend needs --video.')
   if edit_strength is not None and (video is None or extend is not None):
@@ -199,46 +196,68 @@ def cli_inputs(config, *, image=None, end_image=None, video=None, extend=None, e
     raise ValueError('--video needs --extend=forward|backward or --edit_strength.')
   if video is not None and (image or end_image):
     raise ValueError('--video cannot be combined with --image / --end_image.')
-  given_wanted = bool(image or end_image or extend)
-  if given_wanted and not enabled(config):
-    raise ValueError('This checkpoint was trained without conditioning (config.condition.mix has'
-                     ' only "none"): it cannot take --image, --end_image or --extend. Train with a'
-                     ' conditioning mix, e.g. configs/demo_conditioned.py.')
-  clip = np.zeros((t_pix, h, w, 3), np.float32)
-  given_pix = np.zeros(t_pix, np.float32)
-  given_model = np.zeros(t_model, np.float32)
+  if (image or end_image or extend) and not enabled(config):
+    given_inputs(config, image=np.zeros((h, w, 3)))  # raises the "trained without" error
   if edit_strength is not None:
     frames = read_frames(video, h, w)
     if len(frames) < t_pix:
       raise ValueError(f'--video={video!r} has {len(frames)} frames; --edit_strength needs'
                        f' {t_pix} (config.data.num_frames).')
     return frames[:t_pix], None, None
-  if image:
+  read = lambda path: None if not path else read_frames(path, h, w)
+  try:
+    return given_inputs(config, image=None if not image else read(image)[0],
+                        end_image=None if not end_image else read(end_image)[0],
+                        video=read(video), extend=extend, overlap=overlap)
+  except ValueError as e:
+    raise ValueError(str(e).replace('the video', f'--video={video!r}')) from None
+
+
+def given_inputs(config, *, image=None, end_image=None, video=None, extend=None, overlap=None):
+  """Arrays in [-1, 1] at the run's frame size -> (pixel clip [T, H, W, 3], pixel given mask [T],
+  model given mask [T_model]), or (None, None, None) when nothing is given.
+
+  image / end_image [H, W, 3]: the first / last temporal patch shows it (every pixel frame of it);
+  video [N, H, W, 3] with extend='forward': its last `overlap` model frames start the clip;
+  'backward': its first ones end it."""
+  t_pix, h, w = config.data.num_frames, config.data.height, config.data.width
+  t_model = config_lib_model_frames(config)
+  pt = config.model.patch_size[0]
+  temporal = _temporal(config)
+  if image is None and end_image is None and extend is None:
+    return None, None, None
+  if not enabled(config):
+    raise ValueError('This checkpoint was trained without conditioning (config.condition.mix has'
+                     ' only "none"): it cannot take --image, --end_image or --extend. Train with a'
+                     ' conditioning mix, e.g. configs/demo_conditioned.py.')
+  clip = np.zeros((t_pix, h, w, 3), np.float32)
+  given_pix = np.zeros(t_pix, np.float32)
+  given_model = np.zeros(t_model, np.float32)
+  if image is not None:
     n = pixel_frames(pt, temporal, at_start=True)
-    clip[:n] = read_frames(image, h, w)[0]
+    clip[:n] = image
     given_pix[:n], given_model[:pt] = 1, 1
-  if end_image:
+  if end_image is not None:
     n = pixel_frames(pt, temporal, at_start=False)
-    clip[t_pix - n:] = read_frames(end_image, h, w)[0]
+    clip[t_pix - n:] = end_image
     given_pix[t_pix - n:], given_model[t_model - pt:] = 1, 1
   if extend is not None:
+    if extend not in ('forward', 'backward'):
+      raise ValueError(f'extend={extend!r}: expected forward or backward.')
     k = overlap or pt * config.condition.max_frames
     if k % pt or not 0 < k < t_model:
       raise ValueError(f'--overlap={k} must be a multiple of model.patch_size[0]={pt} below the'
                        f' clip length {t_model} (model frames).')
     forward = extend == 'forward'
     n = pixel_frames(k, temporal, at_start=forward)
-    frames = read_frames(video, h, w)
-    if len(frames) < n:
-      raise ValueError(f'--video={video!r} has {len(frames)} frames, shorter than the overlap of'
-                       f' {n} frames to continue from.')
+    if len(video) < n:
+      raise ValueError(f'the video has {len(video)} frames, shorter than the overlap of {n} frames'
+                       ' to continue from.')
     if forward:
-      clip[:n], given_pix[:n], given_model[:k] = frames[-n:], 1, 1
+      clip[:n], given_pix[:n], given_model[:k] = video[-n:], 1, 1
     else:
-      clip[t_pix - n:], given_pix[t_pix - n:] = frames[:n], 1
+      clip[t_pix - n:], given_pix[t_pix - n:] = video[:n], 1
       given_model[t_model - k:] = 1
-  if not given_wanted:
-    return None, None, None
   return clip, given_pix, given_model
 
 

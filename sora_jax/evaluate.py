@@ -7,6 +7,9 @@ Loss: mean velocity MSE on fresh clips (seed disjoint from training) at a fixed 
 noise, for seen and held-out (colour, shape) pairs. Adherence: one video per prompt (every pair x every
 direction x eval.samples_per_prompt), written as mp4, decoded again and judged by
 `data_pipelines.shapes.judge_clip`: colour, shape, direction, and a stable object in every frame.
+Runs trained with config.condition.mix also get image-to-video, forward extension and 4x-length
+sliding-window videos judged, with temporal consistency at window boundaries
+(sora_jax/conditioned_eval.py; --conditioned=image_to_video,extension,long_video or none).
 """
 
 import json
@@ -19,7 +22,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from data_pipelines import pipeline, shapes
-from sora_jax import checkpoint, restore, sampling, sharding, video_io
+from sora_jax import checkpoint, conditioning, restore, sampling, sharding, video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax.diffusion import flow
 
@@ -35,6 +38,9 @@ def define_flags():
                     ' depend on the sampling flags).')
   flags.DEFINE_bool('use_ema', True, 'Evaluate the EMA parameters.')
   flags.DEFINE_string('videos_dir', None, 'Where judged videos go (default: next to --output).')
+  flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video'],
+                    'Conditioned protocols judged on runs trained with config.condition.mix'
+                    ' (sora_jax/conditioned_eval.py); "none" for none.')
 
 
 SPLITS = {'seen': 'train', 'held_out': 'heldout'}
@@ -117,8 +123,16 @@ def split_adherence(generate, params, config, mesh, split: str, videos_dir: str,
 
 def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_scale=None,
              use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
-             guidance_schedule=None, guidance_interval=None, flow_loss=True) -> dict:
-  """Sampling options left None come from config.sample (see `sampling.settings`)."""
+             guidance_schedule=None, guidance_interval=None, flow_loss=True,
+             conditioned=('image_to_video', 'extension', 'long_video')) -> dict:
+  """Sampling options left None come from config.sample (see `sampling.settings`). `conditioned`:
+  the conditioned_eval protocols run when the run was trained with conditioning."""
+  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top  (imports this module)
+  conditioned = [p for p in conditioned if p != 'none']
+  unknown = set(conditioned) - set(conditioned_eval.PROTOCOLS)
+  if unknown:
+    raise ValueError(f'Unknown conditioned protocol(s) {sorted(unknown)}; expected some of'
+                     f' {list(conditioned_eval.PROTOCOLS)} or none.')
   config, mesh, graphdef, params, step = restore.load(workdir, step=step, use_ema=use_ema)
   if config.model.family == 'vae':
     result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema}
@@ -149,6 +163,12 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
       logging.info('%s: loss %s, adherence %s', name,
                    result[name].get('flow_matching_loss', {}).get('mean'),
                    result[name]['adherence']['rates'])
+    if conditioned and conditioning.enabled(config):
+      result['conditioned'] = conditioned_eval.evaluate(
+          generate, params, config, mesh, os.path.join(videos_dir, 'conditioned'), seed=seed,
+          frozen=frozen, protocols=conditioned)
+      for name, splits in result['conditioned'].items():
+        logging.info('%s: %s', name, {k: v['rates'] for k, v in splits.items()})
   _write(result, output)
   return result
 
@@ -169,7 +189,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
-                    videos_dir=f.videos_dir, flow_loss=f.flow_loss, **options)
+                    videos_dir=f.videos_dir, flow_loss=f.flow_loss, conditioned=f.conditioned,
+                    **options)
   for name in SPLITS:
     if 'reconstruction' in result[name]:
       print(name, result[name]['reconstruction'])
@@ -178,6 +199,9 @@ def main(argv):
             result[name]['adherence']['rates'])
     else:
       print(name, result[name]['adherence']['rates'])
+  for name, splits in result.get('conditioned', {}).items():
+    for split, r in splits.items():
+      print(name, split, r['rates'], 'jump rate', r['continuity']['jump_rate'])
 
 
 if __name__ == '__main__':

@@ -100,6 +100,13 @@ class Frozen:
       batch['tokens'], batch['mask'] = self.caption_inputs(batch['tokens'], batch['mask'])
     return batch if sharding is None else jax.device_put(batch, sharding)
 
+  def encode(self, video):
+    """Pixels [B, T, H, W, 3] in [-1, 1] -> model space: normalised latents (identity without an
+    autoencoder)."""
+    if self.vae is None:
+      return video
+    return self._encode_video(self.vae_params, video)
+
   def encode_video_mean(self, video):
     """Pixels [B, T, H, W, 3] in [-1, 1] -> the autoencoder's posterior mean, unnormalised (what
     prepare --cache_latents stores: the normalisation stays with the config that trains on it)."""

@@ -86,8 +86,7 @@ def main(argv):
                                     edit_strength=f.edit_strength, **options)
   video = None
   if clip is not None:
-    video = clip if frozen.vae is None else np.asarray(
-        frozen._encode_video(frozen.vae_params, clip[None]))[0]  # pylint: disable=protected-access
+    video = np.asarray(frozen.encode(clip[None]))[0]
   kw = dict(config=config, mesh=mesh, seed=f.seed, batch_size=f.batch_size, frozen=frozen,
             video=video, given=given)
   with jax.set_mesh(mesh):

@@ -219,3 +219,58 @@ def test_cli_inputs(tmp_path):
   # SDEdit needs no conditioning training, but a clip of the full length.
   with pytest.raises(ValueError, match='has 3 frames'):
     conditioning.cli_inputs(tiny_config(), video=path, edit_strength=0.5)
+
+
+def test_continuity_detects_a_jump_at_the_boundary():
+  from data_pipelines import shapes  # pylint: disable=g-import-not-at-top
+  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
+  clip = shapes.render_clip('red', 'square', 'right', num_frames=12, height=32, width=32,
+                            rng=np.random.default_rng(0))
+  jump_px = 2 * conditioned_eval.max_data_step(clip[None])
+  assert 1 <= jump_px <= 4  # 10-16 px over 11 steps, snapped to whole pixels
+  smooth = conditioned_eval.continuity(clip[None], [4], jump_px)
+  assert smooth['jump_rate'] == 0 and smooth['num_boundaries'] == 1
+  jumped = clip.copy()
+  jumped[4:] = np.roll(clip[4:], -8, axis=2)  # the object snaps 8 px back at frame 4
+  r = conditioned_eval.continuity(jumped[None], [4], jump_px)
+  assert r['jump_rate'] == 1
+  assert r['step_px']['boundary']['mean'] > 3 * r['step_px']['inside']['mean']
+  assert r['pixel_change']['boundary']['mean'] > r['pixel_change']['inside']['mean']
+  gone = clip.copy()
+  gone[4:] = 0  # a vanished object counts as a jump
+  assert conditioned_eval.continuity(gone[None], [4], jump_px)['jump_rate'] == 1
+
+
+def test_window_spans():
+  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
+  c = cond_config()
+  c.data.num_frames = 12
+  assert conditioned_eval.window_spans(c, 3, 4) == [(0, 12), (8, 20), (16, 28)]
+
+
+def test_conditioned_protocols_run_and_judge(model_and_mesh, tmp_path):
+  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
+  from sora_jax import frozen as frozen_lib  # pylint: disable=g-import-not-at-top
+  c, graphdef, params, mesh = model_and_mesh
+  frozen = frozen_lib.Frozen(c)
+  generate = sampling.make_generate(graphdef, c, frozen=frozen, num_steps=2, guidance_scale=2.0)
+  with jax.set_mesh(mesh):
+    out = conditioned_eval.evaluate(generate, params, c, mesh, str(tmp_path), seed=0,
+                                    frozen=frozen)
+  n_seen = len(conditioning_prompts('train', c))
+  i2v, ext, long = (out[k]['seen'] for k in ('image_to_video', 'extension', 'long_video'))
+  assert i2v['num_videos'] == ext['num_videos'] == long['num_videos'] == n_seen
+  assert set(i2v['rates']) == {'color', 'shape', 'direction', 'stable', 'all'}
+  assert ext['overlap'] == 4 and ext['continuity']['num_boundaries'] == n_seen
+  # 4 x 6 frames by windows of 6 overlapping by 4: 1 + ceil(18 / 2) = 10 windows, 9 boundaries each.
+  assert long['num_frames'] == 24 and long['num_windows'] == 10
+  assert long['continuity']['num_boundaries'] == 9 * n_seen
+  assert len(long['rates']['kept_per_window']) == 10
+  for r in (i2v, ext, long):
+    assert all(0 <= v <= 1 for v in jax.tree.leaves(r['rates']))
+  assert sorted(p.name for p in (tmp_path / 'extension' / 'seen').glob('*.mp4'))[:1]
+
+
+def conditioning_prompts(split, c):
+  from sora_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  return evaluate_lib.adherence_prompts(split, c.eval.samples_per_prompt)

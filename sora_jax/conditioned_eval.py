@@ -1,0 +1,200 @@
+"""Judged evaluation of conditioned generation on the shapes data (runs trained with
+config.condition.mix): image-to-video, forward extension, and long videos by sliding windows.
+
+Every protocol renders its inputs with `data_pipelines.shapes.render_clip` (seeds disjoint from
+training), generates with the run's compiled sampler, writes mp4s, decodes them again and judges the
+pixels with `shapes.track` / `shapes.score`:
+
+  image_to_video  the first frame of a rendered clip as --image, prompted with that clip's caption:
+                  colour, shape, direction and stable judged on the whole video; 'continuous': no
+                  jump from the given frame to the first generated one.
+  extension       the last `overlap` frames of a rendered clip as --video --extend=forward: the
+                  window's colour and shape equal the clip's, a stable object, and no jump at the
+                  boundary between given and generated frames ('same_object': all three).
+  long_video      text-to-video of `factor` x the training length by sliding windows: per window,
+                  colour and shape equal the prompt's ('kept'); per video, kept in every window.
+
+Temporal consistency: for every frame-to-frame transition, the object's centroid step (pixels) and the
+mean absolute pixel change (0-255), split into transitions at window boundaries (given -> generated)
+and inside windows. A jump is a boundary step above 2x the largest step of the rendered data clips.
+"""
+
+import os
+
+import numpy as np
+
+from data_pipelines import shapes
+from sora_jax import conditioning, config_lib, sampling, video_io
+from sora_jax import evaluate as evaluate_lib
+
+_SEED_BASE = 7_000_003  # render seeds: np.random.default_rng([_SEED_BASE, protocol, index])
+
+
+def rendered_clips(config, prompts, protocol: int) -> np.ndarray:
+  """uint8 [N, T, H, W, 3] clips of the prompts' captions (rendering seeds fixed per protocol)."""
+  d = config.data
+  return np.stack([
+      shapes.render_clip(*shapes.parse_caption(p), num_frames=d.num_frames, height=d.height,
+                         width=d.width, rng=np.random.default_rng([_SEED_BASE, protocol, i]))
+      for i, p in enumerate(prompts)])
+
+
+def transitions(video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """[T, H, W, 3] -> (centroid step in pixels [T - 1] (NaN where the object is missing), mean absolute
+  pixel change [T - 1] on the 0-255 scale)."""
+  h, w = video.shape[1:3]
+  c = shapes.track(video)['centroid'] * np.array([h, w])
+  steps = np.abs(np.diff(c, axis=0)).max(axis=1)
+  change = np.abs(np.diff(video.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+  return steps, change
+
+
+def max_data_step(clips: np.ndarray) -> float:
+  """The largest frame-to-frame centroid step (pixels) of rendered data clips."""
+  return float(np.nanmax([transitions(c)[0] for c in clips]))
+
+
+def continuity(videos, boundaries, jump_px: float) -> dict:
+  """Boundary vs inside-window transitions of uint8 videos [N, T, H, W, 3]; `boundaries`: indices f of
+  the first generated frame after given ones (the transition f - 1 -> f)."""
+  at, inside, change_at, change_in = [], [], [], []
+  for v in videos:
+    steps, change = transitions(v)
+    is_b = np.zeros(len(steps), bool)
+    is_b[np.asarray(boundaries) - 1] = True
+    at.extend(steps[is_b]), inside.extend(steps[~is_b])
+    change_at.extend(change[is_b]), change_in.extend(change[~is_b])
+  at, inside = np.asarray(at), np.asarray(inside)
+
+  def stat(x):  # over transitions where the object is seen in both frames
+    x = np.asarray(x)[np.isfinite(x)]
+    if not len(x):
+      return {'mean': None, 'p95': None}
+    return {'mean': float(x.mean()), 'p95': float(np.percentile(x, 95))}
+
+  return {'step_px': {'boundary': stat(at), 'inside': stat(inside)},
+          'pixel_change': {'boundary': stat(change_at), 'inside': stat(change_in)},
+          'jump_threshold_px': jump_px,
+          # A missing object at a boundary counts as a jump.
+          'jump_rate': float(np.mean(~(at <= jump_px))),
+          'num_boundaries': int(len(at))}
+
+
+def _generate(generate, params, config, mesh, frozen, prompts, clips, given_pix, given_model, seed):
+  """Videos conditioned on per-prompt pixel clips (uint8) with the given masks -> uint8 videos."""
+  pixels = clips.astype(np.float32) / 127.5 - 1.0
+  pixels = pixels * given_pix[None, :, None, None, None]
+  video = np.concatenate([np.asarray(frozen.encode(pixels[i:i + 16]))
+                          for i in range(0, len(pixels), 16)])
+  return sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh, seed=seed,
+                                  batch_size=config.eval.batch_size, frozen=frozen, video=video,
+                                  given=given_model)
+
+
+def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen) -> dict:
+  prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
+  clips = rendered_clips(config, prompts, 1)
+  _, given_pix, given_model = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
+  stills = np.broadcast_to(clips[:, :1], clips.shape) * 1  # the image over the whole clip
+  videos = _generate(generate, params, config, mesh, frozen, prompts, stills, given_pix,
+                     given_model, seed)
+  result = evaluate_lib.adherence(sampling.write_videos(videos, prompts, videos_dir,
+                                                        fps=config.data.fps))
+  first = int(given_pix.sum())
+  result['continuity'] = continuity(videos, [first], 2 * max_data_step(clips))
+  return result
+
+
+def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen,
+              overlap=None) -> dict:
+  prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
+  clips = rendered_clips(config, prompts, 2)
+  overlap = overlap or config.model.patch_size[0] * config.condition.max_frames
+  _, given_pix, given_model = conditioning.given_inputs(
+      config, video=np.zeros(clips.shape[1:]), extend='forward', overlap=overlap)
+  first = int(given_pix.sum())
+  starts = np.zeros_like(clips)
+  starts[:, :first] = clips[:, -first:]
+  videos = _generate(generate, params, config, mesh, frozen, prompts, starts, given_pix,
+                     given_model, seed)
+  samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
+  jump_px = 2 * max_data_step(clips)
+  rows = []
+  for s, v in zip(samples, videos):
+    score = shapes.score(video_io.read_video(s['path']), s['prompt'])
+    steps, _ = transitions(v)
+    jump = not steps[first - 1] <= jump_px
+    rows.append({**s, **{k: bool(score[k]) for k in score}, 'jump': jump,
+                 'same_object': bool(score['color'] and score['shape'] and score['stable']
+                                     and not jump)})
+  keys = ('color', 'shape', 'direction', 'stable', 'same_object')
+  rates = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+  return {'num_videos': len(rows), 'overlap': overlap, 'rates': rates,
+          'continuity': continuity(videos, [first], jump_px), 'videos': rows}
+
+
+def window_spans(config, num_windows: int, overlap: int) -> list[tuple[int, int]]:
+  """Pixel-frame [start, end) of each sliding window in the joined long video."""
+  t_model = config_lib.model_clip_shape(config)[0]
+  temporal = conditioning._temporal(config)  # pylint: disable=protected-access
+  length = conditioning.pixel_frames(t_model, temporal, at_start=True)
+  cut = conditioning.pixel_frames(overlap, temporal, at_start=True)
+  spans, end = [(0, length)], length
+  for _ in range(num_windows - 1):
+    spans.append((end - cut, end - cut + length))
+    end += length - cut
+  return spans
+
+
+def long_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen, factor=4,
+               overlap=None) -> dict:
+  prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
+  t_model = config_lib.model_clip_shape(config)[0]
+  overlap = overlap or config.model.patch_size[0] * config.condition.max_frames
+  videos = sampling.generate_long(generate, params, prompts, config=config, mesh=mesh, seed=seed,
+                                  batch_size=config.eval.batch_size, frozen=frozen,
+                                  num_frames=factor * t_model, overlap=overlap)
+  step = t_model - overlap
+  num_windows = 1 + -(-(factor * t_model - t_model) // step)
+  spans = [(a, min(b, videos.shape[1])) for a, b in window_spans(config, num_windows, overlap)]
+  samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
+  kept = np.zeros((len(prompts), num_windows), bool)
+  direction = np.zeros_like(kept)
+  for i, (s, v) in enumerate(zip(samples, videos)):
+    colour, shape, want_dir = shapes.parse_caption(s['prompt'])
+    for k, (a, b) in enumerate(spans):
+      j = shapes.judge_clip(v[a:b])
+      kept[i, k] = j['color'] == colour and j['shape'] == shape
+      direction[i, k] = j['direction'] == want_dir
+    s.update(kept=kept[i].tolist(), direction=direction[i].tolist())
+  clips = rendered_clips(config, prompts[:16], 3)
+  return {'num_videos': len(prompts), 'num_frames': int(videos.shape[1]),
+          'num_windows': num_windows, 'overlap': overlap, 'window_spans': spans,
+          'rates': {'kept_every_window': float(kept.all(1).mean()),
+                    'kept_per_window': kept.mean(0).tolist(),
+                    'direction_per_window': direction.mean(0).tolist()},
+          # Window k's given frames are its first `cut`; its first generated frame follows them.
+          'continuity': continuity(videos, [a + _cut(config, overlap) for a, _ in spans[1:]],
+                                   2 * max_data_step(clips)),
+          'videos': samples}
+
+
+def _cut(config, overlap):
+  temporal = conditioning._temporal(config)  # pylint: disable=protected-access
+  return conditioning.pixel_frames(overlap, temporal, at_start=True)
+
+
+PROTOCOLS = {'image_to_video': image_to_video, 'extension': extension, 'long_video': long_video}
+
+
+def evaluate(generate, params, config, mesh, videos_dir, *, seed, frozen,
+             protocols=tuple(PROTOCOLS)) -> dict:
+  """All protocols on the seen and held-out splits: {protocol: {split_name: result}}."""
+  out = {}
+  for name in protocols:
+    out[name] = {}
+    for split_name, split in evaluate_lib.SPLITS.items():
+      out[name][split_name] = PROTOCOLS[name](
+          generate, params, config, mesh, split, os.path.join(videos_dir, name, split_name),
+          seed=seed, frozen=frozen)
+  return out
