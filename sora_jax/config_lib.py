@@ -142,6 +142,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.condition.mix = (('none', 1.0),)
   c.condition.max_frames = 1
 
+  # Cascaded super-resolution (sora_jax/upscale.py): factor > 1 makes this run an upscaler that sees
+  # its clips downsampled by `factor` and re-upsampled as extra input channels; noise_aug: the
+  # low-resolution input is noised to a flow time ~ U(0, noise_aug) in training, sample_noise when
+  # sampling (so the base model's artifacts are not copied). configs/demo_upscale.py.
+  c.upscale = ml_collections.ConfigDict()
+  c.upscale.factor = 1
+  c.upscale.noise_aug = 0.15
+  c.upscale.sample_noise = 0.05
+
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 100
@@ -414,6 +423,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if not 0.0 <= config.diffusion.frame_noise_prob <= 1.0:
     raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
                      ' [0, 1].')
+  from sora_jax import upscale  # pylint: disable=g-import-not-at-top
+  upscale.check(config)
   if m.family != 'vae':
     from sora_jax import conditioning  # pylint: disable=g-import-not-at-top
     geometry = autoencoder_geometry(config.autoencoder) if config.autoencoder else None

@@ -10,6 +10,9 @@ direction x eval.samples_per_prompt), written as mp4, decoded again and judged b
 Runs trained with config.condition.mix also get image-to-video, forward extension and 4x-length
 sliding-window videos judged, with temporal consistency at window boundaries
 (sora_jax/conditioned_eval.py; --conditioned=image_to_video,extension,long_video or none).
+Upscaler runs (config.upscale.factor > 1): PSNR of the upscaled eval clips (and of bilinear
+upsampling) against the real ones, plus the judged adherence of the upscaled mp4s;
+--upscale_workdir=UP on a base run judges the base model's videos after that upscaler.
 """
 
 import json
@@ -22,7 +25,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from data_pipelines import pipeline, shapes
-from sora_jax import checkpoint, conditioning, restore, sampling, sharding, video_io
+from sora_jax import checkpoint, conditioning, restore, sampling, sharding, upscale, video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax.diffusion import flow
 
@@ -38,6 +41,9 @@ def define_flags():
                     ' depend on the sampling flags).')
   flags.DEFINE_bool('use_ema', True, 'Evaluate the EMA parameters.')
   flags.DEFINE_string('videos_dir', None, 'Where judged videos go (default: next to --output).')
+  flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1): judge'
+                      ' the base videos after upscaling them with it (what sample'
+                      ' --upscale_workdir writes).')
   flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video'],
                     'Conditioned protocols judged on runs trained with config.condition.mix'
                     ' (sora_jax/conditioned_eval.py); "none" for none.')
@@ -112,21 +118,43 @@ def adherence_prompts(split: str, samples_per_prompt: int) -> list[str]:
 
 
 def split_adherence(generate, params, config, mesh, split: str, videos_dir: str, *, seed: int,
-                    frozen) -> dict:
+                    frozen, upscaler=None) -> dict:
   """Generates `split`'s adherence prompts with `generate` (sampling.make_generate), writes them to
-  `videos_dir` and judges them. Run under `jax.set_mesh(mesh)`."""
+  `videos_dir` and judges them. Run under `jax.set_mesh(mesh)`. upscaler: an `upscale.Upscaler`
+  applied to the videos before they are written."""
   prompts = adherence_prompts(split, config.eval.samples_per_prompt)
   videos = sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh, seed=seed,
                                     batch_size=config.eval.batch_size, frozen=frozen)
+  if upscaler is not None:
+    videos = upscaler(videos, prompts, seed=seed, batch_size=config.eval.batch_size)
   return adherence(sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps))
+
+
+def upscaling(generate, params, config, mesh, split: str, videos_dir: str, *, seed: int,
+              frozen) -> dict:
+  """An upscaler run on `split`'s eval clips downsampled by its factor: PSNR of its output and of
+  bilinear upsampling against the real clips, and the judged adherence of its output (mp4s)."""
+  f = config.upscale.factor
+  clips, prompts = upscale.eval_clips(config, split, config.eval.num_videos)
+  low = np.asarray(upscale.downsample(clips, f))
+  videos = sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh, seed=seed,
+                                    batch_size=config.eval.batch_size, frozen=frozen, lowres=low)
+  real = video_io.to_uint8(clips)
+  bilinear = video_io.to_uint8(np.asarray(upscale.upsample(low, f)))
+  result = adherence(sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps))
+  result['psnr_db'] = {'upscaled': float(upscale.psnr(videos, real).mean()),
+                       'bilinear': float(upscale.psnr(bilinear, real).mean())}
+  return result
 
 
 def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_scale=None,
              use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
              guidance_schedule=None, guidance_interval=None, flow_loss=True,
-             conditioned=('image_to_video', 'extension', 'long_video')) -> dict:
+             conditioned=('image_to_video', 'extension', 'long_video'),
+             upscale_workdir=None) -> dict:
   """Sampling options left None come from config.sample (see `sampling.settings`). `conditioned`:
-  the conditioned_eval protocols run when the run was trained with conditioning."""
+  the conditioned_eval protocols run when the run was trained with conditioning. upscale_workdir:
+  judge the videos after that upscaler run (upscale.Upscaler)."""
   from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top  (imports this module)
   conditioned = [p for p in conditioned if p != 'none']
   unknown = set(conditioned) - set(conditioned_eval.PROTOCOLS)
@@ -142,6 +170,11 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
         logging.info('%s: reconstruction %s', name, result[name]['reconstruction'])
     _write(result, output)
     return result
+  upscaler = None
+  if upscale_workdir:
+    upscaler = upscale.Upscaler(upscale_workdir)
+    upscaler.check_input(config.data.num_frames, config.data.height, config.data.width)
+    upscaler.load()  # outside the base run's mesh context: restoring builds its own
   frozen = frozen_lib.Frozen(config)
   options = sampling.settings(config, num_steps=num_steps, guidance_scale=guidance_scale,
                               sampler=sampler, negative_prompt=negative_prompt,
@@ -154,12 +187,19 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
   with jax.set_mesh(mesh):
     for name, split in SPLITS.items():
       result[name] = {}
+      if upscale.enabled(config):
+        result[name]['upscaling'] = upscaling(generate, params, config, mesh, split,
+                                              os.path.join(videos_dir, name), seed=seed,
+                                              frozen=frozen)
+        logging.info('%s: upscaling %s psnr %s', name, result[name]['upscaling']['rates'],
+                     result[name]['upscaling']['psnr_db'])
+        continue
       if flow_loss:
         result[name]['flow_matching_loss'] = flow_matching_loss(graphdef, params, config, mesh,
                                                                 split, frozen)
       result[name]['adherence'] = split_adherence(generate, params, config, mesh, split,
                                                   os.path.join(videos_dir, name), seed=seed,
-                                                  frozen=frozen)
+                                                  frozen=frozen, upscaler=upscaler)
       logging.info('%s: loss %s, adherence %s', name,
                    result[name].get('flow_matching_loss', {}).get('mean'),
                    result[name]['adherence']['rates'])
@@ -190,10 +230,13 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
                     videos_dir=f.videos_dir, flow_loss=f.flow_loss, conditioned=f.conditioned,
-                    **options)
+                    upscale_workdir=f.upscale_workdir, **options)
   for name in SPLITS:
     if 'reconstruction' in result[name]:
       print(name, result[name]['reconstruction'])
+    elif 'upscaling' in result[name]:
+      print(name, result[name]['upscaling']['rates'], 'PSNR dB',
+            result[name]['upscaling']['psnr_db'])
     elif 'flow_matching_loss' in result[name]:
       print(name, 'loss', round(result[name]['flow_matching_loss']['mean'], 4),
             result[name]['adherence']['rates'])

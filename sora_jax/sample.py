@@ -11,7 +11,8 @@ connect two images), --video=clip.mp4 --extend=forward|backward [--overlap=K] (c
 its last / before its first K model frames; the output starts / ends with them), --video=clip.mp4
 --edit_strength=0.6 (SDEdit under the new prompt: works with any run), --num_frames=N longer than the
 training clip (sliding windows of the training length overlapping by --overlap frames). Images and
-videos are resized to the run's frame size.
+videos are resized to the run's frame size. --upscale_workdir=runs/demo_upscale: a cascaded
+super-resolution run (sora_jax/upscale.py) upscales every video before it is written.
 
 Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "path"}, ...]}.
 """
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from sora_jax import checkpoint, conditioning, config_lib, restore, sampling
+from sora_jax import checkpoint, conditioning, config_lib, restore, sampling, upscale
 from sora_jax import frozen as frozen_lib
 
 
@@ -43,6 +44,8 @@ def define_flags():
                      ' this flow time and denoise under the prompt.')
   flags.DEFINE_integer('num_frames', None, 'Output frames; more than the training clip: sliding'
                        ' windows.')
+  flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1, e.g.'
+                      ' configs/demo_upscale.py) applied to the videos: factor x larger frames.')
   flags.DEFINE_integer('overlap', None, 'Model frames shared by consecutive windows / taken from'
                        ' --video (default: patch_size[0] * config.condition.max_frames).')
 
@@ -73,6 +76,13 @@ def main(argv):
       if overlap % pt or not 0 < overlap < config_lib.model_clip_shape(config)[0]:
         raise ValueError(f'--overlap={overlap} must be a multiple of model.patch_size[0]={pt} below'
                          f' the clip length {config_lib.model_clip_shape(config)[0]} (model frames).')
+    upscaler = None
+    if upscale.enabled(config):
+      raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
+                       ' --upscale_workdir after a base model\'s --workdir.')
+    if f.upscale_workdir:
+      upscaler = upscale.Upscaler(f.upscale_workdir)
+      upscaler.check_input(f.num_frames or t_pix, config.data.height, config.data.width)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if config.model.family == 'vae':
@@ -99,6 +109,8 @@ def main(argv):
       videos = videos[:, :f.num_frames] if direction == 'forward' else videos[:, -f.num_frames:]
     else:
       videos = sampling.generate_videos(generate, params, f.prompt, **kw)
+  if upscaler is not None:
+    videos = upscaler(videos, f.prompt, seed=f.seed, batch_size=f.batch_size)
   if jax.process_index() == 0:
     samples = sampling.write_videos(videos, f.prompt, f.output_dir, fps=config.data.fps)
     for s in samples:

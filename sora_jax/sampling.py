@@ -12,7 +12,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from sora_jax import conditioning, config_lib, sharding, video_io
+from sora_jax import conditioning, config_lib, sharding, upscale, video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax.diffusion import flow, samplers
 
@@ -77,8 +77,12 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
                   sampler: str = 'euler', negative_prompt: str = '',
                   guidance_schedule: str = 'constant', guidance_interval=(0.0, 1.0),
                   edit_strength=None):
-  """jitted (params, captions [B, L(, D)], mask [B, L], keys [B], video=None, given=None) ->
-  model-space videos [B, T, H, W, C] (pixels in [-1, 1], or latents: decode with `frozen.decode`).
+  """jitted (params, captions [B, L(, D)], mask [B, L], keys [B], video=None, given=None,
+  lowres=None) -> model-space videos [B, T, H, W, C] (pixels in [-1, 1], or latents: decode with
+  `frozen.decode`).
+
+  Upscaler runs (config.upscale.factor > 1, sora_jax/upscale.py) take `lowres` [B, T, H / f, W / f, C]
+  low-resolution videos in [-1, 1], upsampled and noised to config.upscale.sample_noise.
 
   Conditioning (sora_jax/conditioning.py): `video` [B, T, H, W, C] model-space frames and `given`
   [B, T] their given-frame mask (whole temporal patches). At every sampler step the given frames are
@@ -115,15 +119,28 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
     timesteps = flow.shift_timesteps(jnp.linspace(start, 0.0, num_steps + 1), a)
   conditioned = conditioning.enabled(config)
 
+  upscaler = upscale.enabled(config)
+
   @jax.jit
-  def generate(params, tokens, mask, keys, video=None, given=None):
+  def generate(params, tokens, mask, keys, video=None, given=None, lowres=None):
     if given is not None and not conditioned:
       raise ValueError('Given frames need a model trained with conditioning (config.condition.mix'
                        ' beyond "none"); this one was trained without.')
+    if (lowres is not None) != upscaler:
+      raise ValueError('An upscaler run (config.upscale.factor > 1) samples from `lowres` videos,'
+                       ' and only it takes them.')
     model = nnx.merge(graphdef, params)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
     both_tokens = jnp.concatenate([tokens, jnp.broadcast_to(neg_tokens, tokens.shape)])
     both_mask = jnp.concatenate([mask, jnp.broadcast_to(neg_mask, mask.shape)])
+    if lowres is not None:
+      # Each video's own augmentation noise; the same input for both halves of CFG.
+      aug = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(keys)
+      up = upscale.condition(lowres, config.upscale.factor, config.upscale.sample_noise, aug)
+      both_up = jnp.concatenate([up, up])
+      velocity = flow.guided_velocity(
+          lambda x, t: model(x, t, both_tokens, both_mask, lowres=both_up), scale)
+      return solve(velocity, noise, timesteps)
     if video is None:
       velocity = flow.guided_velocity(lambda x, t: model(x, t, both_tokens, both_mask), scale)
       return solve(velocity, noise, timesteps)
@@ -155,13 +172,13 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
 
 
 def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
-                    batch_size: int, frozen=None, video=None, given=None,
+                    batch_size: int, frozen=None, video=None, given=None, lowres=None,
                     decode: bool = True) -> np.ndarray:
   """All prompts, in fixed-size (padded) batches: one compilation. Returns uint8 [N, T, H, W, 3].
 
   video: model-space frames [T, H, W, C] shared by all prompts, or [N, T, H, W, C] one per prompt;
-  given [T]: their given-frame mask (see make_generate). decode=False: the model-space float videos
-  [N, T, H, W, C] instead."""
+  given [T]: their given-frame mask (see make_generate). lowres [N, T, h, w, C]: one low-resolution
+  video per prompt (upscaler runs). decode=False: the model-space float videos [N, T, H, W, C]."""
   frozen = frozen or frozen_lib.Frozen(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
@@ -178,15 +195,16 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
     chunk += [''] * (batch_size - n)
     tokens, mask = frozen.tokenize(chunk)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch_size))
-    extra = ()
+    pad = lambda v: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)])
+    extra = {}
     if video is not None:
-      v = video[start:start + n]
-      v = np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)])
-      g = None if given is None else np.broadcast_to(np.asarray(given, np.float32),
-                                                     (batch_size, len(given)))
-      extra = (v, g)
+      extra['video'] = pad(video[start:start + n])
+      if given is not None:
+        extra['given'] = np.broadcast_to(np.asarray(given, np.float32), (batch_size, len(given)))
+    if lowres is not None:
+      extra['lowres'] = pad(np.asarray(lowres[start:start + n], np.float32))
     tokens, mask, keys, extra = jax.device_put((tokens, mask, keys, extra), data_sharding)
-    videos = generate(params, *frozen.caption_inputs(tokens, mask), keys, *extra)
+    videos = generate(params, *frozen.caption_inputs(tokens, mask), keys, **extra)
     videos = frozen.decode(videos) if decode else videos
     # Every process gets all videos (its devices hold only some rows on a multi-host mesh).
     videos = np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n]

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from data_pipelines import bucketed, pipeline
 from data_pipelines import shapes
 from sora_jax import checkpoint, conditioning, config_lib, distributed, metrics, sampling, sharding
-from sora_jax import video_io
+from sora_jax import upscale, video_io
 from sora_jax import frozen as frozen_lib
 from sora_jax import state as state_lib
 from sora_jax.diffusion import flow
@@ -95,9 +95,13 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     tokens = dropped(drop, null_tokens, batch['tokens'])
     mask = dropped(drop, null_mask, batch['mask'])
 
+    lowres = None
+    if upscale.enabled(config):  # the clip's own degraded copy as extra input channels
+      lowres = upscale.training_condition(x0, config, jax.random.fold_in(noise_rng, 1))
+
     def loss_fn(params):
       if given is None:
-        v = nnx.merge(graphdef, params)(x_t, t, tokens, mask)
+        v = nnx.merge(graphdef, params)(x_t, t, tokens, mask, lowres=lowres)
         return flow.loss(v, x0, noise, flow.loss_weight(t, d.loss_t_floor)).mean(), {}
       v = nnx.merge(graphdef, params)(x_t, t, tokens, mask, given=given)
       weight = flow.loss_weight(t, d.loss_t_floor)
@@ -245,6 +249,14 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       recon = reconstruct(graphdef, state['ema'], batch['video'])
       videos = video_io.to_uint8(np.concatenate([batch['video'], recon], axis=2))
       prompts = [f'reconstruction {i}' for i in range(len(videos))]
+    elif upscale.enabled(config):  # bilinear | upscaled | real, side by side
+      clips, prompts = upscale.eval_clips(config, 'heldout', config.num_train_samples)
+      low = np.asarray(upscale.downsample(clips, config.upscale.factor))
+      up = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,
+                                    seed=config.seed, batch_size=len(prompts), frozen=frozen,
+                                    lowres=low)
+      bilinear = video_io.to_uint8(np.asarray(upscale.upsample(low, config.upscale.factor)))
+      videos = np.concatenate([bilinear, up, video_io.to_uint8(clips)], axis=3)
     else:
       prompts = sample_prompts(config.num_train_samples)
       videos = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,

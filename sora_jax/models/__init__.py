@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax import conditioning
+from sora_jax import conditioning, upscale
 from sora_jax.diffusion import flow
 from sora_jax.models import dit, text
 
@@ -29,10 +29,13 @@ class TextToVideo(nnx.Module):
   def encode_text(self, tokens, mask):
     return (tokens, mask) if self.text_encoder is None else self.text_encoder(tokens, mask)
 
-  def __call__(self, x_t, t, tokens, mask, given=None):
-    """given [B, T]: the given-frame mask of a conditioned model (sora_jax/conditioning.py)."""
+  def __call__(self, x_t, t, tokens, mask, given=None, lowres=None):
+    """given [B, T]: the given-frame mask of a conditioned model (sora_jax/conditioning.py);
+    lowres [B, T, H, W, C]: an upscaler's upsampled low-resolution input (sora_jax/upscale.py)."""
     context, context_mask = self.encode_text(tokens, mask)
     extra = {} if given is None else {'given': given}
+    if lowres is not None:
+      extra['lowres'] = lowres
     out = self.dit(x_t, t, context, context_mask, **extra)
     return flow.velocity_from_x0(out, x_t, t) if self.prediction == 'x0' else out
 
@@ -94,7 +97,8 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, context_width=text_width(config),
         rope_theta=m.rope_theta, scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs,
         attention_impl=m.attention, context_parallel=m.context_parallel or None,
-        condition_channel=conditioning.enabled(config))
+        condition_channel=conditioning.enabled(config),
+        lowres_channels=channels_in if upscale.enabled(config) else 0)
   return TextToVideo(encoder, video_model, config.diffusion.prediction)
 
 

@@ -146,16 +146,19 @@ class VideoDiT(nnx.Module):
 
   def __init__(self, *, channels, patch_size, width, depth, num_heads, mlp_ratio, context_width,
                rope_theta=256.0, scan_layers=True, remat='none', dtype=jnp.float32,
-               attention_impl='auto', context_parallel=None, condition_channel=False, rngs):
+               attention_impl='auto', context_parallel=None, condition_channel=False,
+               lowres_channels=0, rngs):
     """attention_impl: attention backend (models/attention.py IMPLS); context_parallel: None, 'ring'
     or 'all_to_all', used when the mesh shards the token sequence ('context' axis > 1);
-    condition_channel: takes the given-frame mask as an extra input channel (module docstring)."""
+    condition_channel: takes the given-frame mask as an extra input channel (module docstring);
+    lowres_channels: channels of an upsampled low-resolution video concatenated to the input (the
+    super-resolution stage, sora_jax/upscale.py)."""
     self.channels, self.patch_size = channels, tuple(patch_size)
-    self.condition_channel = condition_channel
+    self.condition_channel, self.lowres_channels = condition_channel, lowres_channels
     self.num_heads, self.rope_theta = num_heads, rope_theta
     self.scan_layers, self.remat = scan_layers, remat
     patch_dim = math.prod(self.patch_size) * channels
-    in_dim = math.prod(self.patch_size) * (channels + int(condition_channel))
+    in_dim = math.prod(self.patch_size) * (channels + int(condition_channel) + lowres_channels)
     self.patch_embed = layers.linear(in_dim, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.time_embed1 = layers.linear(256, width, ('patch', 'embed'), rngs=rngs, dtype=dtype)
     self.time_embed2 = layers.linear(width, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
@@ -179,11 +182,17 @@ class VideoDiT(nnx.Module):
     self.final = layers.linear(width, patch_dim, ('embed', 'patch'), zero=True, rngs=rngs,
                                dtype=dtype)
 
-  def __call__(self, video, t, context, context_mask, given=None):
+  def __call__(self, video, t, context, context_mask, given=None, lowres=None):
     """video [B, T, H, W, C], t [B] (or [B, T]: a flow time per frame, constant within each temporal
     patch), context [B, L, Dc], context_mask [B, L], given [B, T]: the given-frame mask (models with
-    condition_channel; None: nothing given) -> [B, T, H, W, C]."""
+    condition_channel; None: nothing given), lowres [B, T, H, W, lowres_channels] (upscalers only)
+    -> [B, T, H, W, C]."""
     dtype = self.patch_embed.dtype
+    if (lowres is None) != (self.lowres_channels == 0):
+      raise ValueError(f'This VideoDiT takes {self.lowres_channels} low-resolution channels; got'
+                       f' lowres={None if lowres is None else lowres.shape}.')
+    if lowres is not None:
+      video = jnp.concatenate([video.astype(dtype), lowres.astype(dtype)], axis=-1)
     if self.condition_channel:
       b, frames = video.shape[:2]
       given = jnp.zeros((b, frames), dtype) if given is None else given.astype(dtype)
