@@ -54,6 +54,21 @@ def max_data_step(clips: np.ndarray) -> float:
   return float(np.nanmax([transitions(c)[0] for c in clips]))
 
 
+def jump_threshold(config, num: int = 64) -> float:
+  """2x the largest centroid step of `num` rendered clips (every pair and direction) of the config's
+  size: a boundary step above it is a jump."""
+  prompts = evaluate_lib.adherence_prompts('train', 1)
+  prompts = (prompts * -(-num // len(prompts)))[:num]
+  return 2 * max_data_step(rendered_clips(config, prompts, 3))
+
+
+def window_boundaries(config, spans, overlap: int) -> list[int]:
+  """The first generated frame of every window after the first (its given frames come before)."""
+  temporal = conditioning._temporal(config)  # pylint: disable=protected-access
+  cut = conditioning.pixel_frames(overlap, temporal, at_start=True)
+  return [a + cut for a, _ in spans[1:]]
+
+
 def continuity(videos, boundaries, jump_px: float) -> dict:
   """Boundary vs inside-window transitions of uint8 videos [N, T, H, W, 3]; `boundaries`: indices f of
   the first generated frame after given ones (the transition f - 1 -> f)."""
@@ -100,8 +115,11 @@ def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, f
                      given_model, seed)
   result = evaluate_lib.adherence(sampling.write_videos(videos, prompts, videos_dir,
                                                         fps=config.data.fps))
+  # The issue's image-to-video criterion: the image's colour and shape kept, moving as prompted.
+  result['rates']['color_shape_direction'] = float(np.mean(
+      [v['color'] and v['shape'] and v['direction'] for v in result['videos']]))
   first = int(given_pix.sum())
-  result['continuity'] = continuity(videos, [first], 2 * max_data_step(clips))
+  result['continuity'] = continuity(videos, [first], jump_threshold(config))
   return result
 
 
@@ -118,7 +136,7 @@ def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen
   videos = _generate(generate, params, config, mesh, frozen, prompts, starts, given_pix,
                      given_model, seed)
   samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
-  jump_px = 2 * max_data_step(clips)
+  jump_px = jump_threshold(config)
   rows = []
   for s, v in zip(samples, videos):
     score = shapes.score(video_io.read_video(s['path']), s['prompt'])
@@ -167,21 +185,14 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
       kept[i, k] = j['color'] == colour and j['shape'] == shape
       direction[i, k] = j['direction'] == want_dir
     s.update(kept=kept[i].tolist(), direction=direction[i].tolist())
-  clips = rendered_clips(config, prompts[:16], 3)
   return {'num_videos': len(prompts), 'num_frames': int(videos.shape[1]),
           'num_windows': num_windows, 'overlap': overlap, 'window_spans': spans,
           'rates': {'kept_every_window': float(kept.all(1).mean()),
                     'kept_per_window': kept.mean(0).tolist(),
                     'direction_per_window': direction.mean(0).tolist()},
-          # Window k's given frames are its first `cut`; its first generated frame follows them.
-          'continuity': continuity(videos, [a + _cut(config, overlap) for a, _ in spans[1:]],
-                                   2 * max_data_step(clips)),
+          'continuity': continuity(videos, window_boundaries(config, spans, overlap),
+                                   jump_threshold(config)),
           'videos': samples}
-
-
-def _cut(config, overlap):
-  temporal = conditioning._temporal(config)  # pylint: disable=protected-access
-  return conditioning.pixel_frames(overlap, temporal, at_start=True)
 
 
 PROTOCOLS = {'image_to_video': image_to_video, 'extension': extension, 'long_video': long_video}

@@ -4,6 +4,8 @@ a Wan pipeline folder (transformer + VAE + umT5) fine-tuned with configs/wan2_1_
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +178,43 @@ def test_wan_pipeline_finetunes_and_samples(tmp_path):
   # Only the transformer is trained: no umT5 / VAE weights in the train state.
   _, _, params, _ = restore.load(workdir)[1:]
   assert set(nnx.to_pure_dict(params)) == {'dit'}
+
+
+def test_conditioning_through_the_autoencoder(vae_run, tmp_path):
+  """Image-to-video and sliding windows in latent space: the image is a one-latent-frame condition."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from sora_jax import conditioning  # pylint: disable=g-import-not-at-top
+  _, vae_dir = vae_run
+  config = tiny_config()
+  config.autoencoder = vae_dir
+  config.data.num_frames, config.data.height, config.data.width = 5, 16, 16
+  config.model.patch_size = (1, 2, 2)
+  config.condition.mix = (('none', 0.5), ('first', 0.25), ('first_k', 0.25))
+  config.condition.max_frames = 1
+  workdir = str(tmp_path / 'dit')
+  train.train(config, workdir)
+  image = np.zeros((16, 16, 3), np.uint8)
+  image[4:12, 4:12, 0] = 255
+  video_io.write_mp4(str(tmp_path / 'first.mp4'), image[None])
+  # The given latent frame comes out exactly as encoded.
+  clip, given_pix, given = conditioning.cli_inputs(config, image=str(tmp_path / 'first.mp4'))
+  assert given.tolist() == [1, 0, 0] and given_pix.tolist() == [1, 0, 0, 0, 0]
+  config, mesh, graphdef, params, _ = restore.load(workdir)
+  f = frozen.Frozen(config)
+  latents = np.asarray(f.encode(jnp.asarray(clip[None])))
+  generate = sampling.make_generate(graphdef, config, frozen=f, num_steps=2, guidance_scale=2.0)
+  with jax.set_mesh(mesh):
+    out = sampling.generate_videos(generate, params, ['a red square moving left'], config=config,
+                                   mesh=mesh, seed=0, batch_size=1, frozen=f, video=latents[0],
+                                   given=given, decode=False)
+  np.testing.assert_array_equal(out[0, 0], latents[0, 0])
+  assert np.abs(out[0, 1:] - latents[0, 1:]).max() > 0
+  # CLI: image-to-video of 13 pixel frames = 7 latent frames by windows of 3 overlapping by 1.
+  res = subprocess.run(
+      [sys.executable, '-m', 'sora_jax.sample', f'--workdir={workdir}', f'--output_dir={tmp_path}',
+       '--num_steps=2', '--num_frames=13', '--overlap=1', f'--image={tmp_path / "first.mp4"}',
+       '--prompt=a red square moving left'], capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(tmp_path / 'samples.json') as fh:
+    path = json.load(fh)['samples'][0]['path']
+  assert video_io.read_video(path).shape == (13, 16, 16, 3)
