@@ -150,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.upscale.factor = 1
   c.upscale.noise_aug = 0.15
   c.upscale.sample_noise = 0.05
+  c.upscale.residual = True  # x0 = clean upsampled input + the model's output (needs x0 prediction)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4

@@ -136,10 +136,11 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
     if lowres is not None:
       # Each video's own augmentation noise; the same input for both halves of CFG.
       aug = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(keys)
-      up = upscale.condition(lowres, config.upscale.factor, config.upscale.sample_noise, aug)
+      up, base = upscale.condition(lowres, config, config.upscale.sample_noise, aug)
       both_up = jnp.concatenate([up, up])
+      both_base = None if base is None else jnp.concatenate([base, base])
       velocity = flow.guided_velocity(
-          lambda x, t: model(x, t, both_tokens, both_mask, lowres=both_up), scale)
+          lambda x, t: model(x, t, both_tokens, both_mask, lowres=both_up, base=both_base), scale)
       return solve(velocity, noise, timesteps)
     if video is None:
       velocity = flow.guided_velocity(lambda x, t: model(x, t, both_tokens, both_mask), scale)

@@ -95,13 +95,13 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     tokens = dropped(drop, null_tokens, batch['tokens'])
     mask = dropped(drop, null_mask, batch['mask'])
 
-    lowres = None
+    lowres = base = None
     if upscale.enabled(config):  # the clip's own degraded copy as extra input channels
-      lowres = upscale.training_condition(x0, config, jax.random.fold_in(noise_rng, 1))
+      lowres, base = upscale.training_condition(x0, config, jax.random.fold_in(noise_rng, 1))
 
     def loss_fn(params):
       if given is None:
-        v = nnx.merge(graphdef, params)(x_t, t, tokens, mask, lowres=lowres)
+        v = nnx.merge(graphdef, params)(x_t, t, tokens, mask, lowres=lowres, base=base)
         return flow.loss(v, x0, noise, flow.loss_weight(t, d.loss_t_floor)).mean(), {}
       v = nnx.merge(graphdef, params)(x_t, t, tokens, mask, given=given)
       weight = flow.loss_weight(t, d.loss_t_floor)

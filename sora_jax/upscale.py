@@ -3,7 +3,10 @@
 An upscaler run (`config.upscale.factor` = f > 1, e.g. configs/demo_upscale.py) trains on the same
 clips as the base model, at f x its frame size: the clip's box-downsampled (1/f) and bilinearly
 re-upsampled copy joins the noisy clip as extra input channels (channel concat, so the conditioning is
-aligned with the output pixel for pixel), and the flow objective is unchanged. Cascaded-diffusion
+aligned with the output pixel for pixel), and the flow objective is unchanged. With
+config.upscale.residual (x0 prediction) the model predicts the clean clip as the clean upsampled input
+plus its output, so an untrained upscaler (zero-initialised head) starts as bilinear upsampling and
+learns only the missing detail. Cascaded-diffusion
 noise augmentation: the low-resolution input is noised to a flow time drawn uniformly from
 [0, config.upscale.noise_aug] per training clip, so the upscaler does not copy the base model's
 artifacts; sampling uses the fixed level config.upscale.sample_noise.
@@ -42,6 +45,9 @@ def check(config) -> None:
   if config.autoencoder or config.model.family != 'dit' or d.packing:
     raise ValueError('config.upscale.factor > 1 upscales pixels with model.family="dit": it needs an'
                      ' empty config.autoencoder and data.packing=False.')
+  if u.residual and config.diffusion.prediction != 'x0':
+    raise ValueError('config.upscale.residual predicts the clip as the upsampled input plus a'
+                     ' residual: it needs config.diffusion.prediction="x0".')
   if any(p != 'none' and q > 0 for p, q in config.condition.mix):
     raise ValueError('config.upscale.factor > 1 with config.condition.mix: an upscaler is conditioned'
                      ' on the whole low-resolution video; train it without given frames.')
@@ -61,13 +67,14 @@ def upsample(video, factor: int):
   return jax.image.resize(video, (*lead, h * factor, w * factor, c), method='linear')
 
 
-def condition(lowres, factor: int, noise_level, noise):
-  """Low-resolution clips [B, T, h, w, C] in [-1, 1] -> the upscaler's input channels
-  [B, T, h f, w f, C]: upsampled, then moved to flow time `noise_level` ([B] or a scalar) towards
-  `noise` (standard normal, [B, T, h f, w f, C])."""
-  up = upsample(lowres, factor)
+def condition(lowres, config, noise_level, noise):
+  """Low-resolution clips [B, T, h, w, C] in [-1, 1] -> the upscaler's model inputs (lowres=, base=):
+  the clips upsampled and moved to flow time `noise_level` ([B] or a scalar) towards `noise` (standard
+  normal, [B, T, h f, w f, C]) as extra input channels, and, with config.upscale.residual, the clean
+  upsampled clips the model's x0 estimate is a residual over (else None)."""
+  up = upsample(lowres, config.upscale.factor)
   level = jnp.broadcast_to(jnp.asarray(noise_level, up.dtype), up.shape[:1])
-  return flow.interpolate(up, noise, level)
+  return flow.interpolate(up, noise, level), (up if config.upscale.residual else None)
 
 
 def training_condition(x0, config, key):
@@ -75,7 +82,7 @@ def training_condition(x0, config, key):
   level_key, noise_key = jax.random.split(key)
   u = config.upscale
   level = jax.random.uniform(level_key, x0.shape[:1], maxval=u.noise_aug)
-  return condition(downsample(x0, u.factor), u.factor, level,
+  return condition(downsample(x0, u.factor), config, level,
                    jax.random.normal(noise_key, x0.shape, x0.dtype))
 
 

@@ -18,6 +18,7 @@ def up_config():
   c.upscale.factor = 2  # 16x16 -> 32x32
   c.data.height = c.data.width = 32
   c.model.patch_size = (2, 8, 8)
+  c.diffusion.prediction = 'x0'  # config.upscale.residual
   return c
 
 
@@ -29,19 +30,27 @@ def test_downsample_and_upsample():
   np.testing.assert_allclose(upscale.upsample(jnp.full((1, 2, 3, 3), 0.5), 2), 0.5, rtol=1e-6)
   # Noise level 0 is the upsampled clip; 1 is the noise.
   noise = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 8, 12, 3))
-  np.testing.assert_allclose(upscale.condition(x, 2, 0.0, noise), upscale.upsample(x, 2))
-  np.testing.assert_allclose(upscale.condition(x, 2, jnp.asarray([1.0, 1.0]), noise), noise)
+  c = up_config()
+  cond, base = upscale.condition(x, c, 0.0, noise)
+  np.testing.assert_allclose(cond, upscale.upsample(x, 2))
+  np.testing.assert_allclose(base, upscale.upsample(x, 2))
+  cond, base = upscale.condition(x, c, jnp.asarray([1.0, 1.0]), noise)
+  np.testing.assert_allclose(cond, noise)
+  np.testing.assert_allclose(base, upscale.upsample(x, 2))  # the residual base stays clean
+  c.upscale.residual = False
+  assert upscale.condition(x, c, 0.5, noise)[1] is None
 
 
 @pytest.mark.parametrize('change, message', [
     (dict(factor=5), 'divisible by config.upscale.factor=5'),
     (dict(noise_aug=1.5), 'noise_aug=1.5'),
     (dict(factor=0), 'factor=0'),
+    (dict(residual=True, prediction='velocity'), 'needs config.diffusion.prediction="x0"'),
 ])
 def test_config_validation(change, message):
   c = up_config()
   for k, v in change.items():
-    c.upscale[k] = v
+    (c.diffusion if k == 'prediction' else c.upscale)[k] = v
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c, 1)
   c = up_config()

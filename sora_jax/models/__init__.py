@@ -29,14 +29,20 @@ class TextToVideo(nnx.Module):
   def encode_text(self, tokens, mask):
     return (tokens, mask) if self.text_encoder is None else self.text_encoder(tokens, mask)
 
-  def __call__(self, x_t, t, tokens, mask, given=None, lowres=None):
+  def __call__(self, x_t, t, tokens, mask, given=None, lowres=None, base=None):
     """given [B, T]: the given-frame mask of a conditioned model (sora_jax/conditioning.py);
-    lowres [B, T, H, W, C]: an upscaler's upsampled low-resolution input (sora_jax/upscale.py)."""
+    lowres [B, T, H, W, C]: an upscaler's upsampled low-resolution input (sora_jax/upscale.py);
+    base [B, T, H, W, C]: with x0 prediction, the DiT predicts the clean clip's difference from it
+    (an upscaler's residual over its clean upsampled input)."""
     context, context_mask = self.encode_text(tokens, mask)
     extra = {} if given is None else {'given': given}
     if lowres is not None:
       extra['lowres'] = lowres
     out = self.dit(x_t, t, context, context_mask, **extra)
+    if base is not None:
+      if self.prediction != 'x0':
+        raise ValueError('A residual base needs diffusion.prediction="x0".')
+      out = out + base
     return flow.velocity_from_x0(out, x_t, t) if self.prediction == 'x0' else out
 
   def packed(self, x_t, positions, segment_ids, t, tokens, mask):
