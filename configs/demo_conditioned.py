@@ -19,4 +19,7 @@ def get_config(autoencoder: str = ''):
   config.condition.mix = (('none', 0.3), ('first', 0.3), ('first_k', 0.2), ('last_k', 0.1),
                           ('first_last', 0.1))
   config.condition.max_frames = 2
+  # Given frames carry colour and shape; strong text guidance distorts them (image-to-video judged
+  # colour+shape+direction at CFG 2 / 3 / 4 / 6: 0.90 / 0.86 / 0.81 / 0.70 on seen pairs).
+  config.sample.guidance_scale = 2.0
   return config

@@ -13,6 +13,7 @@ pixels with `shapes.track` / `shapes.score`:
                   boundary between given and generated frames ('same_object': all three).
   long_video      text-to-video of `factor` x the training length by sliding windows: per window,
                   colour and shape equal the prompt's ('kept'); per video, kept in every window.
+  long_video_from_image  the same, its first window image-to-video from a rendered first frame.
 
 Temporal consistency: for every frame-to-frame transition, the object's centroid step (pixels) and the
 mean absolute pixel change (0-255), split into transitions at window boundaries (given -> generated)
@@ -165,13 +166,24 @@ def window_spans(config, num_windows: int, overlap: int) -> list[tuple[int, int]
 
 
 def long_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen, factor=4,
-               overlap=None) -> dict:
+               overlap=None, from_image=False) -> dict:
+  """from_image: the first window is image-to-video from a rendered first frame (as
+  image_to_video) rather than text-to-video."""
   prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
   t_model = config_lib.model_clip_shape(config)[0]
   overlap = overlap or config.model.patch_size[0] * config.condition.max_frames
+  video = given = None
+  if from_image:
+    clips = rendered_clips(config, prompts, 4)
+    _, given_pix, given = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
+    stills = np.broadcast_to(clips[:, :1], clips.shape).astype(np.float32) / 127.5 - 1.0
+    video = np.concatenate([np.asarray(frozen.encode(stills[i:i + 16] * given_pix[:, None, None,
+                                                                                   None]))
+                            for i in range(0, len(stills), 16)])
   videos = sampling.generate_long(generate, params, prompts, config=config, mesh=mesh, seed=seed,
                                   batch_size=config.eval.batch_size, frozen=frozen,
-                                  num_frames=factor * t_model, overlap=overlap)
+                                  num_frames=factor * t_model, overlap=overlap, video=video,
+                                  given=given)
   step = t_model - overlap
   num_windows = 1 + -(-(factor * t_model - t_model) // step)
   spans = [(a, min(b, videos.shape[1])) for a, b in window_spans(config, num_windows, overlap)]
@@ -195,7 +207,12 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
           'videos': samples}
 
 
-PROTOCOLS = {'image_to_video': image_to_video, 'extension': extension, 'long_video': long_video}
+def long_video_from_image(*args, **kwargs) -> dict:
+  return long_video(*args, **kwargs, from_image=True)
+
+
+PROTOCOLS = {'image_to_video': image_to_video, 'extension': extension, 'long_video': long_video,
+             'long_video_from_image': long_video_from_image}
 
 
 def evaluate(generate, params, config, mesh, videos_dir, *, seed, frozen,

@@ -9,7 +9,8 @@ direction x eval.samples_per_prompt), written as mp4, decoded again and judged b
 `data_pipelines.shapes.judge_clip`: colour, shape, direction, and a stable object in every frame.
 Runs trained with config.condition.mix also get image-to-video, forward extension and 4x-length
 sliding-window videos judged, with temporal consistency at window boundaries
-(sora_jax/conditioned_eval.py; --conditioned=image_to_video,extension,long_video or none).
+(sora_jax/conditioned_eval.py; --conditioned=image_to_video,extension,long_video,
+long_video_from_image or none).
 Upscaler runs (config.upscale.factor > 1): PSNR of the upscaled eval clips (and of bilinear
 upsampling) against the real ones, plus the judged adherence of the upscaled mp4s;
 --upscale_workdir=UP on a base run judges the base model's videos after that upscaler.
@@ -44,7 +45,8 @@ def define_flags():
   flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1): judge'
                       ' the base videos after upscaling them with it (what sample'
                       ' --upscale_workdir writes).')
-  flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video'],
+  flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video',
+                                    'long_video_from_image'],
                     'Conditioned protocols judged on runs trained with config.condition.mix'
                     ' (sora_jax/conditioned_eval.py); "none" for none.')
 
@@ -150,7 +152,7 @@ def upscaling(generate, params, config, mesh, split: str, videos_dir: str, *, se
 def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_scale=None,
              use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
              guidance_schedule=None, guidance_interval=None, flow_loss=True,
-             conditioned=('image_to_video', 'extension', 'long_video'),
+             conditioned=('image_to_video', 'extension', 'long_video', 'long_video_from_image'),
              upscale_workdir=None) -> dict:
   """Sampling options left None come from config.sample (see `sampling.settings`). `conditioned`:
   the conditioned_eval protocols run when the run was trained with conditioning. upscale_workdir:
