@@ -1,7 +1,7 @@
 r"""Long videos by sliding windows on CPU: wall time and peak memory against length, as a user runs it.
 
   python benchmarks/long_video.py --workdir=runs/demo_conditioned --frames=48,120,480 \
-      --output_dir=runs/long_video_bench
+      --output_dir=runs/long_video_bench [--sample_flags=guidance_scale=2]
 
 For each length, runs `python -m sora_jax.sample --num_frames=N` in a fresh process (so the peak
 resident memory is that run's alone) for the given prompts, and reports wall time, peak RSS and the
@@ -29,11 +29,13 @@ flags.DEFINE_list('prompts', ['a red circle moving left', 'a green square moving
                               'a blue triangle moving right', 'a yellow circle moving down'],
                   'Prompts (one video each per length).')
 flags.DEFINE_integer('overlap', None, 'Overlap in model frames (default: the sample CLI default).')
+flags.DEFINE_list('sample_flags', [], 'More sample CLI flags, e.g. guidance_scale=2,num_steps=16.')
 
 
-def run_sample(workdir, prompts, num_frames, out_dir, overlap):
+def run_sample(workdir, prompts, num_frames, out_dir, overlap, extra=()):
   cmd = [sys.executable, '-m', 'sora_jax.sample', f'--workdir={workdir}', f'--output_dir={out_dir}',
-         f'--num_frames={num_frames}', *[f'--prompt={p}' for p in prompts]]
+         f'--num_frames={num_frames}', *[f'--prompt={p}' for p in prompts],
+         *[f'--{x}' for x in extra]]
   if overlap:
     cmd.append(f'--overlap={overlap}')
   start = time.perf_counter()
@@ -54,7 +56,7 @@ def main(argv):
   rows = []
   for n in [int(x) for x in f.frames]:
     out_dir = os.path.join(f.output_dir, f'frames_{n}')
-    wall, rss = run_sample(f.workdir, f.prompts, n, out_dir, f.overlap)
+    wall, rss = run_sample(f.workdir, f.prompts, n, out_dir, f.overlap, f.sample_flags)
     with open(os.path.join(out_dir, 'samples.json')) as fh:
       samples = json.load(fh)['samples']
     videos = np.stack([video_io.read_video(s['path']) for s in samples])

@@ -96,12 +96,17 @@ def continuity(videos, boundaries, jump_px: float) -> dict:
           'num_boundaries': int(len(at))}
 
 
+def _model_inputs(frozen, clips, given_pix):
+  """uint8 pixel clips [N, T, H, W, 3] -> model-space clips (latents with an autoencoder), frames
+  outside `given_pix` blanked as the sample CLI does."""
+  pixels = (clips.astype(np.float32) / 127.5 - 1.0) * given_pix[None, :, None, None, None]
+  return np.concatenate([np.asarray(frozen.encode(pixels[i:i + 16]))
+                         for i in range(0, len(pixels), 16)])
+
+
 def _generate(generate, params, config, mesh, frozen, prompts, clips, given_pix, given_model, seed):
   """Videos conditioned on per-prompt pixel clips (uint8) with the given masks -> uint8 videos."""
-  pixels = clips.astype(np.float32) / 127.5 - 1.0
-  pixels = pixels * given_pix[None, :, None, None, None]
-  video = np.concatenate([np.asarray(frozen.encode(pixels[i:i + 16]))
-                          for i in range(0, len(pixels), 16)])
+  video = _model_inputs(frozen, clips, given_pix)
   return sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh, seed=seed,
                                   batch_size=config.eval.batch_size, frozen=frozen, video=video,
                                   given=given_model)
@@ -111,7 +116,7 @@ def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, f
   prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
   clips = rendered_clips(config, prompts, 1)
   _, given_pix, given_model = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
-  stills = np.broadcast_to(clips[:, :1], clips.shape) * 1  # the image over the whole clip
+  stills = np.broadcast_to(clips[:, :1], clips.shape)  # the image over the whole clip
   videos = _generate(generate, params, config, mesh, frozen, prompts, stills, given_pix,
                      given_model, seed)
   result = evaluate_lib.adherence(sampling.write_videos(videos, prompts, videos_dir,
@@ -176,10 +181,7 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
   if from_image:
     clips = rendered_clips(config, prompts, 4)
     _, given_pix, given = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
-    stills = np.broadcast_to(clips[:, :1], clips.shape).astype(np.float32) / 127.5 - 1.0
-    video = np.concatenate([np.asarray(frozen.encode(stills[i:i + 16] * given_pix[:, None, None,
-                                                                                   None]))
-                            for i in range(0, len(stills), 16)])
+    video = _model_inputs(frozen, np.broadcast_to(clips[:, :1], clips.shape), given_pix)
   videos = sampling.generate_long(generate, params, prompts, config=config, mesh=mesh, seed=seed,
                                   batch_size=config.eval.batch_size, frozen=frozen,
                                   num_frames=factor * t_model, overlap=overlap, video=video,
