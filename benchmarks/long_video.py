@@ -81,12 +81,14 @@ def main(argv):
   print(f'{"frames":>6} {"seconds":>7} {"windows":>7} {"wall s":>7} {"peak RSS MiB":>12}'
         f' {"kept all":>8} {"kept win":>8} {"step@bound":>10} {"step in":>7} {"chg@bound":>9}'
         f' {"chg in":>6}')
+  fmt = lambda v, w: f'{v:>{w}.2f}' if v is not None else f'{"-":>{w}}'
   for r in rows:
     c = r['continuity']
     print(f'{r["frames"]:>6} {r["seconds"]:>7.1f} {r["windows"]:>7} {r["wall_s"]:>7.1f}'
           f' {r["peak_rss_mib"]:>12.0f} {r["kept_every_window"]:>8.2f} {r["kept_windows"]:>8.2f}'
-          f' {c["step_px"]["boundary"]["mean"]:>10.2f} {c["step_px"]["inside"]["mean"]:>7.2f}'
-          f' {c["pixel_change"]["boundary"]["mean"]:>9.2f} {c["pixel_change"]["inside"]["mean"]:>6.2f}')
+          f' {fmt(c["step_px"]["boundary"]["mean"], 10)} {fmt(c["step_px"]["inside"]["mean"], 7)}'
+          f' {fmt(c["pixel_change"]["boundary"]["mean"], 9)}'
+          f' {fmt(c["pixel_change"]["inside"]["mean"], 6)}')
 
 
 if __name__ == '__main__':

@@ -77,7 +77,7 @@ def continuity(videos, boundaries, jump_px: float) -> dict:
   for v in videos:
     steps, change = transitions(v)
     is_b = np.zeros(len(steps), bool)
-    is_b[np.asarray(boundaries) - 1] = True
+    is_b[np.asarray(boundaries, int) - 1] = True
     at.extend(steps[is_b]), inside.extend(steps[~is_b])
     change_at.extend(change[is_b]), change_in.extend(change[~is_b])
   at, inside = np.asarray(at), np.asarray(inside)
