@@ -6,7 +6,13 @@ backward extension and sliding-window long videos from one model (sora_jax/condi
       --image=first.png --output_dir=out
 
 With 2x8x8 patches a given "frame" is a temporal patch of 2 frames; 12 frames = 6 temporal patches,
-of which first_k / last_k give 1 or 2. Not yet trained to its targets (a 5-step smoke run only).
+of which first_k / last_k give 1 or 2; an image fills the first patch (both frames).
+Measured on 2 CPU cores (2026-11-27; `python -m sora_jax.evaluate --workdir=runs/demo_conditioned
+--guidance_scale=2 ...`, 3 videos per prompt): training 15.6 min (other jobs running); seen pairs:
+image-to-video colour+shape+direction 0.89 (held-out 0.85), forward extension same object without a
+jump 0.99 (0.92), text-to-video colour/shape/direction/stable 0.95/0.85/0.87/0.88; 4x-length videos
+keep colour and shape in every window 0.60 from an image, 0.51 from text (objects reach the frame
+edge; see README).
 """
 
 from configs import demo
