@@ -6,10 +6,10 @@ re-upsampled copy joins the noisy clip as extra input channels (channel concat, 
 aligned with the output pixel for pixel), and the flow objective is unchanged. With
 config.upscale.residual (x0 prediction) the model predicts the clean clip as the clean upsampled input
 plus its output, so an untrained upscaler (zero-initialised head) starts as bilinear upsampling and
-learns only the missing detail. Cascaded-diffusion
-noise augmentation: the low-resolution input is noised to a flow time drawn uniformly from
-[0, config.upscale.noise_aug] per training clip, so the upscaler does not copy the base model's
-artifacts; sampling uses the fixed level config.upscale.sample_noise.
+learns only the missing detail. Cascaded-diffusion noise augmentation: the low-resolution input is
+noised to a flow time drawn uniformly from [0, config.upscale.noise_aug] per training clip, so the
+upscaler does not copy the base model's artifacts; sampling uses the fixed level
+config.upscale.sample_noise.
 
 `python -m sora_jax.sample --workdir=BASE --upscale_workdir=UP ...` chains it after the base model:
 `Upscaler` takes the base model's uint8 videos and returns f x larger ones, clip by clip (the

@@ -1,15 +1,8 @@
 import os
-import tempfile
 
 # 8 fake CPU devices for the sharding tests; must be set before JAX initialises its backend.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Many tests compile the same programs (the tiny config's train step, samplers, CLIs in subprocesses,
-# which inherit these): a persistent compilation cache makes every repeat a lookup.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'sora_jax_tests_xla_cache'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
 

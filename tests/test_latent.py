@@ -152,6 +152,7 @@ def test_wan_config_is_the_released_architecture(tmp_path):
   assert count == 1_418_996_800, count  # diffusers' Wan2.1-T2V-1.3B transformer
 
 
+@pytest.mark.slow  # ~30 s; the Wan parts' parity tests run in CI
 def test_wan_pipeline_finetunes_and_samples(tmp_path):
   path = wan_pipeline(tmp_path / 'Wan-tiny')
   config = wan_config(path)

@@ -32,13 +32,15 @@ def reference():
   return one_step(config, jax.devices()[:1])
 
 
+# CI runs one mesh with every axis and the ring; the others (~15 s of compilation each) are `slow`.
 @pytest.mark.parametrize('mesh', [
-    dict(data=8, fsdp=1, tensor=1),
-    dict(data=1, fsdp=8, tensor=1),
+    pytest.param(dict(data=8, fsdp=1, tensor=1), marks=pytest.mark.slow),
+    pytest.param(dict(data=1, fsdp=8, tensor=1), marks=pytest.mark.slow),
     dict(data=2, fsdp=2, tensor=2),
-    dict(data=1, fsdp=2, tensor=4),
+    pytest.param(dict(data=1, fsdp=2, tensor=4), marks=pytest.mark.slow),
     dict(data=2, fsdp=1, tensor=2, context=2),  # ring attention over the token sequence
-    dict(data=1, fsdp=2, tensor=1, context=4, context_parallel='all_to_all'),
+    pytest.param(dict(data=1, fsdp=2, tensor=1, context=4, context_parallel='all_to_all'),
+                 marks=pytest.mark.slow),
 ])
 def test_sharded_step_matches_single_device(config, reference, mesh):
   assert jax.device_count() == 8
