@@ -56,13 +56,19 @@ def test_vae_trains_with_the_train_loop(vae_run):
     assert rec['num_videos'] == config.eval.num_videos and 0 < rec['psnr_db'] < 100
 
 
-def test_latent_dit_trains_and_samples(vae_run, tmp_path):
+def latent_dit_config(vae_dir):
+  """A tiny DiT in the tiny VAE's latent space: 5x16x16 pixels -> 3x8x8 latents, 1x2x2 patches."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  _, vae_dir = vae_run
   config = tiny_config()
   config.autoencoder = vae_dir
   config.data.num_frames, config.data.height, config.data.width = 5, 16, 16
   config.model.patch_size = (1, 2, 2)
+  return config
+
+
+def test_latent_dit_trains_and_samples(vae_run, tmp_path):
+  _, vae_dir = vae_run
+  config = latent_dit_config(vae_dir)
   assert config_lib.model_clip_shape(config) == (3, 8, 8)
   workdir = str(tmp_path / 'dit')
   train.train(config, workdir)
@@ -183,13 +189,9 @@ def test_wan_pipeline_finetunes_and_samples(tmp_path):
 
 def test_conditioning_through_the_autoencoder(vae_run, tmp_path):
   """Image-to-video and sliding windows in latent space: the image is a one-latent-frame condition."""
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from sora_jax import conditioning  # pylint: disable=g-import-not-at-top
   _, vae_dir = vae_run
-  config = tiny_config()
-  config.autoencoder = vae_dir
-  config.data.num_frames, config.data.height, config.data.width = 5, 16, 16
-  config.model.patch_size = (1, 2, 2)
+  config = latent_dit_config(vae_dir)
   config.condition.mix = (('none', 0.5), ('first', 0.25), ('first_k', 0.25))
   config.condition.max_frames = 1
   workdir = str(tmp_path / 'dit')
