@@ -59,6 +59,9 @@ def check(config, model_frames: list[int]) -> None:
   k = config.condition.max_frames
   if not isinstance(k, int) or k < 1:
     raise ValueError(f'config.condition.max_frames={k!r} must be an int >= 1.')
+  for key in ('context_noise', 'sample_context_noise'):
+    if not 0.0 <= config.condition[key] < 1.0:
+      raise ValueError(f'config.condition.{key}={config.condition[key]} not in [0, 1).')
   if not enabled(config):
     return
   if config.model.family != 'dit' or config.data.packing:

@@ -141,6 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.condition = ml_collections.ConfigDict()
   c.condition.mix = (('none', 1.0),)
   c.condition.max_frames = 1
+  # Given frames at a small flow time instead of 0: training draws it uniformly in [0, context_noise]
+  # per clip, sampling uses sample_context_noise, so long videos re-render (not copy) the previous
+  # window's artifacts. 0: clean given frames.
+  c.condition.context_noise = 0.0
+  c.condition.sample_context_noise = 0.0
 
   # Cascaded super-resolution (sora_jax/upscale.py): factor > 1 makes this run an upscaler that sees
   # its clips downsampled by `factor` and re-upsampled as extra input channels; noise_aug: the

@@ -154,18 +154,25 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
       both_given = jnp.concatenate([given, given]) if conditioned else None
       keep = (given > 0)[:, :, None, None, None]
 
+    # Given frames: their values at flow time t_ctx (0 unless the model was trained with context
+    # noise), flagged by the mask channel.
+    t_ctx = config.condition.get('sample_context_noise', 0.0) if conditioned else 0.0
+    context = video
+    if t_ctx > 0:
+      ctx_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), shape))(keys)
+      context = flow.interpolate(video, ctx_noise, jnp.full(video.shape[:1], t_ctx))
+
     def model_fn(x2, t2):
       if given is None:
         return model(x2, t2, both_tokens, both_mask)
-      # Given frames: clean values at t = 0 (per-frame times), flagged by the mask channel.
-      t_frames = jnp.where(jnp.concatenate([given, given]) > 0, 0.0, t2[:, None])
+      t_frames = jnp.where(jnp.concatenate([given, given]) > 0, t_ctx, t2[:, None])
       return model(x2, t_frames, both_tokens, both_mask, given=both_given)
 
     guided = flow.guided_velocity(model_fn, scale)
 
     def velocity(x, t):
       # Reset the given frames at every step, and never move them.
-      return jnp.where(keep, 0.0, guided(jnp.where(keep, video, x), t))
+      return jnp.where(keep, 0.0, guided(jnp.where(keep, context, x), t))
 
     return jnp.where(keep, video, solve(velocity, jnp.where(keep, video, x), timesteps))
 

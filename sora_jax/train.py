@@ -87,7 +87,12 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
                                                x0.shape[1])
       if not config.autoencoder:
         x0 = conditioning.as_image(x0, image, config.model.patch_size[0])
-      t = jnp.where(given > 0, 0.0, t if t.ndim == 2 else jnp.broadcast_to(t[:, None], given.shape))
+      t_given = 0.0
+      if config.condition.get('context_noise', 0.0) > 0:
+        t_given = jax.random.uniform(jax.random.fold_in(t_rng, 3), (b, 1),
+                                     maxval=config.condition.context_noise)
+      t = jnp.where(given > 0, t_given,
+                    t if t.ndim == 2 else jnp.broadcast_to(t[:, None], given.shape))
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     x_t = flow.interpolate(x0, noise, t)
     # Caption dropout: the empty caption teaches the unconditional velocity used by CFG.

@@ -88,10 +88,12 @@ def test_unconditioned_model_has_no_mask_channel():
   assert cond.dit.patch_embed.kernel.shape[0] == plain.dit.patch_embed.kernel.shape[0] * 4 // 3
 
 
-def test_train_step_runs_with_conditioning():
+@pytest.mark.parametrize('context_noise', [0.0, 0.1])
+def test_train_step_runs_with_conditioning(context_noise):
   from sora_jax import state as state_lib, train  # pylint: disable=g-import-not-at-top
   c = cond_config()
   c.batch_size = 2
+  c.condition.context_noise = context_noise
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'context': 1},
                             devices=jax.devices()[:1])
   graphdef, state, _ = state_lib.init(c, mesh)
@@ -123,6 +125,21 @@ def test_given_frames_are_reproduced_exactly(model_and_mesh):
   np.testing.assert_array_equal(out[0, :2], np.asarray(video)[0, :2])
   np.testing.assert_array_equal(out[1, 2:], np.asarray(video)[1, 2:])
   assert np.abs(out[0, 2:] - np.asarray(video)[0, 2:]).mean() > 0.1  # the rest is generated
+
+
+def test_context_noise_changes_generation_but_keeps_given_frames(model_and_mesh):
+  c, graphdef, params, _ = model_and_mesh
+  video = jax.random.uniform(jax.random.PRNGKey(5), (1, 6, 16, 16, 3), minval=-1, maxval=1)
+  given = jnp.asarray([conditioning.pattern_mask('first_k', 1, 6, 2)])
+  outs = []
+  for level in (0.0, 0.3):
+    c2 = c.copy_and_resolve_references()
+    c2.condition.sample_context_noise = level
+    generate = sampling.make_generate(graphdef, c2, num_steps=2, guidance_scale=2.0)
+    outs.append(np.asarray(generate(params, *_inputs(c2, 1), video, given)))
+  for out in outs:  # the output shows the given frames themselves, not their noised copies
+    np.testing.assert_array_equal(out[0, :2], np.asarray(video)[0, :2])
+  assert np.abs(outs[0][0, 2:] - outs[1][0, 2:]).max() > 0  # the model saw noised context
 
 
 def test_sdedit_near_zero_strength_returns_input(model_and_mesh):
@@ -176,6 +193,7 @@ def test_sliding_windows(model_and_mesh, direction):
     (dict(mix=(('first_k', 1.0),), max_frames=3), 'max_frames=3'),
     (dict(mix=(('first_last', 1.0),), max_frames=2), "pattern 'first_last'"),
     (dict(max_frames=0), 'max_frames=0'),
+    (dict(context_noise=1.0), 'context_noise=1.0'),
 ])
 def test_config_validation(change, message):
   c = cond_config()
