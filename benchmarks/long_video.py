@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import shapes
-from sora_jax import conditioned_eval, config_lib, restore, video_io
+from sora_jax import conditioned_eval, conditioning, config_lib, restore, sampling, video_io
 
 flags.DEFINE_string('workdir', None, 'A run trained with conditioning (configs/demo_conditioned.py).')
 flags.DEFINE_string('output_dir', None, 'Where the videos and results.json go.')
@@ -52,7 +52,8 @@ def main(argv):
   f = flags.FLAGS
   config = restore.load_config(f.workdir)
   t_model = config_lib.model_clip_shape(config)[0]
-  overlap = f.overlap or config.model.patch_size[0] * config.condition.max_frames
+  overlap = conditioning.resolve_overlap(config, f.overlap)
+  jump_px = conditioned_eval.jump_threshold(config)
   rows = []
   for n in [int(x) for x in f.frames]:
     out_dir = os.path.join(f.output_dir, f'frames_{n}')
@@ -60,7 +61,7 @@ def main(argv):
     with open(os.path.join(out_dir, 'samples.json')) as fh:
       samples = json.load(fh)['samples']
     videos = np.stack([video_io.read_video(s['path']) for s in samples])
-    windows = 1 + -(-(n - t_model) // (t_model - overlap))
+    windows = sampling.window_count(n, t_model, overlap)
     spans = [(a, min(b, n)) for a, b in conditioned_eval.window_spans(config, windows, overlap)]
     kept = []
     for s, v in zip(samples, videos):
@@ -68,8 +69,8 @@ def main(argv):
       judged = [shapes.judge_clip(v[a:b]) for a, b in spans]
       kept.append([j['color'] == colour and j['shape'] == shape for j in judged])
     kept = np.asarray(kept)
-    cont = conditioned_eval.continuity(videos, conditioned_eval.window_boundaries(config, spans, overlap),
-                                       conditioned_eval.jump_threshold(config))
+    cont = conditioned_eval.continuity(
+        videos, conditioned_eval.window_boundaries(config, spans, overlap), jump_px)
     rows.append({'frames': n, 'seconds': n / config.data.fps, 'windows': windows,
                  'videos': len(samples), 'wall_s': wall, 'peak_rss_mib': rss,
                  'kept_every_window': float(kept.all(1).mean()),

@@ -63,10 +63,13 @@ def jump_threshold(config, num: int = 64) -> float:
   return 2 * max_data_step(rendered_clips(config, prompts, 3))
 
 
+def _jump_px(config, jump_px):
+  return jump_threshold(config) if jump_px is None else jump_px
+
+
 def window_boundaries(config, spans, overlap: int) -> list[int]:
   """The first generated frame of every window after the first (its given frames come before)."""
-  temporal = conditioning._temporal(config)  # pylint: disable=protected-access
-  cut = conditioning.pixel_frames(overlap, temporal, at_start=True)
+  cut = conditioning.pixel_frames(overlap, conditioning.temporal_factor(config), at_start=True)
   return [a + cut for a, _ in spans[1:]]
 
 
@@ -112,7 +115,8 @@ def _generate(generate, params, config, mesh, frozen, prompts, clips, given_pix,
                                   given=given_model)
 
 
-def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen) -> dict:
+def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen,
+                   jump_px=None) -> dict:
   prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
   clips = rendered_clips(config, prompts, 1)
   _, given_pix, given_model = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
@@ -125,15 +129,15 @@ def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, f
   result['rates']['color_shape_direction'] = float(np.mean(
       [v['color'] and v['shape'] and v['direction'] for v in result['videos']]))
   first = int(given_pix.sum())
-  result['continuity'] = continuity(videos, [first], jump_threshold(config))
+  result['continuity'] = continuity(videos, [first], _jump_px(config, jump_px))
   return result
 
 
 def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen,
-              overlap=None) -> dict:
+              overlap=None, jump_px=None) -> dict:
   prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
   clips = rendered_clips(config, prompts, 2)
-  overlap = overlap or config.model.patch_size[0] * config.condition.max_frames
+  overlap = conditioning.resolve_overlap(config, overlap)
   _, given_pix, given_model = conditioning.given_inputs(
       config, video=np.zeros(clips.shape[1:]), extend='forward', overlap=overlap)
   first = int(given_pix.sum())
@@ -142,7 +146,7 @@ def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen
   videos = _generate(generate, params, config, mesh, frozen, prompts, starts, given_pix,
                      given_model, seed)
   samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
-  jump_px = jump_threshold(config)
+  jump_px = _jump_px(config, jump_px)
   rows = []
   for s, v in zip(samples, videos):
     score = shapes.score(video_io.read_video(s['path']), s['prompt'])
@@ -160,7 +164,7 @@ def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen
 def window_spans(config, num_windows: int, overlap: int) -> list[tuple[int, int]]:
   """Pixel-frame [start, end) of each sliding window in the joined long video."""
   t_model = config_lib.model_clip_shape(config)[0]
-  temporal = conditioning._temporal(config)  # pylint: disable=protected-access
+  temporal = conditioning.temporal_factor(config)
   length = conditioning.pixel_frames(t_model, temporal, at_start=True)
   cut = conditioning.pixel_frames(overlap, temporal, at_start=True)
   spans, end = [(0, length)], length
@@ -171,12 +175,12 @@ def window_spans(config, num_windows: int, overlap: int) -> list[tuple[int, int]
 
 
 def long_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen, factor=4,
-               overlap=None, from_image=False) -> dict:
+               overlap=None, from_image=False, jump_px=None) -> dict:
   """from_image: the first window is image-to-video from a rendered first frame (as
   image_to_video) rather than text-to-video."""
   prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
   t_model = config_lib.model_clip_shape(config)[0]
-  overlap = overlap or config.model.patch_size[0] * config.condition.max_frames
+  overlap = conditioning.resolve_overlap(config, overlap)
   video = given = None
   if from_image:
     clips = rendered_clips(config, prompts, 4)
@@ -186,8 +190,7 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
                                   batch_size=config.eval.batch_size, frozen=frozen,
                                   num_frames=factor * t_model, overlap=overlap, video=video,
                                   given=given)
-  step = t_model - overlap
-  num_windows = 1 + -(-(factor * t_model - t_model) // step)
+  num_windows = sampling.window_count(factor * t_model, t_model, overlap)
   spans = [(a, min(b, videos.shape[1])) for a, b in window_spans(config, num_windows, overlap)]
   samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
   kept = np.zeros((len(prompts), num_windows), bool)
@@ -205,7 +208,7 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
                     'kept_per_window': kept.mean(0).tolist(),
                     'direction_per_window': direction.mean(0).tolist()},
           'continuity': continuity(videos, window_boundaries(config, spans, overlap),
-                                   jump_threshold(config)),
+                                   _jump_px(config, jump_px)),
           'videos': samples}
 
 
@@ -220,11 +223,12 @@ PROTOCOLS = {'image_to_video': image_to_video, 'extension': extension, 'long_vid
 def evaluate(generate, params, config, mesh, videos_dir, *, seed, frozen,
              protocols=tuple(PROTOCOLS)) -> dict:
   """All protocols on the seen and held-out splits: {protocol: {split_name: result}}."""
+  jump_px = jump_threshold(config)  # rendered once for every protocol and split
   out = {}
   for name in protocols:
     out[name] = {}
     for split_name, split in evaluate_lib.SPLITS.items():
       out[name][split_name] = PROTOCOLS[name](
           generate, params, config, mesh, split, os.path.join(videos_dir, name, split_name),
-          seed=seed, frozen=frozen)
+          seed=seed, frozen=frozen, jump_px=jump_px)
   return out

@@ -226,7 +226,7 @@ def given_inputs(config, *, image=None, end_image=None, video=None, extend=None,
   t_pix, h, w = config.data.num_frames, config.data.height, config.data.width
   t_model = config_lib_model_frames(config)
   pt = config.model.patch_size[0]
-  temporal = _temporal(config)
+  temporal = temporal_factor(config)
   if image is None and end_image is None and extend is None:
     return None, None, None
   if not enabled(config):
@@ -247,10 +247,7 @@ def given_inputs(config, *, image=None, end_image=None, video=None, extend=None,
   if extend is not None:
     if extend not in ('forward', 'backward'):
       raise ValueError(f'extend={extend!r}: expected forward or backward.')
-    k = overlap or pt * config.condition.max_frames
-    if k % pt or not 0 < k < t_model:
-      raise ValueError(f'--overlap={k} must be a multiple of model.patch_size[0]={pt} below the'
-                       f' clip length {t_model} (model frames).')
+    k = resolve_overlap(config, overlap)
     forward = extend == 'forward'
     n = pixel_frames(k, temporal, at_start=forward)
     if len(video) < n:
@@ -269,7 +266,21 @@ def config_lib_model_frames(config) -> int:
   return config_lib.model_clip_shape(config)[0]
 
 
-def _temporal(config) -> int:
+def resolve_overlap(config, overlap=None) -> int:
+  """Model frames shared by consecutive windows / taken from an extended video: `overlap`, else
+  patch_size[0] * config.condition.max_frames (the most training gave). Must be whole temporal
+  patches, fewer than the clip's frames."""
+  pt = config.model.patch_size[0]
+  k = overlap or pt * config.condition.max_frames
+  t_model = config_lib_model_frames(config)
+  if k % pt or not 0 < k < t_model:
+    raise ValueError(f'--overlap={k} must be a multiple of model.patch_size[0]={pt} below the'
+                     f' clip length {t_model} (model frames).')
+  return k
+
+
+def temporal_factor(config) -> int:
+  """Pixel frames per latent frame of the run's causal autoencoder (1 in pixel space)."""
   if not config.autoencoder:
     return 1
   from sora_jax import config_lib  # pylint: disable=g-import-not-at-top

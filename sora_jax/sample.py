@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from sora_jax import checkpoint, conditioning, config_lib, restore, sampling, upscale
+from sora_jax import checkpoint, conditioning, restore, sampling, upscale
 from sora_jax import frozen as frozen_lib
 
 
@@ -56,8 +56,8 @@ def main(argv):
   f = flags.FLAGS
   # Every input is checked before the checkpoint loads and anything compiles.
   config = restore.load_config(f.workdir)
-  t_pix, pt = config.data.num_frames, config.model.patch_size[0]
-  overlap = f.overlap or pt * config.condition.max_frames
+  t_pix = config.data.num_frames
+  overlap = f.overlap
   try:
     options = sampling.settings(config, **sampling.flag_values())
     clip, _, given = conditioning.cli_inputs(
@@ -73,9 +73,7 @@ def main(argv):
                          ' (config.condition.mix).')
       if f.edit_strength is not None:
         raise ValueError('--edit_strength works on one clip; drop --num_frames.')
-      if overlap % pt or not 0 < overlap < config_lib.model_clip_shape(config)[0]:
-        raise ValueError(f'--overlap={overlap} must be a multiple of model.patch_size[0]={pt} below'
-                         f' the clip length {config_lib.model_clip_shape(config)[0]} (model frames).')
+      overlap = conditioning.resolve_overlap(config, f.overlap)
     upscaler = None
     if upscale.enabled(config):
       raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
@@ -101,7 +99,7 @@ def main(argv):
             video=video, given=given)
   with jax.set_mesh(mesh):
     if long:
-      temporal = conditioning._temporal(config)  # pylint: disable=protected-access
+      temporal = conditioning.temporal_factor(config)
       model_frames = 1 + -(-(f.num_frames - 1) // temporal) if temporal > 1 else f.num_frames
       direction = 'backward' if f.extend == 'backward' else 'forward'
       videos = sampling.generate_long(generate, params, f.prompt, num_frames=model_frames,

@@ -231,14 +231,12 @@ def long_windows(generate, params, prompts, *, config, mesh, seed: int, batch_si
   of one window whatever `num_frames` (model frames in all) is; windows are kept on the host.
   """
   t_len = config_lib.model_clip_shape(config)[0]
-  pt = config.model.patch_size[0]
   if direction not in ('forward', 'backward'):
     raise ValueError(f'direction={direction!r}: expected forward or backward.')
-  if overlap <= 0 or overlap >= t_len or overlap % pt:
-    raise ValueError(f'overlap={overlap} must be a positive multiple of model.patch_size[0]={pt}'
-                     f' below the window length {t_len} (model frames).')
-  step = t_len - overlap
-  count = 1 + max(0, -(-(num_frames - t_len) // step))
+  if not overlap:
+    raise ValueError(f'overlap={overlap!r}: sliding windows need a positive overlap.')
+  conditioning.resolve_overlap(config, overlap)
+  count = window_count(num_frames, t_len, overlap)
   g = np.zeros(t_len, np.float32)
   if direction == 'forward':
     g[:overlap] = 1
@@ -258,6 +256,11 @@ def long_windows(generate, params, prompts, *, config, mesh, seed: int, batch_si
                                    seed=seed + k, batch_size=batch_size, frozen=frozen,
                                    video=video, given=given, decode=False))
   return windows
+
+
+def window_count(num_frames: int, window: int, overlap: int) -> int:
+  """Windows of `window` frames overlapping by `overlap` that cover `num_frames` frames."""
+  return 1 + max(0, -(-(num_frames - window) // (window - overlap)))
 
 
 def join_windows(windows, overlap: int, num_frames: int, direction: str = 'forward'):
