@@ -2,9 +2,13 @@
 
 Each clip is a black background with one filled shape (circle, square or
 apex-up isosceles triangle) in one of seven exact palette colours, moving at
-constant velocity left/right/up/down. The caption is
-``a {color} {shape} moving {direction}``. Some (colour, shape) pairs are held
-out of the 'train' split to probe compositional generalisation.
+constant speed left/right/up/down. The caption is
+``a {color} {shape} moving {direction}``: the direction of the clip's net
+motion. Optionally (``bounce``) a clip's object bounces once off a frame edge,
+so that videos longer than a clip have something to imitate when the object
+reaches an edge; its net motion still follows the caption. Some (colour,
+shape) pairs are held out of the 'train' split to probe compositional
+generalisation.
 
 `judge_clip` recovers (colour, shape, direction, stable) from pixels only and
 is meant to be robust to noisy / blurry generated videos. numpy + grain only.
@@ -91,7 +95,8 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 
 def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
-                height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+                height: int, width: int, rng: np.random.Generator,
+                bounce: bool = False) -> np.ndarray:
   """uint8 [T, H, W, 3] clip; all randomness drawn from `rng`.
 
   Bounding box side L = round(U(0.36, 0.44) * min(H, W)) pixels; travel D is an
@@ -99,6 +104,12 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   L + D <= 0.94 * dim and the shape is fully inside in every frame. The float
   position is linearly interpolated and snapped to whole pixels per frame, so
   the shape is the same template in every frame (constant area, exact colours).
+
+  bounce: the same path length D in two legs with one reflection off a frame
+  edge in between: a short leg of s pixels and a long one of D - s, in either
+  order (toward the edge behind the motion first, or toward the one ahead), so
+  the net motion D - 2s >= ceil(0.15 * dim) is in the caption's direction;
+  s >= one frame's step, so a clip with too few frames for that stays straight.
   """
   _check_names(color, shape, direction)
   _check_dims(num_frames, height, width)
@@ -106,11 +117,26 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   along = width if direction in ('left', 'right') else height
   other = height if direction in ('left', 'right') else width
   travel = int(rng.integers(math.ceil(0.3 * along), math.floor(0.5 * along) + 1))
-  lo = int(rng.integers(0, along - size - travel + 1))  # smallest position reached
-  cross = int(rng.integers(0, other - size + 1))
   sign = 1 if direction in ('right', 'down') else -1
-  start = lo if sign > 0 else lo + travel
-  pos = np.rint(start + sign * travel * np.linspace(0, 1, num_frames)).astype(int)
+  longest = (travel - math.ceil(0.15 * along)) // 2
+  shortest = math.ceil(travel / (num_frames - 1))  # one frame's step: survives snapping to pixels
+  if bounce and longest >= shortest:  # else too few frames to show a bounce: a straight clip
+    free = along - size  # positions 0 .. free keep the shape inside
+    short = int(rng.integers(shortest, longest + 1))
+    # Unfolded coordinate u in the caption's direction; the reflection maps it
+    # back into [0, free]. Long leg first: start `travel - short` before the
+    # edge ahead; short leg first: start `short` after the edge behind.
+    ahead = bool(rng.integers(2))
+    u0 = free - (travel - short) if ahead else -short
+    cross = int(rng.integers(0, other - size + 1))
+    u = u0 + travel * np.linspace(0, 1, num_frames)
+    p = np.where(u > free, 2 * free - u, np.abs(u))
+    pos = np.rint(p if sign > 0 else free - p).astype(int)
+  else:
+    lo = int(rng.integers(0, along - size - travel + 1))  # smallest position reached
+    cross = int(rng.integers(0, other - size + 1))
+    start = lo if sign > 0 else lo + travel
+    pos = np.rint(start + sign * travel * np.linspace(0, 1, num_frames)).astype(int)
 
   mask = _shape_mask(shape, size)
   video = np.zeros((num_frames, height, width, 3), np.uint8)
@@ -124,13 +150,18 @@ class ShapesSource:
   """Grain RandomAccessDataSource of captioned shape clips.
 
   Record i is a pure function of (seed, split, i): it uses
-  np.random.default_rng([seed, split_id, i]).
+  np.random.default_rng([seed, split_id, i]). A fraction `bounce` of clips
+  bounce once off a frame edge (`render_clip`).
   """
 
   def __init__(self, *, num_frames: int, height: int, width: int,
-               split: str = 'train', seed: int = 0, num_records: int = 2**31 - 1):
+               split: str = 'train', seed: int = 0, num_records: int = 2**31 - 1,
+               bounce: float = 0.0):
     _check_dims(num_frames, height, width)
     self._pairs = pairs(split)  # validates split
+    if not 0.0 <= bounce <= 1.0:
+      raise ValueError(f'bounce must be a fraction in [0, 1], got {bounce!r}')
+    self.bounce = float(bounce)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     if not isinstance(num_records, (int, np.integer)) or num_records < 1:
@@ -148,14 +179,16 @@ class ShapesSource:
     rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
     color, shape = self._pairs[rng.integers(len(self._pairs))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+    # Drawn only when bouncing is on, so bounce=0 records are those of before.
+    bounce = self.bounce > 0 and rng.random() < self.bounce
     video = render_clip(color, shape, direction, num_frames=self.num_frames,
-                        height=self.height, width=self.width, rng=rng)
+                        height=self.height, width=self.width, rng=rng, bounce=bounce)
     return {'video': video, 'caption': caption(color, shape, direction)}
 
   def __repr__(self) -> str:
     return (f'ShapesSource(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, split={self.split!r}, seed={self.seed}, '
-            f'num_records={self.num_records})')
+            f'num_records={self.num_records}, bounce={self.bounce})')
 
 
 # ------------------------------------------------------------------- judge --

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.height = 32
   c.data.width = 32
   c.data.fps = 8  # clips are sampled at this frame rate; sample videos are written at it
+  c.data.bounce = 0.0  # shapes data: fraction of clips whose object bounces once off a frame edge
   # (frames, height, width) buckets, e.g. ((16, 64, 64), (16, 48, 80), (1, 64, 64)); empty: one bucket
   # (num_frames, height, width). 1-frame buckets hold images.
   c.data.buckets = ()
@@ -245,6 +246,8 @@ def _check_data(config):
     raise ValueError(f'config.data.read_threads={d.read_threads} must be >= 1.')
   if d.fps <= 0:
     raise ValueError(f'config.data.fps={d.fps} must be positive.')
+  if not 0.0 <= d.bounce <= 1.0:
+    raise ValueError(f'config.data.bounce={d.bounce} not in [0, 1].')
   errors = buckets.check(config)
   if errors:
     raise ValueError(' '.join(errors))

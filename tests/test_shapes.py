@@ -1,5 +1,7 @@
 """Tests for data_pipelines/shapes.py (captioned moving shapes + judge)."""
 
+import hashlib
+
 import grain
 import numpy as np
 import pytest
@@ -93,14 +95,15 @@ def test_source_protocol_and_validation():
   assert isinstance(src, grain.sources.RandomAccessDataSource)
   assert len(src) == 10
   assert repr(src) == ('ShapesSource(num_frames=4, height=16, width=16, '
-                       "split='heldout', seed=1, num_records=10)")
+                       "split='heldout', seed=1, num_records=10, bounce=0.0)")
   rec = grain.MapDataset.source(src)[3]
   assert rec['video'].shape == (4, 16, 16, 3) and rec['video'].dtype == np.uint8
   with pytest.raises(IndexError):
     src[10]
   for kw, name in (({'t': 1}, 'num_frames'), ({'h': 15}, 'height'),
                    ({'w': 8}, 'width'), ({'split': 'test'}, 'test'),
-                   ({'seed': -1}, 'seed'), ({'num_records': 0}, 'num_records')):
+                   ({'seed': -1}, 'seed'), ({'num_records': 0}, 'num_records'),
+                   ({'bounce': 1.5}, 'bounce')):
     with pytest.raises(ValueError, match=name):
       _source(**kw)
 
@@ -184,3 +187,61 @@ def test_largest_component_is_4_connected():
   out = S._largest_components(m)
   assert out[0].sum() == 7 and out[0, 4, 4] and not out[0, 0, 0]
   assert out[1].sum() == 1
+
+
+@pytest.mark.parametrize('t,h,w', [(12, 32, 32), (24, 32, 32), (8, 24, 48), (16, 40, 20)])
+def test_bounce_geometry(t, h, w):
+  """A bouncing clip: the whole object in every frame, one reversal where it touches a frame edge,
+  the path length of a straight clip, and net motion in the caption's direction (so the judge reads
+  it as the caption)."""
+  src = _source(t, h, w, split='all', bounce=1.0)
+  orders = set()  # whether the first leg moves in the caption's direction
+  for i in range(60):
+    rec = src[i]
+    color, shape, direction = S.parse_caption(rec['caption'])
+    mask = (rec['video'] > 0).any(-1)
+    areas = mask.sum((1, 2))
+    assert areas.min() > 0 and areas.max() <= 1.1 * areas.min()
+    horizontal = direction in ('left', 'right')
+    axis_len = w if horizontal else h
+    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in mask])
+    hi = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].max() for m in mask])
+    across = [np.nonzero(m.any(1 if horizontal else 0))[0].min() for m in mask]
+    assert len(set(across)) == 1  # no motion across the axis
+    steps = np.diff(lo)
+    signs = np.sign(steps[steps != 0])
+    assert (np.diff(signs) != 0).sum() == 1, (i, lo)  # exactly one reversal
+    # The reflection falls between frames: the nearest frame is within one step of the edge.
+    gap = min(lo.min(), axis_len - 1 - hi.max())
+    assert gap <= np.abs(steps).max(), (i, lo, hi)
+    path = np.abs(steps).sum()
+    # A straight clip's travel; frames cut the corner at the turn by up to one step.
+    step = np.floor(0.5 * axis_len) / (t - 1)
+    assert np.ceil(0.3 * axis_len) - step - 1 <= path <= np.floor(0.5 * axis_len) + 1, (i, path)
+    sign = 1 if direction in ('right', 'down') else -1
+    assert sign * (lo[-1] - lo[0]) >= np.ceil(0.15 * axis_len) - 1
+    orders.add(int(np.sign(steps[steps != 0][0])) == sign)
+    assert S.score(rec['video'], rec['caption']) == dict.fromkeys(KEYS, True), (i, rec['caption'])
+  assert orders == {True, False}  # long leg first and short leg first both occur
+
+
+def test_bounce_fraction_and_straight_records_unchanged():
+  def reverses(rec):
+    horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
+    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min()
+                   for m in (rec['video'] > 0).any(-1)])
+    steps = np.diff(lo)
+    return bool((np.diff(np.sign(steps[steps != 0])) != 0).any())
+
+  mixed = _source(split='all', bounce=0.5)
+  assert 75 <= sum(reverses(mixed[i]) for i in range(200)) <= 125
+  # Two frames cannot show a bounce: such clips stay straight (and judged as captioned).
+  two = _source(2, 16, 16, split='all', bounce=1.0)
+  assert all(S.score(two[i]['video'], two[i]['caption'])['direction'] for i in range(50))
+  # bounce=0 draws nothing extra: the records are those generated before bouncing existed (hash of
+  # 20 records taken from the generator before the change).
+  straight = _source(split='all', bounce=0.0)
+  assert not any(reverses(straight[i]) for i in range(200))
+  digest = hashlib.sha256(b''.join(straight[i]['video'].tobytes() + straight[i]['caption'].encode()
+                                   for i in range(20))).hexdigest()
+  assert digest == '0afed9a707d239a8aca992cee6a985c6becc82322821815247355713f86cdd7d'
