@@ -27,6 +27,18 @@ def tiny_config():
   return c
 
 
+def bucketed_config(buckets, patch_size, **data):
+  """`tiny_config` over user videos in size buckets [(T, H, W), ...]; `data` sets config.data keys."""
+  c = tiny_config()
+  c.model.patch_size = patch_size
+  c.data.buckets = tuple(buckets)
+  c.data.fps = 8
+  c.data.probe_threads = 2
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
 @pytest.fixture
 def config():
   return tiny_config()

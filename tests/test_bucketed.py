@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import bucketed_config
 from data_pipelines import bucketed, buckets, pipeline, video_decode
 from sora_jax import config_lib
 
@@ -19,16 +19,9 @@ TABLE = [(4, 16, 16), (4, 16, 24), (4, 24, 16), (8, 16, 16), (1, 16, 16)]
 
 
 def _config(manifest, **data):
-  c = tiny_config()
-  c.model.patch_size = (1, 4, 4)
-  c.data.manifest = str(manifest)
-  c.data.buckets = tuple(TABLE)
-  c.data.tokens_per_batch = 128  # 64-token clips -> batch 2, 96 -> 1 -> 2 (rounded up to the dp size)
-  c.data.fps = 8
-  c.data.probe_threads = 2
-  for k, v in data.items():
-    c.data[k] = v
-  return c
+  # tokens_per_batch 128: 64-token clips -> batch 2, 96 -> 1 -> 2 (rounded up to the dp size).
+  return bucketed_config(TABLE, (1, 4, 4), **{'manifest': str(manifest), 'tokens_per_batch': 128,
+                                               **data})
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import bucketed_config
 from data_pipelines import bucketed, pipeline, prepare, records
 from sora_jax import frozen, train
 
@@ -25,16 +25,10 @@ SHARD_SIZE = 5
 
 
 def _config(batch_size=8, **data):
-  c = tiny_config()
+  c = bucketed_config(TABLE, (1, 2, 2), **data)
   c.batch_size = batch_size
   c.autoencoder = WAN_VAE
   c.text.encoder, c.text.path, c.text.max_length = 'umt5', UMT5, 16
-  c.model.patch_size = (1, 2, 2)
-  c.data.buckets = TABLE
-  c.data.fps = 8
-  c.data.probe_threads = 2
-  for k, v in data.items():
-    c.data[k] = v
   return c
 
 

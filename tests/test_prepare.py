@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import bucketed_config
 from data_pipelines import bucketed, buckets, pipeline, prepare, records, video_decode
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -18,15 +18,9 @@ SHARD_SIZE = 3
 
 
 def _config(**data):
-  c = tiny_config()
+  # 1-frame (image) buckets need a temporal patch of 1.
+  c = bucketed_config(TABLE, (1, 4, 4), **{'max_skip_fraction': 0.5, **data})
   c.batch_size = 2  # every bucket: global batch 2
-  c.model.patch_size = (1, 4, 4)  # 1-frame (image) buckets need a temporal patch of 1
-  c.data.buckets = TABLE
-  c.data.fps = 8
-  c.data.probe_threads = 2
-  c.data.max_skip_fraction = 0.5
-  for k, v in data.items():
-    c.data[k] = v
   return c
 
 
