@@ -4,9 +4,9 @@ Each clip is a black background with one filled shape (circle, square or
 apex-up isosceles triangle) in one of seven exact palette colours, moving at
 constant speed left/right/up/down. The caption is
 ``a {color} {shape} moving {direction}``: the direction of the clip's net
-motion. Optionally (``bounce``) a clip's object bounces once off a frame edge,
-so that videos longer than a clip have something to imitate when the object
-reaches an edge; its net motion still follows the caption. Some (colour,
+motion. Optionally (``bounce``) a clip's object bounces once off the frame edge
+it moves towards, so that videos longer than a clip have something to imitate
+when the object reaches an edge; its first and net motion follow the caption. Some (colour,
 shape) pairs are held out of the 'train' split to probe compositional
 generalisation.
 
@@ -106,10 +106,10 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   the shape is the same template in every frame (constant area, exact colours).
 
   bounce: the same path length D in two legs with one reflection off a frame
-  edge in between: a short leg of s pixels and a long one of D - s, in either
-  order (toward the edge behind the motion first, or toward the one ahead), so
-  the net motion D - 2s >= ceil(0.15 * dim) is in the caption's direction;
-  s >= one frame's step, so a clip with too few frames for that stays straight.
+  edge in between: D - s pixels in the caption's direction up to the edge
+  ahead, then s back, so the motion starts as captioned and its net D - 2s >=
+  ceil(0.15 * dim) is in the caption's direction too; s >= one frame's step,
+  so a clip with too few frames for that stays straight.
   """
   _check_names(color, shape, direction)
   _check_dims(num_frames, height, width)
@@ -123,14 +123,11 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   if bounce and longest >= shortest:  # else too few frames to show a bounce: a straight clip
     free = along - size  # positions 0 .. free keep the shape inside
     short = int(rng.integers(shortest, longest + 1))
-    # Unfolded coordinate u in the caption's direction; the reflection maps it
-    # back into [0, free]. Long leg first: start `travel - short` before the
-    # edge ahead; short leg first: start `short` after the edge behind.
-    ahead = bool(rng.integers(2))
-    u0 = free - (travel - short) if ahead else -short
+    # Unfolded coordinate u in the caption's direction, starting `travel -
+    # short` before the edge ahead; the reflection maps it back into [0, free].
     cross = int(rng.integers(0, other - size + 1))
-    u = u0 + travel * np.linspace(0, 1, num_frames)
-    p = np.where(u > free, 2 * free - u, np.abs(u))
+    u = free - (travel - short) + travel * np.linspace(0, 1, num_frames)
+    p = np.where(u > free, 2 * free - u, u)
     pos = np.rint(p if sign > 0 else free - p).astype(int)
   else:
     lo = int(rng.integers(0, along - size - travel + 1))  # smallest position reached
