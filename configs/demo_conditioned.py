@@ -13,7 +13,8 @@ image-to-video colour+shape+direction 0.89 (held-out 0.85), forward extension sa
 jump 0.99 (0.92), text-to-video colour/shape/direction/stable 0.95/0.85/0.87/0.88; 4x-length videos
 keep colour and shape in every window 0.60 from an image, 0.51 from text (objects reach the frame
 edge; see README). With bouncing training clips (--config.data.bounce=0.3, 2026-11-27): 0.58 from an
-image, text-to-video direction 0.29 (width 192: 0.60, direction 0.40), so bouncing stays off here.
+image, text-to-video direction 0.29 (width 192: 0.60, direction 0.40; width 192 without bouncing:
+0.59), so bouncing stays off here.
 """
 
 from configs import demo
