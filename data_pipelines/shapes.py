@@ -6,9 +6,9 @@ constant speed left/right/up/down. The caption is
 ``a {color} {shape} moving {direction}``: the direction of the clip's net
 motion. Optionally (``bounce``) a clip's object bounces once off the frame edge
 it moves towards, so that videos longer than a clip have something to imitate
-when the object reaches an edge; its first and net motion follow the caption. Some (colour,
-shape) pairs are held out of the 'train' split to probe compositional
-generalisation.
+when the object reaches an edge; its first and net motion follow the caption.
+Some (colour, shape) pairs are held out of the 'train' split to probe
+compositional generalisation.
 
 `judge_clip` recovers (colour, shape, direction, stable) from pixels only and
 is meant to be robust to noisy / blurry generated videos. numpy + grain only.
@@ -125,15 +125,14 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
     short = int(rng.integers(shortest, longest + 1))
     # Unfolded coordinate u in the caption's direction, starting `travel -
     # short` before the edge ahead; the reflection maps it back into [0, free].
-    cross = int(rng.integers(0, other - size + 1))
     u = free - (travel - short) + travel * np.linspace(0, 1, num_frames)
     p = np.where(u > free, 2 * free - u, u)
     pos = np.rint(p if sign > 0 else free - p).astype(int)
   else:
     lo = int(rng.integers(0, along - size - travel + 1))  # smallest position reached
-    cross = int(rng.integers(0, other - size + 1))
     start = lo if sign > 0 else lo + travel
     pos = np.rint(start + sign * travel * np.linspace(0, 1, num_frames)).astype(int)
+  cross = int(rng.integers(0, other - size + 1))
 
   mask = _shape_mask(shape, size)
   video = np.zeros((num_frames, height, width, 3), np.uint8)

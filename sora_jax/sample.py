@@ -57,12 +57,11 @@ def main(argv):
   # Every input is checked before the checkpoint loads and anything compiles.
   config = restore.load_config(f.workdir)
   t_pix = config.data.num_frames
-  overlap = f.overlap
   try:
     options = sampling.settings(config, **sampling.flag_values())
     clip, _, given = conditioning.cli_inputs(
         config, image=f.image, end_image=f.end_image, video=f.video, extend=f.extend,
-        edit_strength=f.edit_strength, overlap=overlap)
+        edit_strength=f.edit_strength, overlap=f.overlap)
     long = f.num_frames is not None and f.num_frames != t_pix
     if long:
       if f.num_frames < t_pix:

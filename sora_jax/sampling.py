@@ -156,7 +156,7 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
 
     # Given frames: their values at flow time t_ctx (0 unless the model was trained with context
     # noise), flagged by the mask channel.
-    t_ctx = config.condition.get('sample_context_noise', 0.0) if conditioned else 0.0
+    t_ctx = config.condition.sample_context_noise if conditioned else 0.0
     context = video
     if t_ctx > 0:
       ctx_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), shape))(keys)

@@ -88,7 +88,7 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
       if not config.autoencoder:
         x0 = conditioning.as_image(x0, image, config.model.patch_size[0])
       t_given = 0.0
-      if config.condition.get('context_noise', 0.0) > 0:
+      if config.condition.context_noise > 0:
         t_given = jax.random.uniform(jax.random.fold_in(t_rng, 3), (b, 1),
                                      maxval=config.condition.context_noise)
       t = jnp.where(given > 0, t_given,
