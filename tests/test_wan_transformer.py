@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from sora_jax import sharding
+from sora_jax.interop import safetensors_io
 from sora_jax.interop import wan_transformer as wt
 from sora_jax.models import wan
 
@@ -55,7 +56,7 @@ def test_per_frame_timesteps_match_diffusers(tiny, io):
 
 
 def test_bf16_sharded_checkpoint_in_pipeline_folder(io):
-  assert os.path.isfile(os.path.join(TINY_BF16, 'transformer', wt.INDEX_NAME))
+  assert os.path.isfile(os.path.join(TINY_BF16, 'transformer', wt.WEIGHTS_NAME + '.index.json'))
   f = wt.load_wan_transformer(TINY_BF16)  # parent folder: finds transformer/
   assert f.model.blocks.attn1.to_q.kernel.dtype == jnp.float32  # bf16 file, float32 params
   err = rel_l2(f(io['latents'], io['timesteps'], io['text']), io['out_bf16_weights'])
@@ -68,7 +69,7 @@ def test_raw_safetensors_reader_matches_library():
   tensors = load_file(shard)
   assert any(v.dtype == ml_dtypes.bfloat16 for v in tensors.values())
   for key, value in tensors.items():
-    raw = wt.read_tensor_raw(shard, key)
+    raw = safetensors_io.read_tensor_raw(shard, key)
     assert raw.dtype == value.dtype and raw.shape == value.shape
     np.testing.assert_array_equal(raw.astype(np.float32), value.astype(np.float32))
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
+from sora_jax.interop import safetensors_io
 from sora_jax.models import umt5
 
 # model_type -> bias_per_layer (UMT5 learns a relative-position bias in every layer, T5 / mT5 only
@@ -91,30 +91,6 @@ def load_umt5_config(path) -> umt5.UMT5Config:
     return config_from_hf(json.load(f))
 
 
-def _open_weights(folder):
-  """{tensor name: open safetensors file} for model.safetensors or an indexed sharded checkpoint."""
-  index = os.path.join(folder, 'model.safetensors.index.json')
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
-    files = ['model.safetensors']
-  else:
-    others = sorted(n for n in os.listdir(folder) if n.endswith(('.bin', '.pth', '.pt', '.ckpt')))
-    hint = f' (found {others}: torch pickles are not read; save as safetensors)' if others else ''
-    raise FileNotFoundError(
-        f'{folder}: no model.safetensors or model.safetensors.index.json{hint}.')
-  tensors = {}
-  for name in files:
-    file_path = os.path.join(folder, name)
-    if not os.path.isfile(file_path):
-      raise FileNotFoundError(f'{file_path}: listed in model.safetensors.index.json but missing.')
-    handle = safe_open(file_path, framework='np')
-    for key in handle.keys():
-      tensors[key] = handle
-  return tensors
-
-
 def _hf_names(config: umt5.UMT5Config):
   """Our parameter path -> (HF tensor names, stacked over layers?, transpose?)."""
   attn, ffn = 'encoder.block.{}.layer.0.', 'encoder.block.{}.layer.1.'
@@ -142,7 +118,7 @@ def load_umt5_module(path, dtype=jnp.float32, *, scan_layers=True) -> umt5.UMT5E
   embedding and matmul weights (bf16 halves umt5-xxl's 23 GB); norm scales and biases stay float32."""
   folder = find_model_dir(path)
   config = load_umt5_config(folder)
-  tensors = _open_weights(folder)
+  files = safetensors_io.weight_files(folder, 'model.safetensors')
   abstract = nnx.eval_shape(lambda: umt5.UMT5Encoder(
       config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers))
   graphdef, state = nnx.split(abstract)
@@ -150,40 +126,35 @@ def load_umt5_module(path, dtype=jnp.float32, *, scan_layers=True) -> umt5.UMT5E
 
   names = _hf_names(config)
   # The encoder reads the shared embedding (tied to encoder.embed_tokens; either may be saved).
-  embed = next((k for k in ('shared.weight', 'encoder.embed_tokens.weight') if k in tensors),
+  embed = next((k for k in ('shared.weight', 'encoder.embed_tokens.weight') if k in files),
                'shared.weight')
   names[('embed', 'embedding')] = ([embed], False, False)
-  consumed = {embed, 'encoder.embed_tokens.weight'} & set(tensors)
-  missing = [n for hf, _, _ in names.values() for n in hf if n not in tensors]
+  consumed = {embed, 'encoder.embed_tokens.weight'} & set(files)
+  missing = [n for hf, _, _ in names.values() for n in hf if n not in files]
   consumed |= {n for hf, _, _ in names.values() for n in hf}
-  unexpected = [k for k in tensors if k not in consumed and not k.startswith(SKIPPED_PREFIXES)]
+  unexpected = [k for k in files if k not in consumed and not k.startswith(SKIPPED_PREFIXES)]
   if missing or unexpected:
     raise ValueError(f'{folder}: checkpoint does not match a {config.num_layers}-layer '
                      f'{"UMT5" if config.bias_per_layer else "T5"} encoder; missing tensors '
-                     f'{_listing(missing)}; unexpected tensors {_listing(unexpected)}.')
+                     f'{safetensors_io.listing(missing, 12)}; unexpected tensors '
+                     f'{safetensors_io.listing(unexpected, 12)}.')
   if set(names) != set(targets):  # a mapping bug, not a checkpoint problem
     raise AssertionError(f'parameters without a source: {sorted(set(targets) - set(names))}; '
                          f'sources without a parameter: {sorted(set(names) - set(targets))}')
 
   values = []
-  for path_, var in targets.items():
-    hf, stacked, transpose = names[path_]
-    arrays = [tensors[n].get_tensor(n) for n in hf]
-    arrays = [a.T if transpose else a for a in arrays]
-    value = np.stack(arrays) if stacked else arrays[0]
-    if value.shape != var.shape:
-      raise ValueError(f'{folder}: {hf[0]}{" (x%d layers)" % len(hf) if stacked else ""} has shape '
-                       f'{value.shape} after layout conversion, the config implies {var.shape} '
-                       f'for {"/".join(path_)}.')
-    values.append((path_, var.replace(jnp.asarray(value.astype(var.dtype)))))
+  with safetensors_io.reader(files) as read:
+    for path_, var in targets.items():
+      hf, stacked, transpose = names[path_]
+      arrays = [read(n) for n in hf]
+      arrays = [a.T if transpose else a for a in arrays]
+      value = np.stack(arrays) if stacked else arrays[0]
+      if value.shape != var.shape:
+        raise ValueError(f'{folder}: {hf[0]}{" (x%d layers)" % len(hf) if stacked else ""} has '
+                         f'shape {value.shape} after layout conversion, the config implies '
+                         f'{var.shape} for {"/".join(path_)}.')
+      values.append((path_, var.replace(jnp.asarray(value.astype(var.dtype)))))
   return nnx.merge(graphdef, nnx.from_flat_state(values))
-
-
-def _listing(names, limit=12):
-  if not names:
-    return 'none'
-  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
-  return ', '.join(names[:limit]) + more
 
 
 def load_umt5_encoder(path, dtype=jnp.float32):

@@ -10,26 +10,21 @@ every model parameter assigned, or the error lists what is missing / unexpected.
   v = f(latents, timesteps, text_embeddings)  # [B,T,H,W,16], [B] on 0..1000, [B,512,4096] (UMT5)
 """
 
-import contextlib
-import functools
 import json
 import os
-import struct
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from sora_jax import sharding
+from sora_jax.interop import safetensors_io
 from sora_jax.models import wan
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
-INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.json'
 # Keys diffusers itself skips when loading (WanTransformer3DModel._keys_to_ignore_on_load_unexpected).
 IGNORED_KEY_PARTS = ('norm_added_q',)
 
@@ -56,60 +51,7 @@ def wan_config_from_diffusers(path: str) -> dict:
 
 def weight_files(path: str) -> dict[str, str]:
   """Checkpoint key -> safetensors file holding it (single file or sharded)."""
-  return folder_weight_files(transformer_dir(path))
-
-
-def folder_weight_files(folder: str) -> dict[str, str]:
-  """Checkpoint key -> file, for a diffusers model folder (diffusion_pytorch_model.safetensors, or
-  shards listed in its .index.json)."""
-  index = os.path.join(folder, INDEX_NAME)
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)['weight_map']
-    files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
-    absent = sorted({f for f in files.values() if not os.path.isfile(f)})
-    if absent:
-      raise FileNotFoundError(f'{INDEX_NAME} in {folder!r} lists shards that do not exist: {absent}')
-    return files
-  single = os.path.join(folder, WEIGHTS_NAME)
-  if os.path.isfile(single):
-    with safe_open(single, framework='numpy') as f:
-      return {k: single for k in f.keys()}
-  present = sorted(os.listdir(folder))
-  raise FileNotFoundError(
-      f'No weights in {folder!r}: expected {WEIGHTS_NAME} or {INDEX_NAME} (safetensors only; '
-      f'.bin checkpoints need converting); found {present}')
-
-
-_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-           'BOOL': np.bool_}
-
-
-@functools.lru_cache(maxsize=64)
-def _header(file: str) -> tuple[int, dict]:
-  with open(file, 'rb') as f:
-    (size,) = struct.unpack('<Q', f.read(8))
-    return 8 + size, json.loads(f.read(size))
-
-
-def read_tensor_raw(file: str, key: str) -> np.ndarray:
-  """One tensor decoded from the safetensors layout itself (8-byte header size, JSON header,
-  little-endian data). The fallback for safetensors releases whose numpy API rejects bfloat16."""
-  offset, header = _header(file)
-  info = header[key]
-  start, end = info['data_offsets']
-  with open(file, 'rb') as f:
-    f.seek(offset + start)
-    data = f.read(end - start)
-  return np.frombuffer(data, _DTYPES[info['dtype']]).reshape(info['shape'])
-
-
-def _read(handle, file, key):
-  try:
-    return handle.get_tensor(key)
-  except TypeError:  # "data type 'bfloat16' not understood" (older safetensors)
-    return read_tensor_raw(file, key)
+  return safetensors_io.weight_files(transformer_dir(path), WEIGHTS_NAME)
 
 
 # --------------------------------------------------------------------------- name table
@@ -173,12 +115,6 @@ def param_table(cfg: wan.WanConfig) -> dict[tuple[str, ...], tuple[list[str], Ca
   return table
 
 
-def _listing(names, limit=20):
-  names = sorted(names)
-  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
-  return ', '.join(map(str, names[:limit])) + more
-
-
 def check_keys(table, checkpoint_keys, model_paths) -> None:
   """Raises ValueError listing checkpoint keys the table needs but lacks (missing), keys it would not
   use (unexpected) and model parameters the table does not fill (unassigned)."""
@@ -189,13 +125,13 @@ def check_keys(table, checkpoint_keys, model_paths) -> None:
   unknown = set(table) - set(model_paths)
   problems = []
   if missing:
-    problems.append(f'missing keys ({len(missing)}): {_listing(missing)}')
+    problems.append(f'missing keys ({len(missing)}): {safetensors_io.listing(missing)}')
   if unexpected:
-    problems.append(f'unexpected keys ({len(unexpected)}): {_listing(unexpected)}')
+    problems.append(f'unexpected keys ({len(unexpected)}): {safetensors_io.listing(unexpected)}')
   if unassigned:
-    problems.append(f'model parameters with no checkpoint source: {_listing(unassigned)}')
+    problems.append(f'model parameters with no checkpoint source: {safetensors_io.listing(unassigned)}')
   if unknown:
-    problems.append(f'name table entries with no model parameter: {_listing(unknown)}')
+    problems.append(f'name table entries with no model parameter: {safetensors_io.listing(unknown)}')
   if problems:
     raise ValueError('Wan checkpoint does not match the model config: ' + '; '.join(problems))
 
@@ -215,9 +151,7 @@ def load_wan_params(path: str, model: wan.WanDiT, mesh=None) -> wan.WanDiT:
   check_keys(table, files, flat)
   shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh))) if mesh else {}
 
-  with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, framework='numpy')) for f in set(files.values())}
-    read = lambda key: _read(handles[files[key]], files[key], key)
+  with safetensors_io.reader(files) as read:
     for ours, (keys, fn) in table.items():
       variable = flat[ours]
       arrays = [fn(read(k)) for k in keys]

@@ -14,7 +14,6 @@ weights are transposed to channels-last kernels as they are read.
   z = vae.model.normalize_latents(mean)  # the DiT's latent space (Wan pipelines)
 """
 
-import contextlib
 import json
 import os
 
@@ -22,15 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from sora_jax import sharding
-from sora_jax.interop import wan_transformer
+from sora_jax.interop import safetensors_io
 from sora_jax.models import vae as vae_lib
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
-INDEX_NAME = 'diffusion_pytorch_model.safetensors.index.json'
 
 
 def vae_dir(path: str) -> str:
@@ -55,7 +52,7 @@ def load_config(path: str) -> dict:
 
 def weight_files(path: str) -> dict[str, str]:
   """Checkpoint key -> safetensors file holding it (single file or sharded)."""
-  return wan_transformer.folder_weight_files(vae_dir(path))
+  return safetensors_io.weight_files(vae_dir(path), WEIGHTS_NAME)
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -81,12 +78,6 @@ def convert(w: np.ndarray, target_ndim: int) -> np.ndarray:
                    'parameter')
 
 
-def _listing(names, limit=20):
-  names = sorted(map(str, names))
-  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
-  return ', '.join(names[:limit]) + more
-
-
 def check_keys(table: dict, checkpoint_keys) -> None:
   """table: our path -> diffusers key. Raises ValueError listing keys the model needs but the
   checkpoint lacks (missing) and checkpoint keys nothing consumes (unexpected)."""
@@ -94,9 +85,9 @@ def check_keys(table: dict, checkpoint_keys) -> None:
   missing, unexpected = needed - present, present - needed
   problems = []
   if missing:
-    problems.append(f'missing keys ({len(missing)}): {_listing(missing)}')
+    problems.append(f'missing keys ({len(missing)}): {safetensors_io.listing(missing)}')
   if unexpected:
-    problems.append(f'unexpected keys ({len(unexpected)}): {_listing(unexpected)}')
+    problems.append(f'unexpected keys ({len(unexpected)}): {safetensors_io.listing(unexpected)}')
   if problems:
     raise ValueError('Wan VAE checkpoint does not match the model from config.json: '
                      + '; '.join(problems))
@@ -113,11 +104,10 @@ def load_vae_params(path: str, model: vae_lib.CausalVAE, mesh=None) -> vae_lib.C
   check_keys(table, files)
   shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh))) if mesh else {}
 
-  with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, framework='numpy')) for f in set(files.values())}
+  with safetensors_io.reader(files) as read:
     for ours, key in table.items():
       variable = flat[ours]
-      raw = handles[files[key]].get_tensor(key)
+      raw = read(key)
       value = convert(raw, len(variable.shape))
       if value.shape != tuple(variable.shape):
         raise ValueError(f'Shape mismatch for {key} -> {"/".join(map(str, ours))}: checkpoint '
