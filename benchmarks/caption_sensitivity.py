@@ -1,41 +1,80 @@
 r"""Does a trained shapes model use each caption attribute? Clean-clip (x0) error with the true caption
 vs. the caption with one attribute swapped (colour, shape, direction) or empty, at several noise levels.
 
-  python benchmarks/caption_sensitivity.py runs/demo
+  python benchmarks/caption_sensitivity.py --workdir=runs/demo [--num_clips=64 --times=0.3,0.6,0.8,0.95]
 
 An attribute the model ignores gives the same error as the true caption.
 """
-import sys
-import jax, jax.numpy as jnp, numpy as np
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 from flax import nnx
+
+from data_pipelines import shapes
 from sora_jax import restore
 from sora_jax.diffusion import flow
 from sora_jax.models import text
-from data_pipelines import shapes
-config, mesh, graphdef, params, step = restore.load(sys.argv[1])
-src = shapes.ShapesSource(num_frames=config.data.num_frames, height=config.data.height, width=config.data.width, split='train', seed=777)
-recs = [src[i] for i in range(64)]
-x0 = jnp.asarray(np.stack([r['video'] for r in recs]).astype(np.float32) / 127.5 - 1)
-def swap(cap, which):
-  c, s, d = shapes.parse_caption(cap)
-  if which == 'color': c = list(shapes.COLORS)[(list(shapes.COLORS).index(c) + 1) % 7]
-  if which == 'shape': s = shapes.SHAPES[(shapes.SHAPES.index(s) + 1) % 3]
-  if which == 'direction': d = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}[d]
-  if which == 'empty': return ''
-  return shapes.caption(c, s, d)
-model = nnx.merge(graphdef, params)
-@jax.jit
-def x0err(tokens, mask, t, key):
-  noise = jax.random.normal(key, x0.shape)
-  tt = jnp.full((x0.shape[0],), t)
-  xt = flow.interpolate(x0, noise, tt)
-  v = model(xt, tt, tokens, mask)
-  x0hat = xt - tt[:, None, None, None, None] * v
-  return jnp.mean((x0hat - x0) ** 2)
-for t in (0.3, 0.6, 0.8, 0.95):
-  row = []
-  for which in ('true', 'color', 'shape', 'direction', 'empty'):
-    caps = [swap(r['caption'], which) if which != 'true' else r['caption'] for r in recs]
-    tok, m = text.tokenize(caps, config.text.max_length)
-    row.append(float(np.mean([x0err(tok, m, t, jax.random.PRNGKey(k)) for k in range(3)])))
-  print(f't={t}', ' '.join(f'{w}={v:.4f}' for w, v in zip(('true', 'color', 'shape', 'direction', 'empty'), row)))
+
+flags.DEFINE_string('workdir', None, 'A run trained on the shapes dataset (pixel space).')
+flags.DEFINE_integer('num_clips', 64, 'Training-split clips to score.')
+flags.DEFINE_list('times', ['0.3', '0.6', '0.8', '0.95'], 'Flow times (noise levels) to score at.')
+flags.DEFINE_integer('num_noises', 3, 'Noise draws averaged per time.')
+flags.mark_flag_as_required('workdir')
+
+VARIANTS = ('true', 'color', 'shape', 'direction', 'empty')
+OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
+
+
+def variant(caption: str, which: str) -> str:
+  """The caption with one attribute replaced by the next value (or '' for 'empty')."""
+  if which == 'empty':
+    return ''
+  color, shape, direction = shapes.parse_caption(caption)
+  colors = list(shapes.COLORS)
+  if which == 'color':
+    color = colors[(colors.index(color) + 1) % len(colors)]
+  elif which == 'shape':
+    shape = shapes.SHAPES[(shapes.SHAPES.index(shape) + 1) % len(shapes.SHAPES)]
+  elif which == 'direction':
+    direction = OPPOSITE[direction]
+  return shapes.caption(color, shape, direction)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config, _, graphdef, params, step = restore.load(f.workdir)
+  if config.autoencoder:
+    raise ValueError(f'{f.workdir} diffuses in an autoencoder latent space; this benchmark scores '
+                     'pixel-space shapes models.')
+  src = shapes.ShapesSource(num_frames=config.data.num_frames, height=config.data.height,
+                            width=config.data.width, split='train', seed=777)
+  records = [src[i] for i in range(f.num_clips)]
+  x0 = jnp.asarray(np.stack([r['video'] for r in records]).astype(np.float32) / 127.5 - 1)
+  model = nnx.merge(graphdef, params)
+
+  @jax.jit
+  def x0_error(tokens, mask, t, key):
+    noise = jax.random.normal(key, x0.shape)
+    tt = jnp.full((x0.shape[0],), t)
+    x_t = flow.interpolate(x0, noise, tt)
+    x0_hat = x_t - tt[:, None, None, None, None] * model(x_t, tt, tokens, mask)  # model: velocity
+    return jnp.mean((x0_hat - x0) ** 2)
+
+  print(f'{f.workdir} (step {step}): x0 mean squared error, {f.num_clips} clips')
+  print('| t | ' + ' | '.join(VARIANTS) + ' |')
+  print('|---' * (len(VARIANTS) + 1) + '|')
+  for t in map(float, f.times):
+    row = []
+    for which in VARIANTS:
+      tokens, mask = text.tokenize([r['caption'] if which == 'true' else variant(r['caption'], which)
+                                    for r in records], config.text.max_length)
+      row.append(np.mean([float(x0_error(tokens, mask, t, jax.random.PRNGKey(k)))
+                          for k in range(f.num_noises)]))
+    print(f'| {t} | ' + ' | '.join(f'{v:.4f}' for v in row) + ' |')
+
+
+if __name__ == '__main__':
+  app.run(main)
