@@ -259,6 +259,24 @@ def test_continuity_detects_a_jump_at_the_boundary():
   assert conditioned_eval.continuity(gone[None], [4], jump_px)['jump_rate'] == 1
 
 
+def test_exits_as_prompted():
+  from data_pipelines import shapes  # pylint: disable=g-import-not-at-top
+  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
+  clip = shapes.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32,
+                            rng=np.random.default_rng(0))
+  assert not conditioned_eval.exits_as_prompted(clip, 'left')  # stays whole in frame
+  # Slide the last frame's object out through the left edge, 3 px a frame.
+  out = [np.roll(clip[-1], -3 * k, axis=1) * (np.arange(32) < 32 - 3 * k)[None, :, None]
+         for k in range(1, 12)]
+  leaving = np.concatenate([clip, np.stack(out)]).astype(np.uint8)
+  assert not shapes.track(leaving)['present'][-1]
+  assert conditioned_eval.exits_as_prompted(leaving, 'left')
+  assert not conditioned_eval.exits_as_prompted(leaving, 'right')  # left by the wrong edge
+  vanished = clip.copy()
+  vanished[6:] = 0  # gone mid-frame
+  assert not conditioned_eval.exits_as_prompted(vanished, 'left')
+
+
 def test_window_spans():
   from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
   c = cond_config()
