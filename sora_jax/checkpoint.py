@@ -13,6 +13,9 @@ from absl import logging as absl_logging
 # than it saves (a tiny model on 8 CPU devices: ~5 s per save, most of a test's training run), so
 # smaller slices are written whole by replica 0; large arrays on a pod stay replica-parallel.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
 def quiet_orbax_logs():
@@ -22,9 +25,6 @@ def quiet_orbax_logs():
 
 
 def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.CheckpointManager:
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if config is None else config.keep_checkpoints,
       enable_async_checkpointing=True, read_only=read_only, create=not read_only)

@@ -70,9 +70,9 @@ def manifest(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """Children compile the same programs: share a persistent compilation cache between them."""
-  e = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+def env():
+  """The children's environment; they share conftest's persistent compilation cache."""
+  e = dict(os.environ)
   e.pop('XLA_FLAGS', None)  # conftest's 8 devices; local.sh sets the count per process
   return e
 
