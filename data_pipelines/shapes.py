@@ -4,9 +4,10 @@ Each clip is a black background with one filled shape (circle, square or
 apex-up isosceles triangle) in one of seven exact palette colours, moving at
 constant speed left/right/up/down. The caption is
 ``a {color} {shape} moving {direction}``: the direction of the clip's net
-motion. Optionally (``bounce``) a clip's object bounces once off the frame edge
-it moves towards, so that videos longer than a clip have something to imitate
-when the object reaches an edge; its first and net motion follow the caption.
+motion. Optionally a clip's object meets the frame edge it moves towards, so
+that videos longer than a clip have something to imitate there: it bounces
+once off the edge (``bounce``; first and net motion follow the caption) or
+stops against it and rests (``stop``; it never moves against the caption).
 Some (colour, shape) pairs are held out of the 'train' split to probe
 compositional generalisation.
 
@@ -96,7 +97,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
                 height: int, width: int, rng: np.random.Generator,
-                bounce: bool = False) -> np.ndarray:
+                bounce: bool = False, stop: bool = False) -> np.ndarray:
   """uint8 [T, H, W, 3] clip; all randomness drawn from `rng`.
 
   Bounding box side L = round(U(0.36, 0.44) * min(H, W)) pixels; travel D is an
@@ -110,9 +111,15 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   ahead, then s back, so the motion starts as captioned and its net D - 2s >=
   ceil(0.15 * dim) is in the caption's direction too; s >= one frame's step,
   so a clip with too few frames for that stays straight.
+
+  stop: the clip's speed (D / (T - 1) pixels per frame) up to the edge ahead,
+  reached after r >= ceil(0.15 * dim) pixels and at least one step before the
+  last frame, then at rest against it; a clip too short for that stays straight.
   """
   _check_names(color, shape, direction)
   _check_dims(num_frames, height, width)
+  if bounce and stop:
+    raise ValueError('a clip either bounces or stops at the edge, not both')
   size = int(round(min(height, width) * rng.uniform(0.36, 0.44)))
   along = width if direction in ('left', 'right') else height
   other = height if direction in ('left', 'right') else width
@@ -120,13 +127,18 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   sign = 1 if direction in ('right', 'down') else -1
   longest = (travel - math.ceil(0.15 * along)) // 2
   shortest = math.ceil(travel / (num_frames - 1))  # one frame's step: survives snapping to pixels
+  free = along - size  # positions 0 .. free keep the shape inside
+  reach = (math.ceil(0.15 * along), travel - shortest)  # stop: distance to the edge ahead
   if bounce and longest >= shortest:  # else too few frames to show a bounce: a straight clip
-    free = along - size  # positions 0 .. free keep the shape inside
     short = int(rng.integers(shortest, longest + 1))
     # Unfolded coordinate u in the caption's direction, starting `travel -
     # short` before the edge ahead; the reflection maps it back into [0, free].
     u = free - (travel - short) + travel * np.linspace(0, 1, num_frames)
     p = np.where(u > free, 2 * free - u, u)
+    pos = np.rint(p if sign > 0 else free - p).astype(int)
+  elif stop and reach[0] <= reach[1]:
+    r = int(rng.integers(reach[0], reach[1] + 1))
+    p = np.minimum(free - r + travel * np.linspace(0, 1, num_frames), free)
     pos = np.rint(p if sign > 0 else free - p).astype(int)
   else:
     lo = int(rng.integers(0, along - size - travel + 1))  # smallest position reached
@@ -147,17 +159,20 @@ class ShapesSource:
 
   Record i is a pure function of (seed, split, i): it uses
   np.random.default_rng([seed, split_id, i]). A fraction `bounce` of clips
-  bounce once off a frame edge (`render_clip`).
+  bounce once off a frame edge, a fraction `stop` stop against it (`render_clip`).
   """
 
   def __init__(self, *, num_frames: int, height: int, width: int,
                split: str = 'train', seed: int = 0, num_records: int = 2**31 - 1,
-               bounce: float = 0.0):
+               bounce: float = 0.0, stop: float = 0.0):
     _check_dims(num_frames, height, width)
     self._pairs = pairs(split)  # validates split
-    if not 0.0 <= bounce <= 1.0:
-      raise ValueError(f'bounce must be a fraction in [0, 1], got {bounce!r}')
-    self.bounce = float(bounce)
+    for name, value in (('bounce', bounce), ('stop', stop)):
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must be a fraction in [0, 1], got {value!r}')
+    if bounce + stop > 1.0:
+      raise ValueError(f'bounce + stop must be at most 1, got {bounce} + {stop}')
+    self.bounce, self.stop = float(bounce), float(stop)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     if not isinstance(num_records, (int, np.integer)) or num_records < 1:
@@ -175,16 +190,17 @@ class ShapesSource:
     rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
     color, shape = self._pairs[rng.integers(len(self._pairs))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
-    # Drawn only when bouncing is on, so bounce=0 records are those of before.
-    bounce = self.bounce > 0 and rng.random() < self.bounce
+    # Drawn only when an edge behaviour is on, so straight-only records are those of before.
+    u = rng.random() if self.bounce > 0 or self.stop > 0 else 1.0
     video = render_clip(color, shape, direction, num_frames=self.num_frames,
-                        height=self.height, width=self.width, rng=rng, bounce=bounce)
+                        height=self.height, width=self.width, rng=rng,
+                        bounce=u < self.bounce, stop=self.bounce <= u < self.bounce + self.stop)
     return {'video': video, 'caption': caption(color, shape, direction)}
 
   def __repr__(self) -> str:
     return (f'ShapesSource(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, split={self.split!r}, seed={self.seed}, '
-            f'num_records={self.num_records}, bounce={self.bounce})')
+            f'num_records={self.num_records}, bounce={self.bounce}, stop={self.stop})')
 
 
 # ------------------------------------------------------------------- judge --

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.width = 32
   c.data.fps = 8  # clips are sampled at this frame rate; sample videos are written at it
   c.data.bounce = 0.0  # shapes data: fraction of clips whose object bounces once off a frame edge
+  c.data.stop = 0.0  # shapes data: fraction of clips whose object stops against the edge ahead
   # (frames, height, width) buckets, e.g. ((16, 64, 64), (16, 48, 80), (1, 64, 64)); empty: one bucket
   # (num_frames, height, width). 1-frame buckets hold images.
   c.data.buckets = ()
@@ -246,8 +247,11 @@ def _check_data(config):
     raise ValueError(f'config.data.read_threads={d.read_threads} must be >= 1.')
   if d.fps <= 0:
     raise ValueError(f'config.data.fps={d.fps} must be positive.')
-  if not 0.0 <= d.bounce <= 1.0:
-    raise ValueError(f'config.data.bounce={d.bounce} not in [0, 1].')
+  for name in ('bounce', 'stop'):
+    if not 0.0 <= d[name] <= 1.0:
+      raise ValueError(f'config.data.{name}={d[name]} not in [0, 1].')
+  if d.bounce + d.stop > 1.0:
+    raise ValueError(f'config.data.bounce + config.data.stop = {d.bounce + d.stop} exceeds 1.')
   errors = buckets.check(config)
   if errors:
     raise ValueError(' '.join(errors))

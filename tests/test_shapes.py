@@ -1,5 +1,6 @@
 """Tests for data_pipelines/shapes.py (captioned moving shapes + judge)."""
 
+import collections
 import hashlib
 
 import grain
@@ -95,7 +96,7 @@ def test_source_protocol_and_validation():
   assert isinstance(src, grain.sources.RandomAccessDataSource)
   assert len(src) == 10
   assert repr(src) == ('ShapesSource(num_frames=4, height=16, width=16, '
-                       "split='heldout', seed=1, num_records=10, bounce=0.0)")
+                       "split='heldout', seed=1, num_records=10, bounce=0.0, stop=0.0)")
   rec = grain.MapDataset.source(src)[3]
   assert rec['video'].shape == (4, 16, 16, 3) and rec['video'].dtype == np.uint8
   with pytest.raises(IndexError):
@@ -103,7 +104,8 @@ def test_source_protocol_and_validation():
   for kw, name in (({'t': 1}, 'num_frames'), ({'h': 15}, 'height'),
                    ({'w': 8}, 'width'), ({'split': 'test'}, 'test'),
                    ({'seed': -1}, 'seed'), ({'num_records': 0}, 'num_records'),
-                   ({'bounce': 1.5}, 'bounce')):
+                   ({'bounce': 1.5}, 'bounce'), ({'stop': -0.1}, 'stop'),
+                   ({'bounce': 0.6, 'stop': 0.6}, 'bounce \\+ stop')):
     with pytest.raises(ValueError, match=name):
       _source(**kw)
 
@@ -243,3 +245,59 @@ def test_bounce_fraction_and_straight_records_unchanged():
   digest = hashlib.sha256(b''.join(straight[i]['video'].tobytes() + straight[i]['caption'].encode()
                                    for i in range(20))).hexdigest()
   assert digest == '0afed9a707d239a8aca992cee6a985c6becc82322821815247355713f86cdd7d'
+
+
+@pytest.mark.parametrize('t,h,w', [(12, 32, 32), (24, 32, 32), (8, 24, 48), (16, 40, 20)])
+def test_stop_geometry(t, h, w):
+  """A stopping clip: the whole object in every frame, never a step against the caption, a run at
+  the straight clip's speed up to the edge ahead (at least 15% of the frame), then at rest against that
+  edge for at least one step; judged as its caption."""
+  src = _source(t, h, w, split='all', stop=1.0)
+  for i in range(60):
+    rec = src[i]
+    direction = S.parse_caption(rec['caption'])[2]
+    mask = (rec['video'] > 0).any(-1)
+    areas = mask.sum((1, 2))
+    assert areas.min() > 0 and areas.max() <= 1.1 * areas.min()
+    horizontal = direction in ('left', 'right')
+    axis_len = w if horizontal else h
+    sign = 1 if direction in ('right', 'down') else -1
+    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in mask])
+    hi = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].max() for m in mask])
+    across = [np.nonzero(m.any(1 if horizontal else 0))[0].min() for m in mask]
+    assert len(set(across)) == 1
+    steps = sign * np.diff(lo)
+    assert (steps >= 0).all(), (i, lo)  # never against the caption
+    moving = np.flatnonzero(steps > 0)
+    assert steps[-1] == 0 and (steps[moving[-1] + 1:] == 0).all()  # at rest after the last move
+    edge = axis_len - 1 - hi[-1] if sign > 0 else lo[-1]
+    assert edge <= 1, (i, lo, hi)  # against the edge ahead (a triangle may lose its apex row)
+    assert sign * (lo[-1] - lo[0]) >= np.ceil(0.15 * axis_len) - 1
+    assert steps.max() <= np.floor(0.5 * axis_len) / (t - 1) + 1  # a straight clip's speed
+    assert S.score(rec['video'], rec['caption']) == dict.fromkeys(KEYS, True), (i, rec['caption'])
+
+
+def test_edge_mix_fractions_and_bounce_records_unchanged():
+  """bounce and stop fractions of one source; stop=0 keeps bouncing records as they were (hash of 20
+  records taken before stopping clips existed)."""
+  def kind(rec):
+    horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
+    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min()
+                   for m in (rec['video'] > 0).any(-1)])
+    steps = np.diff(lo)
+    if (np.diff(np.sign(steps[steps != 0])) != 0).any():
+      return 'bounce'
+    return 'stop' if steps[-1] == 0 else 'straight'
+
+  mixed = _source(split='all', bounce=0.25, stop=0.25)
+  counts = collections.Counter(kind(mixed[i]) for i in range(400))
+  for name in ('bounce', 'stop', 'straight'):
+    want = 200 if name == 'straight' else 100
+    assert abs(counts[name] - want) <= 30, counts
+  bouncing = _source(split='all', bounce=0.5)
+  digest = hashlib.sha256(b''.join(bouncing[i]['video'].tobytes() + bouncing[i]['caption'].encode()
+                                   for i in range(20))).hexdigest()
+  assert digest == '55376f28332519623c1cb6f094e14fd8bdd0dda5d90dce7e4abde29a2d95b258'
+  with pytest.raises(ValueError, match='bounces or stops'):
+    S.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32,
+                  rng=np.random.default_rng(0), bounce=True, stop=True)
