@@ -213,6 +213,8 @@ _MIN_AREA_FRAC = 0.02    # present: area >= 0.02 * min(H,W)^2, i.e. 25% of the
                          # smallest clean triangle ~ 0.5 * (0.4 * min(H,W))^2
 _AREA_FACTOR = 1.6       # stable: each frame's area within x/÷ 1.6 of the median
 _MIN_TRAVEL = 0.10       # direction: centroid moves >= 10% of the frame axis
+_STRAY_LEVEL = 48       # stray: a background pixel with max channel > 48 (visible
+                         # on black), farther than min(H, W) / 32 px from the object
 _MAX_JUMP = 0.25         # stable: consecutive centroid steps <= max(25% of the
                          # frame, 2x the largest clean step 0.5 / (T - 1))
 # Shape rules on (fill = area / bbox area, taper = mean row width of the top
@@ -281,7 +283,9 @@ def track(video: np.ndarray) -> dict:
   """Per-frame object measurements of a [T, H, W, 3] clip (uint8 or float in [0, 255]).
 
   Returns 'present' [T] bool, 'area' [T] pixels, 'color' / 'shape' [T] names (None where absent or
-  unclassified) and 'centroid' [T, 2] (y, x) in frame fractions (NaN where absent)."""
+  unclassified), 'centroid' [T, 2] (y, x) in frame fractions (NaN where absent) and 'stray' [T]: the
+  fraction of the frame's pixels that are visibly lit (max channel > 48) away from the object
+  (speckles; farther than min(H, W) / 32 pixels, so blur at the object's edge does not count)."""
   video = np.asarray(video, np.float32)
   if video.ndim != 4 or video.shape[-1] != 3:
     raise ValueError(f'expected [T, H, W, 3] video, got shape {video.shape}')
@@ -301,7 +305,15 @@ def track(video: np.ndarray) -> dict:
     shapes[f] = _classify_shape(core)
     ys, xs = np.nonzero(obj[f])
     cents[f] = (ys.mean() / h, xs.mean() / w)
-  return {'present': present, 'area': areas, 'color': colors, 'shape': shapes, 'centroid': cents}
+  near = obj.copy()
+  r = max(1, round(min(h, w) / 32))
+  for dy in range(-r, r + 1):  # square dilation by r pixels
+    for dx in range(-r, r + 1):
+      near[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= (
+          obj[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+  stray = ((video.max(axis=-1) > _STRAY_LEVEL) & ~near).mean(axis=(1, 2))
+  return {'present': present, 'area': areas, 'color': colors, 'shape': shapes, 'centroid': cents,
+          'stray': stray}
 
 
 def judge_clip(video: np.ndarray) -> dict:

@@ -45,6 +45,7 @@ def define_flags():
   flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1): judge'
                       ' the base videos after upscaling them with it (what sample'
                       ' --upscale_workdir writes).')
+  upscale.define_noise_flag()
   flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video',
                                     'long_video_from_image'],
                     'Conditioned protocols judged on runs trained with config.condition.mix'
@@ -86,11 +87,15 @@ def adherence(samples: list[dict]) -> dict:
   keys = ('color', 'shape', 'direction', 'stable')
   results = []
   for s in samples:
-    score = shapes.score(video_io.read_video(s['path']), s['prompt'])
-    results.append({'prompt': s['prompt'], 'path': s['path'], **{k: bool(score[k]) for k in keys}})
+    video = video_io.read_video(s['path'])
+    score = shapes.score(video, s['prompt'])
+    results.append({'prompt': s['prompt'], 'path': s['path'], **{k: bool(score[k]) for k in keys},
+                    'stray': float(shapes.track(video)['stray'].mean())})
   rates = {k: float(np.mean([r[k] for r in results])) for k in keys}
   rates['all'] = float(np.mean([all(r[k] for k in keys) for r in results]))
-  return {'num_videos': len(results), 'rates': rates, 'videos': results}
+  # Speckles: the mean fraction of a frame's pixels lit away from the object (shapes.track).
+  return {'num_videos': len(results), 'rates': rates,
+          'stray_fraction': float(np.mean([r['stray'] for r in results])), 'videos': results}
 
 
 def reconstruction(graphdef, params, config, mesh, split: str) -> dict:
@@ -153,10 +158,12 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
              use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
              guidance_schedule=None, guidance_interval=None, flow_loss=True,
              conditioned=('image_to_video', 'extension', 'long_video', 'long_video_from_image'),
-             upscale_workdir=None) -> dict:
+             upscale_workdir=None, upscale_noise=None) -> dict:
   """Sampling options left None come from config.sample (see `sampling.settings`). `conditioned`:
   the conditioned_eval protocols run when the run was trained with conditioning. upscale_workdir:
-  judge the videos after that upscaler run (upscale.Upscaler)."""
+  judge the videos after that upscaler run (upscale.Upscaler). upscale_noise: the upscaler's input
+  noise level (of `upscale_workdir`, or of `workdir` if it is an upscaler), else its config's."""
+  upscale.check_noise(upscale_noise)
   from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top  (imports this module)
   conditioned = [p for p in conditioned if p != 'none']
   unknown = set(conditioned) - set(conditioned_eval.PROTOCOLS)
@@ -164,6 +171,8 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
     raise ValueError(f'Unknown conditioned protocol(s) {sorted(unknown)}; expected some of'
                      f' {list(conditioned_eval.PROTOCOLS)} or none.')
   config, mesh, graphdef, params, step = restore.load(workdir, step=step, use_ema=use_ema)
+  if upscale_noise is not None and upscale.enabled(config):
+    config.upscale.sample_noise = upscale_noise
   if config.model.family == 'vae':
     result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema}
     with jax.set_mesh(mesh):
@@ -174,7 +183,7 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
     return result
   upscaler = None
   if upscale_workdir:
-    upscaler = upscale.Upscaler(upscale_workdir)
+    upscaler = upscale.Upscaler(upscale_workdir, noise=upscale_noise)
     upscaler.check_input(config.data.num_frames, config.data.height, config.data.width)
     upscaler.load()  # outside the base run's mesh context: restoring builds its own
   frozen = frozen_lib.Frozen(config)
@@ -186,6 +195,8 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
   generate = sampling.make_generate(graphdef, config, frozen=frozen, **options)
   result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema, **options,
             'seed': seed}
+  if upscaler is not None or upscale.enabled(config):
+    result['upscale_noise'] = (upscaler.load()[0] if upscaler else config).upscale.sample_noise
   with jax.set_mesh(mesh):
     for name, split in SPLITS.items():
       result[name] = {}
@@ -232,7 +243,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
                     videos_dir=f.videos_dir, flow_loss=f.flow_loss, conditioned=f.conditioned,
-                    upscale_workdir=f.upscale_workdir, **options)
+                    upscale_workdir=f.upscale_workdir, upscale_noise=f.upscale_noise, **options)
   for name in SPLITS:
     if 'reconstruction' in result[name]:
       print(name, result[name]['reconstruction'])

@@ -46,6 +46,7 @@ def define_flags():
                        ' windows.')
   flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1, e.g.'
                       ' configs/demo_upscale.py) applied to the videos: factor x larger frames.')
+  upscale.define_noise_flag()
   flags.DEFINE_integer('overlap', None, 'Model frames shared by consecutive windows / taken from'
                        ' --video (default: patch_size[0] * config.condition.max_frames).')
 
@@ -78,7 +79,7 @@ def main(argv):
       raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
                        ' --upscale_workdir after a base model\'s --workdir.')
     if f.upscale_workdir:
-      upscaler = upscale.Upscaler(f.upscale_workdir)
+      upscaler = upscale.Upscaler(f.upscale_workdir, noise=f.upscale_noise)
       upscaler.check_input(f.num_frames or t_pix, config.data.height, config.data.width)
   except ValueError as e:
     raise app.UsageError(str(e)) from e

@@ -102,6 +102,19 @@ def psnr(a, b) -> np.ndarray:
   return 10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
 
 
+def define_noise_flag():
+  """`--upscale_noise`, shared by sample and evaluate."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_float('upscale_noise', None, 'Flow time in [0, 1) the upscaler noises its'
+                     ' low-resolution input to (default: its config.upscale.sample_noise); higher'
+                     ' trusts the base video less, e.g. to smooth its speckles.')
+
+
+def check_noise(noise):
+  if noise is not None and not 0.0 <= noise < 1.0:
+    raise ValueError(f'--upscale_noise={noise} not in [0, 1).')
+
+
 def lowres_shape(config) -> tuple[int, int]:
   """(height, width) of the videos this upscaler takes."""
   f = config.upscale.factor
@@ -112,13 +125,16 @@ class Upscaler:
   """A trained upscaler run, loaded once: `__call__(videos uint8 [N, T, h, w, 3], prompts)` ->
   uint8 [N, T, h f, w f, 3]."""
 
-  def __init__(self, workdir: str, *, use_ema: bool = True, step=None, **sample_options):
+  def __init__(self, workdir: str, *, use_ema: bool = True, step=None, noise=None,
+               **sample_options):
+    """noise: the input's flow time, overriding the run's config.upscale.sample_noise."""
     from sora_jax import restore, sampling  # pylint: disable=g-import-not-at-top  (they import models)
     config = restore.load_config(workdir)
     if not enabled(config):
       raise ValueError(f'{workdir} is not an upscaler run (config.upscale.factor > 1, e.g.'
                        ' configs/demo_upscale.py).')
-    self.config = config
+    check_noise(noise)
+    self.config, self.noise = config, noise
     self.options = sampling.settings(config, **sample_options)
     self.workdir, self.use_ema, self.step = workdir, use_ema, step
     self._loaded = None
@@ -137,6 +153,8 @@ class Upscaler:
       from sora_jax import frozen as frozen_lib, restore, sampling  # pylint: disable=g-import-not-at-top
       config, mesh, graphdef, params, _ = restore.load(self.workdir, step=self.step,
                                                        use_ema=self.use_ema)
+      if self.noise is not None:
+        config.upscale.sample_noise = self.noise
       frozen = frozen_lib.Frozen(config)
       generate = sampling.make_generate(graphdef, config, frozen=frozen, **self.options)
       self._loaded = (config, mesh, params, frozen, generate)

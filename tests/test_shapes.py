@@ -170,6 +170,24 @@ def test_judge_unstable_clips():
   assert empty == {'color': None, 'shape': None, 'direction': None, 'stable': False}
 
 
+@pytest.mark.parametrize('h,w', [(32, 32), (64, 64)])
+def test_track_counts_stray_pixels_away_from_the_object(h, w):
+  """'stray': the fraction of pixels lit (max channel > 48) farther than min(H, W) / 32 px from the
+  object; rendered clips have none, and the blur halo at the object's edge is not counted."""
+  src = _source(8, h, w, split='all')
+  assert all(S.track(src[i]['video'])['stray'].max() == 0 for i in range(20))
+  video = src[0]['video'].astype(np.float32)
+  halo = (video + np.roll(video, 1, axis=1) + np.roll(video, -1, axis=2)) / 3  # 1-px smear
+  assert S.track(halo)['stray'].max() == 0
+  obj = S.track(video)['centroid'][0]
+  far = (0, w - 1) if obj[1] < 0.5 else (0, 0)  # a corner away from the object
+  speck = video.copy()
+  speck[2, far[0], far[1]] = (0, 60, 0)  # dim but visible
+  speck[3, far[0], far[1]] = (0, 40, 0)  # below the level
+  stray = S.track(speck)['stray']
+  assert stray[2] == 1 / (h * w) and stray[3] == 0 and stray.sum() == stray[2]
+
+
 def test_score_mismatch():
   video = S.render_clip('cyan', 'square', 'up', num_frames=8, height=32, width=32,
                         rng=np.random.default_rng(1))

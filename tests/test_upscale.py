@@ -106,6 +106,13 @@ def test_upscaler_matches_input_size(runs):
   # Any length: clips of the upscaler's 4 frames, the last one padded.
   low = np.zeros((1, 6, 16, 16, 3), np.uint8)
   assert u(low, ['a red circle moving left']).shape == (1, 6, 32, 32, 3)
+  # --upscale_noise: the input's noise level replaces the run's config.upscale.sample_noise.
+  low = np.random.default_rng(0).integers(0, 256, (1, 4, 16, 16, 3), np.uint8)
+  same = [upscale.Upscaler(up_dir, noise=n, num_steps=2)(low, ['a red circle moving left'])
+          for n in (0.05, 0.05, 0.6)]
+  assert np.array_equal(same[0], same[1]) and not np.array_equal(same[0], same[2])
+  with pytest.raises(ValueError, match='upscale_noise=1.0'):
+    upscale.Upscaler(up_dir, noise=1.0)
 
 
 def test_evaluate_upscaler_reports_psnr_against_bilinear(runs, tmp_path):
@@ -119,3 +126,5 @@ def test_evaluate_upscaler_reports_psnr_against_bilinear(runs, tmp_path):
   chained = evaluate.evaluate(base_dir, str(tmp_path / 'chain.json'), num_steps=2,
                               upscale_workdir=up_dir, flow_loss=False)
   assert chained['seen']['adherence']['num_videos'] > 0
+  assert chained['upscale_noise'] == 0.05 and r['upscale_noise'] == 0.05  # the config's default
+  assert 0 <= chained['seen']['adherence']['stray_fraction'] < 1
