@@ -11,13 +11,11 @@ Measured on 2 CPU cores (2026-11-27; `python -m sora_jax.evaluate --workdir=runs
 --guidance_scale=2 ...`, 3 videos per prompt): training 15.6 min (other jobs running); seen pairs:
 image-to-video colour+shape+direction 0.89 (held-out 0.85), forward extension same object without a
 jump 0.99 (0.92), text-to-video colour/shape/direction/stable 0.95/0.85/0.87/0.88; 4x-length videos
-keep colour and shape in every window 0.60 from an image, 0.51 from text (objects reach the frame
-edge; see README). With bouncing training clips (--config.data.bounce=0.3, 2026-11-27): 0.58 from an
-image, text-to-video direction 0.29 (width 192: 0.60, direction 0.40; width 192 without bouncing:
-0.59), so bouncing stays off here. Trained 3x longer (--config.total_steps=9000): image-to-video 0.99,
-extension 0.99, but long videos 0.47 every window, as 48% follow the prompt out of the frame. For long
-videos: --config.data.bounce=0.3 --config.total_steps=9000 keeps colour and shape in every window 0.95
-from an image (seen pairs; held-out 0.73), image-to-video 0.96, text-to-video direction 0.61.
+keep colour and shape in every window 0.60 from an image, 0.51 from text (objects leave the frame).
+Long-video recipes (README, Evaluation): --config.total_steps=9000 with --config.data.bounce=0.3:
+every window 0.95 from an image, 0.82 from text, text-to-video direction 0.61; with
+--config.data.stop=0.3: 0.84 / 0.77, direction 0.84, image-to-video 0.99, extension 1.00. Bouncing at
+3000 steps: 0.58 from an image, direction 0.29 (model width 192: 0.60, 0.40).
 """
 
 from configs import demo
