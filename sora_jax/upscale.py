@@ -107,7 +107,7 @@ def define_noise_flag():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_float('upscale_noise', None, 'Flow time in [0, 1) the upscaler noises its'
                      ' low-resolution input to (default: its config.upscale.sample_noise); higher'
-                     ' trusts the base video less, e.g. to smooth its speckles.')
+                     ' trusts the base video less. Keep it within the noise_aug it was trained with.')
 
 
 def check_noise(noise):
