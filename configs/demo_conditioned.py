@@ -14,7 +14,8 @@ jump 0.99 (0.92), text-to-video colour/shape/direction/stable 0.95/0.85/0.87/0.8
 keep colour and shape in every window 0.60 from an image, 0.51 from text (objects leave the frame).
 Long-video recipes (README, Evaluation): --config.total_steps=9000 with --config.data.bounce=0.3:
 every window 0.95 from an image, 0.82 from text, text-to-video direction 0.61; with
---config.data.stop=0.3: 0.84 / 0.77, direction 0.84, image-to-video 0.99, extension 1.00. Bouncing at
+--config.data.stop=0.3: 0.84 / 0.77, direction 0.84, image-to-video 0.99, extension 1.00; with
+bounce=0.15 and stop=0.15: 0.93 / 0.78, direction 0.61. Bouncing at
 3000 steps: 0.58 from an image, direction 0.29 (model width 192: 0.60, 0.40).
 """
 
