@@ -316,12 +316,13 @@ def track(video: np.ndarray) -> dict:
           'stray': stray}
 
 
-def judge_clip(video: np.ndarray) -> dict:
+def judge_clip(video: np.ndarray, tracked: dict | None = None) -> dict:
   """Judges a [T, H, W, 3] clip (uint8 or float in [0, 255]) from pixels only.
 
-  Returns {'color', 'shape', 'direction'} (a name or None) and 'stable' (bool).
+  Returns {'color', 'shape', 'direction'} (a name or None) and 'stable' (bool). tracked: `track(video)`
+  when the caller already has it.
   """
-  tr = track(video)
+  tr = track(video) if tracked is None else tracked
   t = len(tr['present'])
   present, areas = tr['present'], tr['area']
   colors = [tr['color'][f] for f in np.flatnonzero(present)]
@@ -348,9 +349,9 @@ def judge_clip(video: np.ndarray) -> dict:
           'stable': stable}
 
 
-def score(video: np.ndarray, prompt: str) -> dict[str, bool]:
-  """Per-attribute agreement of `judge_clip(video)` with a caption prompt."""
+def score(video: np.ndarray, prompt: str, tracked: dict | None = None) -> dict[str, bool]:
+  """Per-attribute agreement of `judge_clip(video, tracked)` with a caption prompt."""
   color, shape, direction = parse_caption(prompt)
-  j = judge_clip(video)
+  j = judge_clip(video, tracked)
   return {'color': j['color'] == color, 'shape': j['shape'] == shape,
           'direction': j['direction'] == direction, 'stable': j['stable']}

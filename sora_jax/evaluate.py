@@ -88,9 +88,10 @@ def adherence(samples: list[dict]) -> dict:
   results = []
   for s in samples:
     video = video_io.read_video(s['path'])
-    score = shapes.score(video, s['prompt'])
+    tracked = shapes.track(video)  # once: judging and the speckle measure share it
+    score = shapes.score(video, s['prompt'], tracked)
     results.append({'prompt': s['prompt'], 'path': s['path'], **{k: bool(score[k]) for k in keys},
-                    'stray': float(shapes.track(video)['stray'].mean())})
+                    'stray': float(tracked['stray'].mean())})
   rates = {k: float(np.mean([r[k] for r in results])) for k in keys}
   rates['all'] = float(np.mean([all(r[k] for k in keys) for r in results]))
   # Speckles: the mean fraction of a frame's pixels lit away from the object (shapes.track).
