@@ -61,7 +61,7 @@ class ToModelInputs(grain.transforms.Map):
 def source(config, split: str, seed: int):
   d = config.data
   return shapes.ShapesSource(num_frames=d.num_frames, height=d.height, width=d.width, split=split,
-                             seed=seed, bounce=d.bounce, stop=d.stop)
+                             seed=seed, bounce=d.bounce, stop=d.stop, rest=d.rest)
 
 
 def uses_user_data(config) -> bool:

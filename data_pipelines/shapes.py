@@ -6,8 +6,10 @@ constant speed left/right/up/down. The caption is
 ``a {color} {shape} moving {direction}``: the direction of the clip's net
 motion. Optionally a clip's object meets the frame edge it moves towards, so
 that videos longer than a clip have something to imitate there: it bounces
-once off the edge (``bounce``; first and net motion follow the caption) or
-stops against it and rests (``stop``; it never moves against the caption).
+once off the edge (``bounce``; first and net motion follow the caption),
+stops against it and rests (``stop``; it never moves against the caption), or
+is within a short run of it or already resting there (``rest``: the end of a
+stop, as a sliding window after the stop sees it).
 Some (colour, shape) pairs are held out of the 'train' split to probe
 compositional generalisation.
 
@@ -97,7 +99,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
                 height: int, width: int, rng: np.random.Generator,
-                bounce: bool = False, stop: bool = False) -> np.ndarray:
+                bounce: bool = False, stop: bool = False, rest: bool = False) -> np.ndarray:
   """uint8 [T, H, W, 3] clip; all randomness drawn from `rng`.
 
   Bounding box side L = round(U(0.36, 0.44) * min(H, W)) pixels; travel D is an
@@ -115,11 +117,16 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   stop: the clip's speed (D / (T - 1) pixels per frame) up to the edge ahead,
   reached after r >= ceil(0.15 * dim) pixels and at least one step before the
   last frame, then at rest against it; a clip too short for that stays straight.
+
+  rest: as stop, but the edge ahead is r < ceil(0.15 * dim) pixels away (r = 0:
+  at rest against it in every frame). Stop and rest clips together cover every
+  phase of the approach, so a window that starts near or at the edge has seen
+  its like in training.
   """
   _check_names(color, shape, direction)
   _check_dims(num_frames, height, width)
-  if bounce and stop:
-    raise ValueError('a clip either bounces or stops at the edge, not both')
+  if bounce + stop + rest > 1:
+    raise ValueError('a clip either bounces, stops or rests at the edge, not several')
   size = int(round(min(height, width) * rng.uniform(0.36, 0.44)))
   along = width if direction in ('left', 'right') else height
   other = height if direction in ('left', 'right') else width
@@ -136,8 +143,8 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
     u = free - (travel - short) + travel * np.linspace(0, 1, num_frames)
     p = np.where(u > free, 2 * free - u, u)
     pos = np.rint(p if sign > 0 else free - p).astype(int)
-  elif stop and reach[0] <= reach[1]:
-    r = int(rng.integers(reach[0], reach[1] + 1))
+  elif (stop and reach[0] <= reach[1]) or rest:
+    r = int(rng.integers(reach[0], reach[1] + 1) if stop else rng.integers(0, reach[0]))
     p = np.minimum(free - r + travel * np.linspace(0, 1, num_frames), free)
     pos = np.rint(p if sign > 0 else free - p).astype(int)
   else:
@@ -159,20 +166,21 @@ class ShapesSource:
 
   Record i is a pure function of (seed, split, i): it uses
   np.random.default_rng([seed, split_id, i]). A fraction `bounce` of clips
-  bounce once off a frame edge, a fraction `stop` stop against it (`render_clip`).
+  bounce once off a frame edge, a fraction `stop` stop against it, a fraction `rest` are within a
+  short run of it or resting there (`render_clip`).
   """
 
   def __init__(self, *, num_frames: int, height: int, width: int,
                split: str = 'train', seed: int = 0, num_records: int = 2**31 - 1,
-               bounce: float = 0.0, stop: float = 0.0):
+               bounce: float = 0.0, stop: float = 0.0, rest: float = 0.0):
     _check_dims(num_frames, height, width)
     self._pairs = pairs(split)  # validates split
-    for name, value in (('bounce', bounce), ('stop', stop)):
+    for name, value in (('bounce', bounce), ('stop', stop), ('rest', rest)):
       if not 0.0 <= value <= 1.0:
         raise ValueError(f'{name} must be a fraction in [0, 1], got {value!r}')
-    if bounce + stop > 1.0:
-      raise ValueError(f'bounce + stop must be at most 1, got {bounce} + {stop}')
-    self.bounce, self.stop = float(bounce), float(stop)
+    if bounce + stop + rest > 1.0:
+      raise ValueError(f'bounce + stop + rest must be at most 1, got {bounce} + {stop} + {rest}')
+    self.bounce, self.stop, self.rest = float(bounce), float(stop), float(rest)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     if not isinstance(num_records, (int, np.integer)) or num_records < 1:
@@ -191,16 +199,18 @@ class ShapesSource:
     color, shape = self._pairs[rng.integers(len(self._pairs))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
     # Drawn only when an edge behaviour is on, so straight-only records are those of before.
-    u = rng.random() if self.bounce > 0 or self.stop > 0 else 1.0
+    u = rng.random() if self.bounce > 0 or self.stop > 0 or self.rest > 0 else 1.0
+    edge = np.cumsum([self.bounce, self.stop, self.rest])
     video = render_clip(color, shape, direction, num_frames=self.num_frames,
-                        height=self.height, width=self.width, rng=rng,
-                        bounce=u < self.bounce, stop=self.bounce <= u < self.bounce + self.stop)
+                        height=self.height, width=self.width, rng=rng, bounce=u < edge[0],
+                        stop=edge[0] <= u < edge[1], rest=edge[1] <= u < edge[2])
     return {'video': video, 'caption': caption(color, shape, direction)}
 
   def __repr__(self) -> str:
     return (f'ShapesSource(num_frames={self.num_frames}, height={self.height}, '
             f'width={self.width}, split={self.split!r}, seed={self.seed}, '
-            f'num_records={self.num_records}, bounce={self.bounce}, stop={self.stop})')
+            f'num_records={self.num_records}, bounce={self.bounce}, stop={self.stop}, '
+            f'rest={self.rest})')
 
 
 # ------------------------------------------------------------------- judge --

@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.fps = 8  # clips are sampled at this frame rate; sample videos are written at it
   c.data.bounce = 0.0  # shapes data: fraction of clips whose object bounces once off a frame edge
   c.data.stop = 0.0  # shapes data: fraction of clips whose object stops against the edge ahead
+  c.data.rest = 0.0  # shapes data: fraction of clips within a short run of that edge or resting there
   # (frames, height, width) buckets, e.g. ((16, 64, 64), (16, 48, 80), (1, 64, 64)); empty: one bucket
   # (num_frames, height, width). 1-frame buckets hold images.
   c.data.buckets = ()
@@ -247,11 +248,12 @@ def _check_data(config):
     raise ValueError(f'config.data.read_threads={d.read_threads} must be >= 1.')
   if d.fps <= 0:
     raise ValueError(f'config.data.fps={d.fps} must be positive.')
-  for name in ('bounce', 'stop'):
+  for name in ('bounce', 'stop', 'rest'):
     if not 0.0 <= d[name] <= 1.0:
       raise ValueError(f'config.data.{name}={d[name]} not in [0, 1].')
-  if d.bounce + d.stop > 1.0:
-    raise ValueError(f'config.data.bounce + config.data.stop = {d.bounce + d.stop} exceeds 1.')
+  if d.bounce + d.stop + d.rest > 1.0:
+    raise ValueError('config.data.bounce + config.data.stop + config.data.rest ='
+                     f' {d.bounce + d.stop + d.rest:g} exceeds 1.')
   errors = buckets.check(config)
   if errors:
     raise ValueError(' '.join(errors))

@@ -37,7 +37,9 @@ def test_mesh_resolution(config, mesh, devices, expected):
     (lambda c: c.update(dict(total_steps=0)), 1, 'config.total_steps'),
     (lambda c: c.optim.update(dict(warmup_steps=100)), 1, 'config.optim.warmup_steps'),
     (lambda c: c.data.update(dict(bounce=1.5)), 1, 'config.data.bounce=1.5'),
-    (lambda c: c.data.update(dict(bounce=0.5, stop=0.7)), 1, 'config.data.stop = 1.2 exceeds 1'),
+    (lambda c: c.data.update(dict(bounce=0.5, stop=0.7)), 1, 'config.data.rest = 1.2 exceeds 1'),
+    (lambda c: c.data.update(dict(stop=0.5, rest=0.6)), 1, 'config.data.rest = 1.1 exceeds 1'),
+    (lambda c: c.data.update(dict(rest=-0.1)), 1, 'config.data.rest=-0.1'),
     (lambda c: c.model.__setitem__('detph', 3), 1, 'config.model.detph'),
     (lambda c: c.__setitem__('sampel', {}), 1, 'config.sampel'),
 ])

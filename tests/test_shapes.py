@@ -96,7 +96,7 @@ def test_source_protocol_and_validation():
   assert isinstance(src, grain.sources.RandomAccessDataSource)
   assert len(src) == 10
   assert repr(src) == ('ShapesSource(num_frames=4, height=16, width=16, '
-                       "split='heldout', seed=1, num_records=10, bounce=0.0, stop=0.0)")
+                       "split='heldout', seed=1, num_records=10, bounce=0.0, stop=0.0, rest=0.0)")
   rec = grain.MapDataset.source(src)[3]
   assert rec['video'].shape == (4, 16, 16, 3) and rec['video'].dtype == np.uint8
   with pytest.raises(IndexError):
@@ -105,7 +105,8 @@ def test_source_protocol_and_validation():
                    ({'w': 8}, 'width'), ({'split': 'test'}, 'test'),
                    ({'seed': -1}, 'seed'), ({'num_records': 0}, 'num_records'),
                    ({'bounce': 1.5}, 'bounce'), ({'stop': -0.1}, 'stop'),
-                   ({'bounce': 0.6, 'stop': 0.6}, 'bounce \\+ stop')):
+                   ({'rest': 2.0}, 'rest'), ({'bounce': 0.6, 'stop': 0.6}, 'bounce \\+ stop'),
+                   ({'stop': 0.6, 'rest': 0.6}, 'stop \\+ rest')):
     with pytest.raises(ValueError, match=name):
       _source(**kw)
 
@@ -316,6 +317,54 @@ def test_edge_mix_fractions_and_bounce_records_unchanged():
   digest = hashlib.sha256(b''.join(bouncing[i]['video'].tobytes() + bouncing[i]['caption'].encode()
                                    for i in range(20))).hexdigest()
   assert digest == '55376f28332519623c1cb6f094e14fd8bdd0dda5d90dce7e4abde29a2d95b258'
-  with pytest.raises(ValueError, match='bounces or stops'):
-    S.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32,
-                  rng=np.random.default_rng(0), bounce=True, stop=True)
+  # rest=0 keeps stopping records (and the bounce+stop mix) as they were (taken before resting clips).
+  for kw, want in (({'stop': 0.5}, 'a038edc9c1ed567610a9c41b90865c4a9f9694c2cbd2ee2b6de0a97ee9ee4479'),
+                   ({'bounce': 0.25, 'stop': 0.25},
+                    '82e52e15deb187324a8cd4e5c85f7675a169a012dcf3a2e60db6baa73522571b')):
+    src = _source(split='all', **kw)
+    digest = hashlib.sha256(b''.join(src[i]['video'].tobytes() + src[i]['caption'].encode()
+                                     for i in range(20))).hexdigest()
+    assert digest == want, kw
+  for kw in ({'bounce': True, 'stop': True}, {'stop': True, 'rest': True}):
+    with pytest.raises(ValueError, match='bounces, stops or rests'):
+      S.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32,
+                    rng=np.random.default_rng(0), **kw)
+
+
+@pytest.mark.parametrize('t,h,w', [(12, 32, 32), (24, 32, 32), (8, 24, 48), (16, 40, 20)])
+def test_rest_geometry(t, h, w):
+  """A resting clip: the whole object in every frame, never a step against the caption, at most a
+  short run (< 15% of the frame) at a straight clip's speed, then against the edge ahead to the last
+  frame; a good share are at rest in every frame. A source mixes the three edge behaviours as asked."""
+  src = _source(t, h, w, split='all', rest=1.0)
+  still = 0
+  for i in range(60):
+    rec = src[i]
+    direction = S.parse_caption(rec['caption'])[2]
+    mask = (rec['video'] > 0).any(-1)
+    areas = mask.sum((1, 2))
+    assert areas.min() > 0 and areas.max() <= 1.1 * areas.min()
+    horizontal = direction in ('left', 'right')
+    axis_len = w if horizontal else h
+    sign = 1 if direction in ('right', 'down') else -1
+    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in mask])
+    hi = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].max() for m in mask])
+    steps = sign * np.diff(lo)
+    assert (steps >= 0).all(), (i, lo)
+    assert sign * (lo[-1] - lo[0]) < np.ceil(0.15 * axis_len)
+    assert steps.max() <= np.floor(0.5 * axis_len) / (t - 1) + 1
+    edge = axis_len - 1 - hi[-1] if sign > 0 else lo[-1]
+    assert edge <= 1, (i, lo, hi)
+    moving = np.flatnonzero(steps > 0)
+    if moving.size:
+      assert (steps[moving[-1] + 1:] == 0).all()
+    still += not moving.size
+  assert 3 <= still <= 40, still  # r = 0 among [0, ceil(0.15 dim)) pixels to go
+  mixed = _source(t, h, w, split='all', bounce=0.2, stop=0.2, rest=0.2)
+  def short_run(rec):  # net travel under 15% of the frame, less a pixel of snapping
+    horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
+    lo = [np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in (rec['video'] > 0).any(-1)]
+    return abs(lo[-1] - lo[0]) < np.ceil(0.15 * (w if horizontal else h)) - 1
+
+  # 60 expected, less the resting clips whose run is just under 15% (up to a quarter of them).
+  assert 30 <= sum(short_run(mixed[i]) for i in range(300)) <= 85
