@@ -164,13 +164,8 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
   the conditioned_eval protocols run when the run was trained with conditioning. upscale_workdir:
   judge the videos after that upscaler run (upscale.Upscaler). upscale_noise: the upscaler's input
   noise level (of `upscale_workdir`, or of `workdir` if it is an upscaler), else its config's."""
-  upscale.check_noise(upscale_noise)
+  conditioned = _check_options(conditioned, upscale_noise)
   from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top  (imports this module)
-  conditioned = [p for p in conditioned if p != 'none']
-  unknown = set(conditioned) - set(conditioned_eval.PROTOCOLS)
-  if unknown:
-    raise ValueError(f'Unknown conditioned protocol(s) {sorted(unknown)}; expected some of'
-                     f' {list(conditioned_eval.PROTOCOLS)} or none.')
   config, mesh, graphdef, params, step = restore.load(workdir, step=step, use_ema=use_ema)
   if upscale_noise is not None and upscale.enabled(config):
     config.upscale.sample_noise = upscale_noise
@@ -234,12 +229,25 @@ def _write(result, output):
     json.dump(result, f, indent=2)
 
 
+def _check_options(conditioned, upscale_noise) -> list[str]:
+  """The conditioned protocols to run (ValueError on unknown names or a bad upscale_noise)."""
+  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top  (imports this module)
+  upscale.check_noise(upscale_noise)
+  conditioned = [p for p in conditioned if p != 'none']
+  unknown = set(conditioned) - set(conditioned_eval.PROTOCOLS)
+  if unknown:
+    raise ValueError(f'Unknown conditioned protocol(s) {sorted(unknown)}; expected some of'
+                     f' {list(conditioned_eval.PROTOCOLS)} or none.')
+  return conditioned
+
+
 def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
   try:
     options = sampling.flag_values()
+    _check_options(f.conditioned, f.upscale_noise)  # before restoring and compiling anything
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   result = evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,

@@ -66,3 +66,14 @@ def test_cli_rejects_bad_value_before_compiling(tmp_path):
   assert out.returncode != 0 and 'config.model.patch_size' in out.stderr
   assert 'config.data.height=32' in out.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('flag,message', [('--upscale_noise=1.0', '--upscale_noise=1.0 not in'),
+                                          ('--conditioned=long_vidoe', "['long_vidoe']")])
+def test_evaluate_cli_rejects_bad_options_before_loading(tmp_path, flag, message):
+  # The workdir does not exist: the option is refused first, as a usage error (no traceback).
+  out = subprocess.run(
+      [sys.executable, '-m', 'sora_jax.evaluate', f'--workdir={tmp_path}/missing',
+       f'--output={tmp_path}/eval.json', flag], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and message in out.stderr, out.stderr
+  assert 'Traceback' not in out.stderr

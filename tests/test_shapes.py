@@ -266,12 +266,15 @@ def test_bounce_fraction_and_straight_records_unchanged():
   assert digest == '0afed9a707d239a8aca992cee6a985c6becc82322821815247355713f86cdd7d'
 
 
+@pytest.mark.parametrize('kind', ['stop', 'rest'])
 @pytest.mark.parametrize('t,h,w', [(12, 32, 32), (24, 32, 32), (8, 24, 48), (16, 40, 20)])
-def test_stop_geometry(t, h, w):
-  """A stopping clip: the whole object in every frame, never a step against the caption, a run at
-  the straight clip's speed up to the edge ahead (at least 15% of the frame), then at rest against that
-  edge for at least one step; judged as its caption."""
-  src = _source(t, h, w, split='all', stop=1.0)
+def test_stop_and_rest_geometry(kind, t, h, w):
+  """Stopping and resting clips: the whole object in every frame, never a step against the caption,
+  a run at the straight clip's speed up to the edge ahead, then at rest against it to the last frame.
+  stop: the run is at least 15% of the frame and at least one step of rest follows; judged as its
+  caption. rest: the run is shorter than that, and a good share are at rest in every frame."""
+  src = _source(t, h, w, split='all', **{kind: 1.0})
+  still = 0
   for i in range(60):
     rec = src[i]
     direction = S.parse_caption(rec['caption'])[2]
@@ -288,12 +291,20 @@ def test_stop_geometry(t, h, w):
     steps = sign * np.diff(lo)
     assert (steps >= 0).all(), (i, lo)  # never against the caption
     moving = np.flatnonzero(steps > 0)
-    assert steps[-1] == 0 and (steps[moving[-1] + 1:] == 0).all()  # at rest after the last move
+    rests_from = moving[-1] + 1 if moving.size else 0
+    assert steps[-1] == 0 and (steps[rests_from:] == 0).all()  # at rest after the last move
     edge = axis_len - 1 - hi[-1] if sign > 0 else lo[-1]
     assert edge <= 1, (i, lo, hi)  # against the edge ahead (a triangle may lose its apex row)
-    assert sign * (lo[-1] - lo[0]) >= np.ceil(0.15 * axis_len) - 1
     assert steps.max() <= np.floor(0.5 * axis_len) / (t - 1) + 1  # a straight clip's speed
-    assert S.score(rec['video'], rec['caption']) == dict.fromkeys(KEYS, True), (i, rec['caption'])
+    run = sign * (lo[-1] - lo[0])
+    if kind == 'stop':
+      assert run >= np.ceil(0.15 * axis_len) - 1
+      assert S.score(rec['video'], rec['caption']) == dict.fromkeys(KEYS, True), (i, rec['caption'])
+    else:
+      assert run < np.ceil(0.15 * axis_len)
+      still += not moving.size
+  if kind == 'rest':
+    assert 3 <= still <= 40, still  # r = 0 among [0, ceil(0.15 dim)) pixels to go
 
 
 def test_edge_mix_fractions_and_bounce_records_unchanged():
@@ -331,36 +342,12 @@ def test_edge_mix_fractions_and_bounce_records_unchanged():
                     rng=np.random.default_rng(0), **kw)
 
 
-@pytest.mark.parametrize('t,h,w', [(12, 32, 32), (24, 32, 32), (8, 24, 48), (16, 40, 20)])
-def test_rest_geometry(t, h, w):
-  """A resting clip: the whole object in every frame, never a step against the caption, at most a
-  short run (< 15% of the frame) at a straight clip's speed, then against the edge ahead to the last
-  frame; a good share are at rest in every frame. A source mixes the three edge behaviours as asked."""
-  src = _source(t, h, w, split='all', rest=1.0)
-  still = 0
-  for i in range(60):
-    rec = src[i]
-    direction = S.parse_caption(rec['caption'])[2]
-    mask = (rec['video'] > 0).any(-1)
-    areas = mask.sum((1, 2))
-    assert areas.min() > 0 and areas.max() <= 1.1 * areas.min()
-    horizontal = direction in ('left', 'right')
-    axis_len = w if horizontal else h
-    sign = 1 if direction in ('right', 'down') else -1
-    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in mask])
-    hi = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].max() for m in mask])
-    steps = sign * np.diff(lo)
-    assert (steps >= 0).all(), (i, lo)
-    assert sign * (lo[-1] - lo[0]) < np.ceil(0.15 * axis_len)
-    assert steps.max() <= np.floor(0.5 * axis_len) / (t - 1) + 1
-    edge = axis_len - 1 - hi[-1] if sign > 0 else lo[-1]
-    assert edge <= 1, (i, lo, hi)
-    moving = np.flatnonzero(steps > 0)
-    if moving.size:
-      assert (steps[moving[-1] + 1:] == 0).all()
-    still += not moving.size
-  assert 3 <= still <= 40, still  # r = 0 among [0, ceil(0.15 dim)) pixels to go
+
+def test_edge_mix_with_rest():
+  """bounce, stop and rest fractions of one source: resting clips are those with a short run."""
+  t, h, w = 12, 32, 48
   mixed = _source(t, h, w, split='all', bounce=0.2, stop=0.2, rest=0.2)
+
   def short_run(rec):  # net travel under 15% of the frame, less a pixel of snapping
     horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
     lo = [np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in (rec['video'] > 0).any(-1)]
