@@ -17,7 +17,7 @@ every window 0.95 from an image, 0.82 from text, text-to-video direction 0.61; w
 --config.data.stop=0.3: 0.84 / 0.77, direction 0.84, image-to-video 0.99, extension 1.00; with
 bounce=0.15 and stop=0.15: 0.93 / 0.78, direction 0.61; with stop=0.3 and rest=0.15 (best long
 videos): 0.98 / 0.87, direction 0.74, image-to-video 1.00, extension 1.00 (resumed to 13500 steps:
-1.00 / 0.89). Bouncing at
+1.00 / 0.89; from text with --sampler=heun 0.92). Bouncing at
 3000 steps: 0.58 from an image, direction 0.29 (model width 192: 0.60, 0.40).
 """
 
