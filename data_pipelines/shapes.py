@@ -181,6 +181,7 @@ class ShapesSource:
     if bounce + stop + rest > 1.0:
       raise ValueError(f'bounce + stop + rest must be at most 1, got {bounce} + {stop} + {rest}')
     self.bounce, self.stop, self.rest = float(bounce), float(stop), float(rest)
+    self._edge = np.cumsum([self.bounce, self.stop, self.rest])  # u below these: bounce, stop, rest
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     if not isinstance(num_records, (int, np.integer)) or num_records < 1:
@@ -199,8 +200,8 @@ class ShapesSource:
     color, shape = self._pairs[rng.integers(len(self._pairs))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
     # Drawn only when an edge behaviour is on, so straight-only records are those of before.
-    u = rng.random() if self.bounce > 0 or self.stop > 0 or self.rest > 0 else 1.0
-    edge = np.cumsum([self.bounce, self.stop, self.rest])
+    edge = self._edge
+    u = rng.random() if edge[-1] > 0 else 1.0
     video = render_clip(color, shape, direction, num_frames=self.num_frames,
                         height=self.height, width=self.width, rng=rng, bounce=u < edge[0],
                         stop=edge[0] <= u < edge[1], rest=edge[1] <= u < edge[2])

@@ -16,6 +16,19 @@ def _source(t=12, h=32, w=32, **kw):
   return S.ShapesSource(num_frames=t, height=h, width=w, **kw)
 
 
+def _motion_lo(rec):
+  """[T] the object's lowest pixel index per frame along its caption's axis of motion."""
+  horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
+  return np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min()
+                   for m in (rec['video'] > 0).any(-1)])
+
+
+def _digest(src, n=20):
+  """sha256 of a source's first n records (videos and captions), to pin them across changes."""
+  return hashlib.sha256(b''.join(src[i]['video'].tobytes() + src[i]['caption'].encode()
+                                 for i in range(n))).hexdigest()
+
+
 def _degrade(video, rng):
   """Gaussian noise (std 20, clipped to [0, 255]) then a 3x3 box blur."""
   x = np.clip(video.astype(np.float32) + rng.normal(0, 20, video.shape), 0, 255)
@@ -246,10 +259,7 @@ def test_bounce_geometry(t, h, w):
 
 def test_bounce_fraction_and_straight_records_unchanged():
   def reverses(rec):
-    horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
-    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min()
-                   for m in (rec['video'] > 0).any(-1)])
-    steps = np.diff(lo)
+    steps = np.diff(_motion_lo(rec))
     return bool((np.diff(np.sign(steps[steps != 0])) != 0).any())
 
   mixed = _source(split='all', bounce=0.5)
@@ -261,9 +271,7 @@ def test_bounce_fraction_and_straight_records_unchanged():
   # 20 records taken from the generator before the change).
   straight = _source(split='all', bounce=0.0)
   assert not any(reverses(straight[i]) for i in range(200))
-  digest = hashlib.sha256(b''.join(straight[i]['video'].tobytes() + straight[i]['caption'].encode()
-                                   for i in range(20))).hexdigest()
-  assert digest == '0afed9a707d239a8aca992cee6a985c6becc82322821815247355713f86cdd7d'
+  assert _digest(straight) == '0afed9a707d239a8aca992cee6a985c6becc82322821815247355713f86cdd7d'
 
 
 @pytest.mark.parametrize('kind', ['stop', 'rest'])
@@ -311,10 +319,7 @@ def test_edge_mix_fractions_and_bounce_records_unchanged():
   """bounce and stop fractions of one source; stop=0 keeps bouncing records as they were (hash of 20
   records taken before stopping clips existed)."""
   def kind(rec):
-    horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
-    lo = np.array([np.nonzero(m.any(0 if horizontal else 1))[0].min()
-                   for m in (rec['video'] > 0).any(-1)])
-    steps = np.diff(lo)
+    steps = np.diff(_motion_lo(rec))
     if (np.diff(np.sign(steps[steps != 0])) != 0).any():
       return 'bounce'
     return 'stop' if steps[-1] == 0 else 'straight'
@@ -325,22 +330,16 @@ def test_edge_mix_fractions_and_bounce_records_unchanged():
     want = 200 if name == 'straight' else 100
     assert abs(counts[name] - want) <= 30, counts
   bouncing = _source(split='all', bounce=0.5)
-  digest = hashlib.sha256(b''.join(bouncing[i]['video'].tobytes() + bouncing[i]['caption'].encode()
-                                   for i in range(20))).hexdigest()
-  assert digest == '55376f28332519623c1cb6f094e14fd8bdd0dda5d90dce7e4abde29a2d95b258'
+  assert _digest(bouncing) == '55376f28332519623c1cb6f094e14fd8bdd0dda5d90dce7e4abde29a2d95b258'
   # rest=0 keeps stopping records (and the bounce+stop mix) as they were (taken before resting clips).
   for kw, want in (({'stop': 0.5}, 'a038edc9c1ed567610a9c41b90865c4a9f9694c2cbd2ee2b6de0a97ee9ee4479'),
                    ({'bounce': 0.25, 'stop': 0.25},
                     '82e52e15deb187324a8cd4e5c85f7675a169a012dcf3a2e60db6baa73522571b')):
-    src = _source(split='all', **kw)
-    digest = hashlib.sha256(b''.join(src[i]['video'].tobytes() + src[i]['caption'].encode()
-                                     for i in range(20))).hexdigest()
-    assert digest == want, kw
+    assert _digest(_source(split='all', **kw)) == want, kw
   for kw in ({'bounce': True, 'stop': True}, {'stop': True, 'rest': True}):
     with pytest.raises(ValueError, match='bounces, stops or rests'):
       S.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32,
                     rng=np.random.default_rng(0), **kw)
-
 
 
 def test_edge_mix_with_rest():
@@ -349,8 +348,8 @@ def test_edge_mix_with_rest():
   mixed = _source(t, h, w, split='all', bounce=0.2, stop=0.2, rest=0.2)
 
   def short_run(rec):  # net travel under 15% of the frame, less a pixel of snapping
+    lo = _motion_lo(rec)
     horizontal = S.parse_caption(rec['caption'])[2] in ('left', 'right')
-    lo = [np.nonzero(m.any(0 if horizontal else 1))[0].min() for m in (rec['video'] > 0).any(-1)]
     return abs(lo[-1] - lo[0]) < np.ceil(0.15 * (w if horizontal else h)) - 1
 
   # 60 expected, less the resting clips whose run is just under 15% (up to a quarter of them).
