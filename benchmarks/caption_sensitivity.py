@@ -13,9 +13,9 @@ from absl import app, flags
 from flax import nnx
 
 from data_pipelines import shapes
-from sora_jax import restore
+from sora_jax.common import tokenizers
 from sora_jax.diffusion import flow
-from sora_jax.models import text
+from sora_jax.inference import restore
 
 flags.DEFINE_string('workdir', None, 'A run trained on the shapes dataset (pixel space).')
 flags.DEFINE_integer('num_clips', 64, 'Training-split clips to score.')
@@ -69,7 +69,7 @@ def main(argv):
   for t in map(float, f.times):
     row = []
     for which in VARIANTS:
-      tokens, mask = text.tokenize([r['caption'] if which == 'true' else variant(r['caption'], which)
+      tokens, mask = tokenizers.tokenize([r['caption'] if which == 'true' else variant(r['caption'], which)
                                     for r in records], config.text.max_length)
       row.append(np.mean([float(x0_error(tokens, mask, t, jax.random.PRNGKey(k)))
                           for k in range(f.num_noises)]))

@@ -8,16 +8,19 @@ import time
 import jax
 
 from data_pipelines import pipeline
-from sora_jax import config_lib, sharding, state as state_lib, train
+from sora_jax.config import validation
+from sora_jax.parallel import sharding
+from sora_jax.training import state as state_lib
+from sora_jax.training import update
 
 
 def train_step(config, mesh=None):
   """(jitted step with explicit shardings and donation, state, batch sharding, mesh)."""
-  mesh = mesh or sharding.make_mesh(config_lib.validate(config, jax.device_count()))
+  mesh = mesh or sharding.make_mesh(validation.validate(config, jax.device_count()))
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, state, state_sh = state_lib.init(config, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule),
+  step_fn = jax.jit(update.make_train_step(graphdef, config, tx, schedule),
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                     donate_argnums=(0,))
   return step_fn, state, batch_sh, mesh

@@ -41,17 +41,16 @@ import time
 
 import av
 import grain
-import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines import bucketed, pipeline, video_decode
-from data_pipelines import buckets as buckets_lib
-from sora_jax import config_lib
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from data_pipelines import bucketed, pipeline, video_decode
+from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import validation
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Base training config.')
 flags.DEFINE_integer('num_videos', 48, 'Fixture videos.')
@@ -70,6 +69,7 @@ COLOURS = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 70, 230),
 
 
 # -------------------------------------------------------------------------------------- fixture --
+
 
 def write_video(path: str, index: int) -> str:
   """One mp4 (size, rate and length from `index`); returns its caption."""
@@ -125,6 +125,7 @@ def make_fixture(folder: str, num_videos: int) -> tuple[str, float, bool]:
 
 
 # ------------------------------------------------------------------------------------------ raw --
+
 
 def clip_specs(config, first: int, count: int) -> list[list[dict]]:
   """decode_clip arguments of every clip of global batches [first, first + count), drawn exactly as
@@ -186,6 +187,7 @@ def time_raw(warm: list[dict], timed: list[dict], processes: int, threads: int =
 
 # ------------------------------------------------------------------------------------- pipeline --
 
+
 def windows(workers: int, num_batches: int) -> tuple[int, int]:
   """(warm-up, timed) batches: whole waves of the pipeline's concurrent work.
 
@@ -223,7 +225,7 @@ def manifest_config(base, manifest: str, workers: int, buckets, clips: int):
   config.data.tokens_per_batch = clips * max(
       buckets_lib.tokens(b, config.model.patch_size) for b in buckets)
   config.data.worker_count = workers
-  config_lib.validate(config, 1)
+  validation.validate(config, 1)
   return config
 
 
@@ -237,6 +239,7 @@ def fullest_bucket(config) -> int:
 # ----------------------------------------------------------------------------------- train step --
 
 # ----------------------------------------------------------------------------------------- main --
+
 
 def run(base, folder: str, f):
   workers_list = [int(w) for w in f.worker_counts]

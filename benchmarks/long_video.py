@@ -20,7 +20,10 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import shapes
-from sora_jax import conditioned_eval, conditioning, config_lib, restore, sampling, video_io
+from sora_jax.common import video_io
+from sora_jax.config import geometry, schema
+from sora_jax.evaluation import conditioned as conditioned_eval
+from sora_jax.inference import sampling
 
 flags.DEFINE_string('workdir', None, 'A run trained with conditioning (configs/demo_conditioned.py).')
 flags.DEFINE_string('output_dir', None, 'Where the videos and results.json go.')
@@ -50,9 +53,9 @@ def run_sample(workdir, prompts, num_frames, out_dir, overlap, extra=()):
 def main(argv):
   del argv
   f = flags.FLAGS
-  config = restore.load_config(f.workdir)
-  t_model = config_lib.model_clip_shape(config)[0]
-  overlap = conditioning.resolve_overlap(config, f.overlap)
+  config = schema.load_config(f.workdir)
+  t_model = geometry.model_clip_shape(config)[0]
+  overlap = geometry.resolve_overlap(config, f.overlap)
   jump_px = conditioned_eval.jump_threshold(config)
   rows = []
   for n in [int(x) for x in f.frames]:

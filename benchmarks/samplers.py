@@ -24,10 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sora_jax import checkpoint, restore, sampling, sharding
-from sora_jax import evaluate as evaluate_lib
-from sora_jax import frozen as frozen_lib
+from sora_jax.common import video_io
 from sora_jax.diffusion import flow, samplers
+from sora_jax.evaluation import adherence
+from sora_jax.inference import frozen as frozen_lib
+from sora_jax.inference import restore, sampling
+from sora_jax.parallel import sharding
+from sora_jax.training import checkpoint
 
 flags.DEFINE_string('workdir', None, 'Trained shapes run (config.json + checkpoints/); read only.')
 flags.DEFINE_string('output_dir', None, 'Where results.json and the judged videos go.')
@@ -55,8 +58,8 @@ def first_batch(config, mesh, frozen, prompts, seed):
 
 def run_one(generate, params, config, mesh, frozen, videos_dir, seed, batch, reference):
   """Adherence rates per split, timings and the ODE error for one compiled `generate`."""
-  prompts = {name: evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
-             for name, split in evaluate_lib.SPLITS.items()}
+  prompts = {name: adherence.adherence_prompts(split, config.eval.samples_per_prompt)
+             for name, split in adherence.SPLITS.items()}
   kw = dict(config=config, mesh=mesh, seed=seed, batch_size=config.eval.batch_size, frozen=frozen)
   start = time.perf_counter()
   first = np.asarray(generate(params, *batch))
@@ -67,9 +70,9 @@ def run_one(generate, params, config, mesh, frozen, videos_dir, seed, batch, ref
     videos = sampling.generate_videos(generate, params, split_prompts, **kw)
     row['generate_s'] += time.perf_counter() - start
     row['num_videos'] += len(split_prompts)
-    samples = sampling.write_videos(videos, split_prompts, os.path.join(videos_dir, name),
+    samples = video_io.write_videos(videos, split_prompts, os.path.join(videos_dir, name),
                                     fps=config.data.fps)
-    row[name] = evaluate_lib.adherence(samples)['rates']
+    row[name] = adherence.adherence(samples)['rates']
   return row
 
 
@@ -97,7 +100,7 @@ def main(argv):
   out_path = os.path.join(f.output_dir, 'results.json')
   options = dict(guidance_scale=f.guidance_scale, negative_prompt=f.negative_prompt,
                  guidance_schedule=f.guidance_schedule, guidance_interval=interval)
-  prompts = evaluate_lib.adherence_prompts('train', config.eval.samples_per_prompt)
+  prompts = adherence.adherence_prompts('train', config.eval.samples_per_prompt)
   batch = first_batch(config, mesh, frozen, prompts[:config.eval.batch_size], f.seed)
   with jax.set_mesh(mesh):
     reference = np.asarray(sampling.make_generate(

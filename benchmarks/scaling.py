@@ -29,10 +29,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sora_jax import config_lib, metrics, sharding, train
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from data_pipelines import pipeline
+from sora_jax.config import geometry
+from sora_jax.parallel import attention
+from sora_jax.training import metrics
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config (collectives, mfu).')
 flags.DEFINE_list('sections', ['attention', 'remat', 'collectives', 'mfu'], 'What to measure.')
@@ -74,7 +77,6 @@ def section_collectives(config):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, n, 1
   config.batch_size = max(config.batch_size // n, 1) * n
   step_fn, state, batch_sh, mesh = common.train_step(config)
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   batch = jax.device_put(next(pipeline.train_iterator(config)), batch_sh)
   with jax.set_mesh(mesh):
     hlo = step_fn.lower(state, batch).compile().as_text()
@@ -90,7 +92,6 @@ def section_collectives(config):
 
 
 def _attention_fn(backend, length, heads=4, head_dim=64):
-  from sora_jax.models import attention  # pylint: disable=g-import-not-at-top
 
   def loss(q, k, v):
     return attention.attention(q, k, v, impl=backend).astype(jnp.float32).sum()
@@ -147,9 +148,9 @@ def section_remat(config, sizes):
 
 def section_mfu(config, steps):
   compile_s, step_s, params = common.time_train_step(config, steps)
-  clip = config_lib.model_clip_shape(config)
+  clip = geometry.model_clip_shape(config)
   batch = {'video': np.zeros((config.batch_size, *clip, 1), np.float32)}
-  flops = train.model_flops(config, params, batch)
+  flops = metrics.model_flops(config, params, batch)
   tflops = flops / step_s / jax.device_count() / 1e12
   peak = metrics.peak_tflops(override=config.peak_tflops_per_device)
   print(f'\n== MFU: {jax.devices()[0].device_kind} x {jax.device_count()}, {params / 1e6:.1f}M params,'

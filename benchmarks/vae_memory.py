@@ -31,9 +31,10 @@ from sora_jax.models import vae  # noqa: E402
 
 
 def build(base_dim, z_dim):
-  abstract = nnx.eval_shape(lambda: vae.CausalVAE(
-      base_dim=base_dim, z_dim=z_dim, dim_mult=(1, 2, 4, 4), num_res_blocks=2, rngs=nnx.Rngs(0),
-      latents_mean=None, latents_std=None))
+  with nnx.use_eager_sharding(False):  # no mesh here: parameters are placed when used
+    abstract = nnx.eval_shape(lambda: vae.CausalVAE(
+        base_dim=base_dim, z_dim=z_dim, dim_mult=(1, 2, 4, 4), num_res_blocks=2, rngs=nnx.Rngs(0),
+        latents_mean=None, latents_std=None))
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(0)
   flat = []

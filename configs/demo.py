@@ -10,13 +10,12 @@ stable 0.97; held-out colour 1.00, shape 0.88, direction 0.94, stable 0.96 (cons
 linear CFG schedule now set here: seen 1.00 / 0.89 / 0.85 / 0.97, held-out 1.00 / 0.83 / 0.90 / 0.96,
 and 0.15% of pixels lit away from the object instead of 1.6% (the speckles).
 """
-
-from sora_jax import config_lib
+from sora_jax.config import schema
 
 
 def get_config(autoencoder: str = ''):
   """`configs/demo.py:runs/vae_demo` diffuses in the latent space of that autoencoder run instead."""
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.batch_size = 16
   config.total_steps = 3000
   config.log_every_steps = 100

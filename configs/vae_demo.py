@@ -13,12 +13,11 @@ reconstruction PSNR 15.1 dB on held-out clips (64; 15.1 seen), L1 0.10 in [-1, 1
 undertrained VAE: colour and motion survive, shapes come back as blobs (triangles judged as circles).
 3D convolutions are slow on XLA:CPU; train it longer on an accelerator.
 """
-
-from sora_jax import config_lib
+from sora_jax.config import schema
 
 
 def get_config():
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.model.family = 'vae'
   config.batch_size = 8
   config.total_steps = 500

@@ -15,11 +15,11 @@ full remat, scanned layers.
 
 import os
 
-from sora_jax import config_lib
+from sora_jax.config import schema
 
 
 def get_config(path: str = ''):
-  config = config_lib.base_config()
+  config = schema.base_config()
   if path:
     config.init_from = path
     config.autoencoder = os.path.join(path, 'vae') if os.path.isdir(os.path.join(path, 'vae')) else path

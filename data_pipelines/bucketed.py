@@ -24,10 +24,10 @@ import grain
 import numpy as np
 from absl import logging
 
-from data_pipelines import buckets as buckets_lib
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import video_decode
-from sora_jax.models import text
+from sora_jax.common import tokenizers
+from sora_jax.config import buckets as buckets_lib
 
 _FALLBACK_TRIES = 8  # replacements tried for an example that fails to decode
 _EPOCHS = 10**6  # the plan is "infinite": this many epochs
@@ -70,6 +70,7 @@ class SkipLog:
 
 # ---------------------------------------------------------------------------------------- index --
 
+
 def index_manifest(path: str, table: list[buckets_lib.Bucket], *, fps: float, skips: SkipLog,
                    num_threads: int = 8) -> list[Example]:
   """Probes every row of a manifest (in threads: FFmpeg releases the GIL) and assigns buckets."""
@@ -111,6 +112,7 @@ def _index_row(row: manifest_lib.Row, *, table, fps) -> Example | str:
 
 # ----------------------------------------------------------------------------------------- plan --
 
+
 class BatchPlan:
   """Random-access source of global batch plans: element i = {'index', 'bucket', 'ids'}."""
 
@@ -146,6 +148,7 @@ class BatchPlan:
 
 # ----------------------------------------------------------------------------------------- load --
 
+
 class LoadBatch(grain.transforms.Map):
   """Plan -> this process's rows of the batch: video in [-1, 1], tokens, mask; plus '_paths' and
   '_skipped' (path, reason) for the main process's bookkeeping (CountSkips).
@@ -161,7 +164,7 @@ class LoadBatch(grain.transforms.Map):
                tokenize=None, process_index: int = 0, process_count: int = 1):
     self.examples, self.table, self.load_fn = examples, table, load_fn
     self.seed, self.max_length = seed, max_length
-    self.tokenize = tokenize or functools.partial(text.tokenize, max_length=max_length)
+    self.tokenize = tokenize or functools.partial(tokenizers.tokenize, max_length=max_length)
     self.process_index, self.process_count = process_index, process_count
     by_bucket = collections.defaultdict(list)
     for i, e in enumerate(examples):

@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline
-from sora_jax import config_lib
+from sora_jax.config import validation
 
 
 def define_flags():
@@ -37,7 +37,7 @@ def validate(config, data_parallel: int):
   `data_parallel` devices, all on the data axis (batch divisibility still checked against it)."""
   c = copy.deepcopy(config)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = -1, 1, 1, 1
-  config_lib.validate(c, data_parallel)
+  validation.validate(c, data_parallel)
 
 
 def inspect(config, num_batches: int, data_parallel: int = 1) -> dict:

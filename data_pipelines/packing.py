@@ -41,8 +41,8 @@ import math
 import grain
 import numpy as np
 
-from data_pipelines import buckets as buckets_lib
-from sora_jax.models import dit, text
+from sora_jax.common import spacetime, tokenizers
+from sora_jax.config import buckets as buckets_lib
 
 
 def sequence_length(config) -> int:
@@ -61,11 +61,12 @@ def clip_positions(grid) -> np.ndarray:
 
 def patchify_clip(video, patch_size):
   """[T, H, W, C] -> (patch tokens [n, P], positions [n, 3] int32)."""
-  patches, grid = dit.patchify(np.asarray(video)[None], tuple(patch_size))
+  patches, grid = spacetime.patchify(np.asarray(video)[None], tuple(patch_size))
   return patches[0], clip_positions(grid)
 
 
 # ------------------------------------------------------------------------------ pure helpers --
+
 
 def pack(clips, patch_size, seq_len: int, max_segments: int, tokens=None, mask=None) -> dict:
   """First-fit greedy packing of clips [T, H, W, C] into as few sequences as it takes.
@@ -111,7 +112,7 @@ def pack(clips, patch_size, seq_len: int, max_segments: int, tokens=None, mask=N
       start = end
   if tokens is not None:
     tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
-    null_tokens, null_mask = text.tokenize([''], tokens.shape[-1])
+    null_tokens, null_mask = tokenizers.tokenize([''], tokens.shape[-1])
     slot = out['clip_index'][..., None] >= 0
     index = np.maximum(out['clip_index'], 0)
     out['tokens'] = np.where(slot, tokens[index], null_tokens[0]).astype(np.int32)
@@ -136,13 +137,14 @@ def unpack(packed: dict, patch_size) -> list[np.ndarray]:
       if not sel.any():
         continue
       grid = tuple(int(g) for g in positions[r][sel].max(0) + 1)
-      clip = dit.unpatchify(patches[r][sel][None], grid, tuple(patch_size), channels)[0]
+      clip = spacetime.unpatchify(patches[r][sel][None], grid, tuple(patch_size), channels)[0]
       key = int(packed['clip_index'][r, s - 1]) if 'clip_index' in packed else len(clips)
       clips[key] = clip
   return [clips[k] for k in sorted(clips)]
 
 
 # ----------------------------------------------------------------------- Grain transform --
+
 
 class Unbatch(grain.experimental.FlatMapTransform):
   """A batch {'video', 'tokens', 'mask'} (e.g. a bucketed pipeline batch) -> its single clips."""
@@ -174,7 +176,7 @@ class FinishPacked(grain.transforms.Map):
   """Grain's packed row -> the packed format above (empty caption slots get the empty caption)."""
 
   def __init__(self, max_length: int):
-    self.null_tokens, self.null_mask = text.tokenize([''], max_length)
+    self.null_tokens, self.null_mask = tokenizers.tokenize([''], max_length)
 
   def map(self, row):
     empty = row['caption_segment_ids'] == 0

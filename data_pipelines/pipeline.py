@@ -15,38 +15,15 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import bucketed, packing, prepare, records, shapes
-from data_pipelines import buckets as buckets_lib
-from sora_jax import config_lib
-from sora_jax.models import text
-
-
-class Tokenizer:
-  """captions -> (tokens [B, L] int32, mask [B, L] bool), L = config.text.max_length, as the config's
-  text encoder reads them: byte tokens (text.encoder='bytes') or umT5's sentencepiece pieces ('umt5':
-  the frozen encoder must see its own vocabulary, the one sampling uses too). Picklable for Grain
-  workers: the sentencepiece model is loaded on first use in each process."""
-
-  def __init__(self, config):
-    self.encoder, self.path = config.text.encoder, config.text.path
-    self.max_length = config.text.max_length
-    self._sentencepiece = None
-
-  def __call__(self, captions):
-    if self.encoder != 'umt5':
-      return text.tokenize(captions, self.max_length)
-    if self._sentencepiece is None:
-      from sora_jax.interop import umt5  # pylint: disable=import-outside-toplevel
-      self._sentencepiece = umt5.load_umt5_tokenizer(self.path)
-    return self._sentencepiece.tokenize(captions, self.max_length)
-
-  def __getstate__(self):
-    return dict(self.__dict__, _sentencepiece=None)
+from sora_jax.common import tokenizers
+from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import geometry
 
 
 class ToModelInputs(grain.transforms.Map):
   """uint8 video -> float32 in [-1, 1]; caption -> tokens and mask (`Tokenizer`)."""
 
-  def __init__(self, tokenize: Tokenizer):
+  def __init__(self, tokenize: tokenizers.Tokenizer):
     self.tokenize = tokenize
 
   def map(self, record):
@@ -101,7 +78,7 @@ def train_iterator(config, *, process_index: int = 0, process_count: int = 1,
   # Records are i.i.d. draws keyed by index, so index order is already a shuffle.
   ds = grain.MapDataset.source(ProcessRows(source(config, 'train', config.seed), config.batch_size,
                                            process_index, process_count))
-  ds = ds.map(ToModelInputs(Tokenizer(config)))
+  ds = ds.map(ToModelInputs(tokenizers.Tokenizer(config)))
   per_process = config.batch_size // process_count
   ds = ds.to_iter_dataset(_read_options(config, per_process))
   ds = ds.batch(per_process, drop_remainder=True)
@@ -178,8 +155,8 @@ def prepared_examples(config, table, skips: bucketed.SkipLog):
   examples = [bucketed.Example(path, '', bucket, record=i)
               for i, (path, bucket) in enumerate(zip(index['paths'], index['record_buckets']))]
   if 'latents' in cached:
-    geometry = config_lib.autoencoder_geometry(config.autoencoder)
-    clip_shapes = {s: (*config_lib.latent_shape(s, geometry), geometry['z_dim']) for s in wanted}
+    ae_geometry = geometry.autoencoder_geometry(config.autoencoder)
+    clip_shapes = {s: (*geometry.latent_shape(s, ae_geometry), ae_geometry['z_dim']) for s in wanted}
   else:
     clip_shapes = {s: (*s, 3) for s in wanted}
   return examples, functools.partial(_load_record, source, clip_shapes)
@@ -213,12 +190,13 @@ def _user_data_dataset(config, process_index, process_count, data_parallel, skip
                 for i, b in enumerate(table)], plan.per_epoch)
   ds = grain.MapDataset.source(plan).map(bucketed.LoadBatch(
       examples, table, load_fn=load_fn, seed=config.seed, max_length=config.text.max_length,
-      tokenize=Tokenizer(config), process_index=process_index, process_count=process_count))
+      tokenize=tokenizers.Tokenizer(config), process_index=process_index, process_count=process_count))
   return _prefetch(ds.to_iter_dataset(_read_options(config, 1)), config).map(
       bucketed.CountSkips(skips))
 
 
 # ------------------------------------------------------------------ packed (config.data.packing) --
+
 
 def packed_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
                           data_parallel: int = 1, skips: bucketed.SkipLog | None = None):
@@ -236,7 +214,7 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
   else:
     clips = grain.MapDataset.source(ProcessRows(source(config, 'train', config.seed),
                                                 config.batch_size, process_index, process_count))
-    clips = clips.map(ToModelInputs(Tokenizer(config)))
+    clips = clips.map(ToModelInputs(tokenizers.Tokenizer(config)))
     clips = _prefetch(clips.to_iter_dataset(_read_options(config, 1)), config)
   d = config.data
   ds = packing.pack_dataset(
@@ -249,5 +227,5 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
 def eval_batches(config, split: str, num_videos: int, batch_size: int, seed_offset: int = 1000):
   """A fixed, finite list of batches from a seed disjoint from training's."""
   ds = grain.MapDataset.source(source(config, split, config.seed + seed_offset))[:num_videos]
-  ds = ds.map(ToModelInputs(Tokenizer(config))).batch(batch_size, drop_remainder=True)
+  ds = ds.map(ToModelInputs(tokenizers.Tokenizer(config))).batch(batch_size, drop_remainder=True)
   return [ds[i] for i in range(len(ds))]

@@ -1,8 +1,6 @@
-r"""Manifest -> preprocessed ArrayRecord shards, for training with `config.data.prepared=DIR`.
-
-  python -m data_pipelines.prepare --manifest=videos.csv --output_dir=prepared \
-      [--config=configs/demo.py] [--num_processes=8] [--shard_size=256] [--overwrite] \
-      [--cache_latents] [--cache_text] [--cache_dtype=float16] [--encode_batch_size=8]
+r"""Manifest -> preprocessed ArrayRecord shards, for training with `config.data.prepared=DIR`. The
+command line is sora_jax/prepare.py (`python -m sora_jax.prepare`), which also supplies the frozen
+encoders for cached latents / caption embeddings; its docstring describes the layout and the flags.
 
 The manifest is indexed exactly as training indexes it (`bucketed.index_manifest`: probe, bucket,
 skip bad rows by reason). Examples, in index order, are cut into shards of `shard_size`: shard k
@@ -56,11 +54,11 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from data_pipelines import bucketed, records, video_decode
-from data_pipelines import buckets as buckets_lib
+from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import geometry
 
 INDEX = 'index.json'
 CACHE_DTYPES = ('float16', 'float32')
@@ -68,25 +66,8 @@ _FORMAT = 1  # bump when the record or sidecar layout changes: old folders are t
 _TMP = '.tmp'
 
 
-def define_flags():
-  """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
-  config_flags.DEFINE_config_file('config', 'configs/demo.py',
-                                  'Training config: buckets, fps, skip limit, probe threads.',
-                                  lock_config=True)
-  flags.DEFINE_string('manifest', None, 'CSV/JSONL manifest (default: config.data.manifest).')
-  flags.DEFINE_string('output_dir', None, 'Folder for the shards and index.json.')
-  flags.DEFINE_integer('num_processes', 1, 'Decoding processes (1: in this process); with'
-                       ' --cache_latents/--cache_text, decoding threads of this process.')
-  flags.DEFINE_integer('shard_size', 256, 'Examples per shard (before decode-time skips).')
-  flags.DEFINE_bool('overwrite', False, 'Replace a folder prepared from another manifest/config.')
-  flags.DEFINE_bool('cache_latents', False, "Store config.autoencoder's latent means, not pixels.")
-  flags.DEFINE_bool('cache_text', False, 'Also store the frozen text encoder\'s caption embeddings'
-                    " (config.text.encoder='umt5').")
-  flags.DEFINE_enum('cache_dtype', 'float16', CACHE_DTYPES, 'Storage dtype of cached encodings.')
-  flags.DEFINE_integer('encode_batch_size', 8, 'Clips per encoder call when caching.')
-
-
 # ----------------------------------------------------------------------------------- file names --
+
 
 def shard_name(k: int) -> str:
   # No "-of-N": a shard's name must not depend on how many examples follow it, so that earlier
@@ -128,6 +109,7 @@ def _fsync(path: str):
 
 
 # --------------------------------------------------------------------------------- fingerprint --
+
 
 def fingerprint(manifest: str, table, fps: float, shard_size: int, cached: dict | None = None
                 ) -> dict:
@@ -179,6 +161,7 @@ def _check_folder(folder: str, fp: dict, overwrite: bool):
 
 
 # ----------------------------------------------------------------------------- cached encodings --
+
 
 def encoder_signature(path: str) -> str:
   """A cheap fingerprint of the model at `path` and its immediate subfolders (a Wan folder's vae/,
@@ -263,17 +246,6 @@ def _check_same(key, value, path, signature, folder, again):
                      ' was encoded with it (config, tokenizer, weights or checkpoint steps).' + again)
 
 
-def load_encoders(config, spec: dict):
-  """sora_jax.frozen.Frozen with only the encoders whose outputs `spec` caches."""
-  from sora_jax import frozen  # pylint: disable=import-outside-toplevel  (JAX only when caching)
-  sub = config.copy_and_resolve_references()
-  if 'latents' not in spec:
-    sub.autoencoder = ''
-  if 'text' not in spec:
-    sub.text.encoder = 'bytes'
-  return frozen.Frozen(sub)
-
-
 class Encoder:
   """Turns (example, record) pairs of decoded clips into cached-encoding records, in the order they
   come. The clips of one bucket are encoded together, `batch_size` at a time; a partial batch is
@@ -340,6 +312,7 @@ class Encoder:
 
 
 # --------------------------------------------------------------------------------------- shards --
+
 
 def _digest(examples: list[bucketed.Example]) -> str:
   rows = [[e.path, e.caption, e.bucket, e.start, e.end] for e in examples]
@@ -443,11 +416,16 @@ def _run(tasks: list[dict], num_processes: int, encoder: Encoder | None = None):
 
 # ----------------------------------------------------------------------------------------- main --
 
+
 def prepare(config, manifest: str, output_dir: str, *, num_processes: int = 1,
             shard_size: int = 256, overwrite: bool = False, cache_latents: bool = False,
             cache_text: bool = False, cache_dtype: str = 'float16',
-            encode_batch_size: int = 8) -> dict:
-  """Writes (or completes) `output_dir`; returns the index (also written as index.json)."""
+            encode_batch_size: int = 8, load_encoders=None) -> dict:
+  """Writes (or completes) `output_dir`; returns the index (also written as index.json).
+
+  load_encoders(config, spec) -> the frozen encoders (`Encoder`'s `frozen`) whose outputs `spec`
+  caches; needed with cache_latents / cache_text (sora_jax/prepare.py passes
+  inference.frozen.Frozen), called only when a shard is left to write."""
   start_time = time.time()
   errors = buckets_lib.check(config)
   if config.data.fps <= 0:
@@ -460,6 +438,9 @@ def prepare(config, manifest: str, output_dir: str, *, num_processes: int = 1,
     raise ValueError(' '.join(errors))
   if not os.path.isfile(manifest):
     raise ValueError(f'manifest {manifest!r} is not a file.')
+  if (cache_latents or cache_text) and load_encoders is None:
+    raise ValueError('Caching encodings needs the frozen encoders: run `python -m sora_jax.prepare`'
+                     ' (or pass load_encoders).')
   table = buckets_lib.make(config, 1)
   fps = float(config.data.fps)
   cached = cache_spec(config, latents=cache_latents, text=cache_text, dtype=cache_dtype)
@@ -523,8 +504,7 @@ def prepare(config, manifest: str, output_dir: str, *, num_processes: int = 1,
 
 
 def _check_autoencoder_buckets(config, table):
-  from sora_jax import config_lib  # pylint: disable=import-outside-toplevel
-  g = config_lib.autoencoder_geometry(config.autoencoder)
+  g = geometry.autoencoder_geometry(config.autoencoder)
   for b in table:
     if (b.frames - 1) % g['temporal'] or b.height % g['spatial'] or b.width % g['spatial']:
       key = 'config.data.buckets' if config.data.buckets else 'config.data.num_frames/height/width'
@@ -542,21 +522,3 @@ def _print_summary(index: dict, seconds: float):
   print(f'Skipped {len(index["skipped"])} of {index["num_rows"]} rows'
         + (f': {dict(counts.most_common())}' if counts else '.'))
   print(f'{seconds:.1f} s', flush=True)
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  config = f.config
-  manifest = f.manifest or config.data.manifest
-  if not manifest or not f.output_dir:
-    raise app.UsageError('--manifest (or --config.data.manifest) and --output_dir are required.')
-  prepare(config, manifest, f.output_dir, num_processes=f.num_processes, shard_size=f.shard_size,
-          overwrite=f.overwrite, cache_latents=f.cache_latents, cache_text=f.cache_text,
-          cache_dtype=f.cache_dtype, encode_batch_size=f.encode_batch_size)
-  print(f'Train on it with --config.data.prepared={f.output_dir}')
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)

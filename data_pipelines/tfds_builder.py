@@ -126,7 +126,8 @@ class CaptionedVideos(tfds.core.GeneratorBasedBuilder):
   def _decoder(self):
     decode_fn, skip_errors = self._decode_fn, self._skip_errors
     if decode_fn is None or skip_errors is None:
-      from data_pipelines import video_decode  # pylint: disable=import-outside-toplevel
+      from data_pipelines import \
+          video_decode  # pylint: disable=import-outside-toplevel
       decode_fn = decode_fn or video_decode.decode_clip
       skip_errors = skip_errors if skip_errors is not None else (video_decode.DecodeError,)
     return decode_fn, tuple(skip_errors)

@@ -21,8 +21,13 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from sora_jax import checkpoint, conditioning, restore, sampling, upscale
-from sora_jax import frozen as frozen_lib
+from sora_jax import cli
+from sora_jax.common import video_io
+from sora_jax.config import geometry, schema
+from sora_jax.inference import frame_inputs
+from sora_jax.inference import frozen as frozen_lib
+from sora_jax.inference import restore, sampling, upscale
+from sora_jax.training import checkpoint
 
 
 def define_flags():
@@ -31,7 +36,7 @@ def define_flags():
   flags.DEFINE_multi_string('prompt', None, 'Text prompt; repeat the flag for several videos.')
   flags.DEFINE_string('output_dir', None, 'Where the mp4 files and samples.json go.')
   flags.DEFINE_integer('seed', 0, 'Noise seed; video i uses fold_in(seed, i).')
-  sampling.define_sampler_flags()
+  cli.define_sampler_flags()
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to load (default: latest).')
   flags.DEFINE_bool('use_ema', True, 'Sample with the EMA parameters.')
   flags.DEFINE_integer('batch_size', 16, 'Videos generated per compiled call.')
@@ -46,7 +51,7 @@ def define_flags():
                        ' windows.')
   flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1, e.g.'
                       ' configs/demo_upscale.py) applied to the videos: factor x larger frames.')
-  upscale.define_noise_flag()
+  cli.define_noise_flag()
   flags.DEFINE_integer('overlap', None, 'Model frames shared by consecutive windows / taken from'
                        ' --video (default: patch_size[0] * config.condition.max_frames).')
 
@@ -56,26 +61,26 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
   # Every input is checked before the checkpoint loads and anything compiles.
-  config = restore.load_config(f.workdir)
+  config = schema.load_config(f.workdir)
   t_pix = config.data.num_frames
   try:
-    options = sampling.settings(config, **sampling.flag_values())
-    clip, _, given = conditioning.cli_inputs(
+    options = sampling.settings(config, **cli.flag_values())
+    clip, _, given = frame_inputs.cli_inputs(
         config, image=f.image, end_image=f.end_image, video=f.video, extend=f.extend,
         edit_strength=f.edit_strength, overlap=f.overlap)
     long = f.num_frames is not None and f.num_frames != t_pix
     if long:
       if f.num_frames < t_pix:
         raise ValueError(f'--num_frames={f.num_frames} is below the training clip of {t_pix}.')
-      if not conditioning.enabled(config):
+      if not geometry.conditioning_enabled(config):
         raise ValueError('--num_frames beyond the training clip conditions each window on the'
                          ' previous one: this checkpoint was trained without conditioning'
                          ' (config.condition.mix).')
       if f.edit_strength is not None:
         raise ValueError('--edit_strength works on one clip; drop --num_frames.')
-      overlap = conditioning.resolve_overlap(config, f.overlap)
+      overlap = geometry.resolve_overlap(config, f.overlap)
     upscaler = None
-    if upscale.enabled(config):
+    if geometry.upscale_enabled(config):
       raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
                        ' --upscale_workdir after a base model\'s --workdir.')
     if f.upscale_workdir:
@@ -99,7 +104,7 @@ def main(argv):
             video=video, given=given)
   with jax.set_mesh(mesh):
     if long:
-      temporal = conditioning.temporal_factor(config)
+      temporal = geometry.temporal_factor(config)
       model_frames = 1 + -(-(f.num_frames - 1) // temporal) if temporal > 1 else f.num_frames
       direction = 'backward' if f.extend == 'backward' else 'forward'
       videos = sampling.generate_long(generate, params, f.prompt, num_frames=model_frames,
@@ -110,7 +115,7 @@ def main(argv):
   if upscaler is not None:
     videos = upscaler(videos, f.prompt, seed=f.seed, batch_size=f.batch_size)
   if jax.process_index() == 0:
-    samples = sampling.write_videos(videos, f.prompt, f.output_dir, fps=config.data.fps)
+    samples = video_io.write_videos(videos, f.prompt, f.output_dir, fps=config.data.fps)
     for s in samples:
       print(s['path'])
 

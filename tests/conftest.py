@@ -18,13 +18,18 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from sora_jax import config_lib  # noqa: E402
+# Tests build models directly, outside any mesh: parameters are placed later from their logical-axis
+# metadata, as training/factory.py and the importers do for the programs.
+nnx.use_eager_sharding(False)
+
+from sora_jax.config import schema
 
 
 def tiny_config():
   """A model small enough that a CPU step takes milliseconds."""
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.batch_size = 8
   c.total_steps = 6
   c.log_every_steps = 1

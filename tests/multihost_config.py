@@ -4,12 +4,11 @@ multi-process tests (tests/test_multihost.py):
   launch/local.sh --num_processes=2 --devices_per_process=2 -- python -m sora_jax.train \
     --config=tests/multihost_config.py --config.data.manifest=clips/manifest.jsonl --workdir=runs/mh
 """
-
-from sora_jax import config_lib
+from sora_jax.config import schema
 
 
 def get_config():
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.batch_size = 8  # 2 rows per device on 4 devices
   c.total_steps = 6
   c.log_every_steps = 1

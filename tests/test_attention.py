@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax import sharding
-from sora_jax.models import attention, dit
+from sora_jax.models import dit
+from sora_jax.parallel import attention, sharding
 
 B, H, D = 2, 4, 8
 

@@ -7,13 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import bucketed_config
-from data_pipelines import bucketed, buckets, pipeline, video_decode
-from sora_jax import config_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 import media_fixtures as mf  # noqa: E402
+
+from data_pipelines import bucketed, pipeline, video_decode
+from sora_jax import train
+from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import validation
 
 TABLE = [(4, 16, 16), (4, 16, 24), (4, 24, 16), (8, 16, 16), (1, 16, 16)]
 
@@ -56,8 +58,8 @@ def media(tmp_path_factory):
 
 
 def test_bucket_choice_and_batch_sizes():
-  table = [buckets.Bucket(*s, batch_size=1) for s in TABLE]
-  choose = lambda **kw: buckets.choose(table, fps=8, **kw)  # noqa: E731
+  table = [buckets_lib.Bucket(*s, batch_size=1) for s in TABLE]
+  choose = lambda **kw: buckets_lib.choose(table, fps=8, **kw)  # noqa: E731
   assert choose(is_image=False, width=96, height=64, seconds=2.0) == 1  # landscape, longest fitting
   assert choose(is_image=False, width=64, height=96, seconds=2.0) == 2  # portrait
   assert choose(is_image=False, width=64, height=64, seconds=2.0) == 3  # 8 frames fit
@@ -65,7 +67,7 @@ def test_bucket_choice_and_batch_sizes():
   assert choose(is_image=False, width=64, height=64, seconds=0.4) is None  # shorter than every bucket
   assert choose(is_image=True, width=300, height=200, seconds=None) == 4  # images: 1-frame buckets
   c = _config('unused')
-  sizes = [b.batch_size for b in buckets.make(c, batch_multiple=2)]
+  sizes = [b.batch_size for b in buckets_lib.make(c, batch_multiple=2)]
   # 128 tokens // (64, 96, 96, 128, 16) tokens per clip, floored to a multiple of 2, at least 2.
   assert sizes == [2, 2, 2, 2, 8]
 
@@ -76,20 +78,20 @@ def test_bad_bucket_configs_are_rejected_before_compiling(tmp_path):
   c = _config(manifest)
   c.data.buckets = ((4, 16, 18),)
   with pytest.raises(ValueError, match=r'config.data.buckets.*width=18'):
-    config_lib.validate(c, 8)
+    validation.validate(c, 8)
   c = _config(manifest)
   c.model.patch_size = (2, 4, 4)  # 1-frame image buckets need a temporal patch of 1
   with pytest.raises(ValueError, match=r'frames=1 is not divisible'):
-    config_lib.validate(c, 8)
+    validation.validate(c, 8)
   c = _config(tmp_path / 'nope.csv')
   with pytest.raises(ValueError, match='config.data.manifest'):
-    config_lib.validate(c, 8)
+    validation.validate(c, 8)
 
 
 def test_manifest_index_skips_bad_rows_by_reason(media):
   d, manifest, good, bad = media
   c = _config(manifest)
-  table = buckets.make(c, 2)
+  table = buckets_lib.make(c, 2)
   skips = bucketed.SkipLog(1.0)
   examples = bucketed.index_manifest(str(manifest), table, fps=8, skips=skips, num_threads=2)
   assert skips.seen == len(good) + len(bad) + 3 + 6
@@ -120,7 +122,7 @@ def test_batches_have_static_bucket_shapes_and_resume_exactly(media):
   c = _config(manifest, max_skip_fraction=0.5)
   it = pipeline.train_iterator(c, data_parallel=2)
   batches = _take(it, 12)
-  table = buckets.make(c, 2)
+  table = buckets_lib.make(c, 2)
   allowed = {(b.batch_size, *b.shape, 3) for b in table}
   seen_shapes = {b['video'].shape for b in batches}
   assert seen_shapes <= allowed and len(seen_shapes) >= 3
@@ -151,7 +153,7 @@ def test_global_batches_do_not_depend_on_process_count(media):
 
 
 def test_decode_failures_are_replaced_counted_and_logged():
-  table = [buckets.Bucket(2, 8, 8, batch_size=4)]
+  table = [buckets_lib.Bucket(2, 8, 8, batch_size=4)]
   examples = [bucketed.Example(f'/x/{i}.mp4', f'caption {i}', 0, end=1.0) for i in range(6)]
 
   def load(example, bucket, rng):
@@ -172,7 +174,6 @@ def test_decode_failures_are_replaced_counted_and_logged():
 
 
 def test_training_on_a_manifest_counts_skips(media, tmp_path):
-  from sora_jax import train  # pylint: disable=g-import-not-at-top
   _, manifest, _, _ = media
   c = _config(manifest, max_skip_fraction=0.8)
   c.data.buckets = ((4, 16, 24), (4, 24, 16))  # two compiled shapes; images and squares skipped

@@ -9,13 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import bucketed_config
-from data_pipelines import bucketed, pipeline, prepare, records
-from sora_jax import frozen, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import media_fixtures as mf  # noqa: E402
+
+from data_pipelines import bucketed, pipeline, prepare, records
+from sora_jax import prepare as cli_prepare
+from sora_jax import train
+from sora_jax.inference import frozen as frozen_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 WAN_VAE = os.path.join(FIXTURES, 'wan_vae_tiny')  # 4x temporal, 8x spatial, 4 latent channels
@@ -53,15 +55,15 @@ def folders(media, tmp_path_factory):
   """(pixels folder, cached folder, index of the cached one)."""
   pixels = str(tmp_path_factory.mktemp('pixels'))
   cached = str(tmp_path_factory.mktemp('cached'))
-  prepare.prepare(_config(), media, pixels, shard_size=SHARD_SIZE)
-  index = prepare.prepare(_config(), media, cached, shard_size=SHARD_SIZE, num_processes=2,
+  cli_prepare.prepare(_config(), media, pixels, shard_size=SHARD_SIZE)
+  index = cli_prepare.prepare(_config(), media, cached, shard_size=SHARD_SIZE, num_processes=2,
                           cache_latents=True, cache_text=True, encode_batch_size=2)
   return pixels, cached, index
 
 
 @pytest.fixture(scope='module')
 def encoders():
-  return frozen.Frozen(_config())
+  return frozen_lib.Frozen(_config())
 
 
 def _records(folder):
@@ -129,7 +131,7 @@ def test_text_only_float32_cache(media, tmp_path, encoders):
   """Pixels stay, captions cached in float32: equal up to float32 rounding (batch of 4 vs 1)."""
   c = _config()
   c.data.buckets = TABLE[:1]
-  index = prepare.prepare(c, media, str(tmp_path), shard_size=SHARD_SIZE, cache_text=True,
+  index = cli_prepare.prepare(c, media, str(tmp_path), shard_size=SHARD_SIZE, cache_text=True,
                           cache_dtype='float32', encode_batch_size=4)
   assert set(index['cached']) == {'text'} and index['cached']['text']['dtype'] == 'float32'
   record = _records(str(tmp_path))[0]
@@ -231,21 +233,21 @@ def test_prepare_rejects_bad_cache_requests(media, tmp_path):
   c = _config()
   c.text.encoder = 'bytes'
   with pytest.raises(ValueError, match=r"--cache_text needs config\.text\.encoder='umt5'"):
-    prepare.prepare(c, media, str(tmp_path), cache_text=True)
+    cli_prepare.prepare(c, media, str(tmp_path), cache_text=True)
   c = _config()
   c.autoencoder = ''
   with pytest.raises(ValueError, match=r'--cache_latents needs config\.autoencoder'):
-    prepare.prepare(c, media, str(tmp_path), cache_latents=True)
+    cli_prepare.prepare(c, media, str(tmp_path), cache_latents=True)
   c = _config()
   c.data.buckets = ((4, 32, 32),)
   with pytest.raises(ValueError, match=r'config\.data\.buckets: clip \(4, 32, 32\) does not fit'):
-    prepare.prepare(c, media, str(tmp_path), cache_latents=True)
+    cli_prepare.prepare(c, media, str(tmp_path), cache_latents=True)
   with pytest.raises(ValueError, match='cache dtype'):
-    prepare.prepare(_config(), media, str(tmp_path), cache_latents=True, cache_dtype='bfloat16')
+    cli_prepare.prepare(_config(), media, str(tmp_path), cache_latents=True, cache_dtype='bfloat16')
   # A pixel folder is not silently turned into a cached one (nor the reverse).
-  prepare.prepare(_config(), media, str(tmp_path), shard_size=100)
+  cli_prepare.prepare(_config(), media, str(tmp_path), shard_size=100)
   with pytest.raises(ValueError, match=r'different manifest or config.*cached'):
-    prepare.prepare(_config(), media, str(tmp_path), shard_size=100, cache_text=True)
+    cli_prepare.prepare(_config(), media, str(tmp_path), shard_size=100, cache_text=True)
 
 
 def test_train_from_cached_shards(folders, tmp_path, monkeypatch):
@@ -253,7 +255,7 @@ def test_train_from_cached_shards(folders, tmp_path, monkeypatch):
 
   def no_vae_encoding(*args):
     raise AssertionError('the train loop ran the VAE encoder on cached latents')
-  monkeypatch.setattr(frozen.Frozen, '_encode_video_impl', no_vae_encoding)
+  monkeypatch.setattr(frozen_lib.Frozen, '_encode_video_impl', no_vae_encoding)
   c = _config(prepared=cached)
   c.total_steps, c.checkpoint_every_steps, c.optim.warmup_steps = 2, 2, 1
   c.num_train_samples, c.sample.num_steps = 1, 2

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax import conditioning, config_lib, models, sampling, sharding
-from sora_jax.diffusion import flow
+from sora_jax.common import tokenizers, video_io
+from sora_jax.config import geometry, schema, validation
+from sora_jax.diffusion import flow, given_frames
+from sora_jax.evaluation import conditioned as conditioned_eval
+from sora_jax.evaluation import adherence
+from sora_jax.inference import frame_inputs
+from sora_jax.inference import frozen as frozen_lib
+from sora_jax.inference import sampling
+from sora_jax.parallel import sharding
+from sora_jax.training import factory
+from sora_jax.training import state as state_lib
+from sora_jax.training import update
 
 
 def cond_config():
@@ -23,7 +33,7 @@ def cond_config():
 @pytest.fixture(scope='module')
 def model_and_mesh():
   c = cond_config()
-  model = models.build(c, nnx.Rngs(0))
+  model = factory.build(c, nnx.Rngs(0))
   # Random (non-zero) head so the outputs depend on the inputs.
   graphdef, params = nnx.split(model)
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
@@ -34,7 +44,7 @@ def model_and_mesh():
 
 
 def test_pattern_masks():
-  m = lambda p, k: conditioning.pattern_mask(p, k, 6, 2).astype(int).tolist()
+  m = lambda p, k: given_frames.pattern_mask(p, k, 6, 2).astype(int).tolist()
   assert m('none', 1) == [0] * 6
   assert m('first', 2) == [1, 1, 0, 0, 0, 0]
   assert m('first_k', 2) == [1, 1, 1, 1, 0, 0]
@@ -44,10 +54,10 @@ def test_pattern_masks():
 
 def test_sample_given_patterns_align_with_patches():
   c = cond_config()
-  given, image = conditioning.sample_given(jax.random.PRNGKey(0), c, 256, 6)
+  given, image = given_frames.sample_given(jax.random.PRNGKey(0), c, 256, 6)
   given, image = np.asarray(given), np.asarray(image)
   assert given.shape == (256, 6) and image.shape == (256,)
-  conditioning.check_mask(given, 2)
+  given_frames.check_mask(given, 2)
   patches = given[:, ::2]
   assert (patches.sum(1) < 3).all()  # one patch always left to generate
   seen = {tuple(r) for r in patches.astype(int).tolist()}
@@ -55,42 +65,41 @@ def test_sample_given_patterns_align_with_patches():
   # 'first' clips are flagged as images (only they, and all of them give exactly the first patch).
   assert image.any() and (patches[image] == [1, 0, 0]).all()
   # max_frames counts temporal patches; image clips (1 patch) get nothing given.
-  given, image = conditioning.sample_given(jax.random.PRNGKey(0), c, 64, 2)
+  given, image = given_frames.sample_given(jax.random.PRNGKey(0), c, 64, 2)
   assert np.asarray(given).sum() == 0 and not np.asarray(image).any()
 
 
 def test_image_pattern_repeats_the_first_frame():
   x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 2, 2, 3))
-  out = np.asarray(conditioning.as_image(x0, jnp.asarray([True, False]), 2))
+  out = np.asarray(given_frames.as_image(x0, jnp.asarray([True, False]), 2))
   np.testing.assert_array_equal(out[0, 1], np.asarray(x0)[0, 0])  # the patch shows frame 0 twice
   np.testing.assert_array_equal(out[0, 2:], np.asarray(x0)[0, 2:])
   np.testing.assert_array_equal(out[1], np.asarray(x0)[1])
-  np.testing.assert_array_equal(conditioning.as_image(x0, jnp.asarray([True, True]), 1), x0)
+  np.testing.assert_array_equal(given_frames.as_image(x0, jnp.asarray([True, True]), 1), x0)
 
 
 def test_loss_ignores_given_frames():
   x0, noise, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 4, 2, 2, 3)) for i in range(3))
   given = jnp.asarray([[1, 1, 0, 0], [0, 0, 0, 0]], jnp.float32)
-  grad = jax.grad(lambda v: conditioning.masked_loss(v, x0, noise, None, given).sum())(v)
+  grad = jax.grad(lambda v: given_frames.masked_loss(v, x0, noise, None, given).sum())(v)
   assert float(jnp.abs(grad[0, :2]).max()) == 0.0 and float(jnp.abs(grad[0, 2:]).min()) > 0
   # Nothing given: the plain flow loss.
-  np.testing.assert_allclose(conditioning.masked_loss(v, x0, noise, None, given)[1],
+  np.testing.assert_allclose(given_frames.masked_loss(v, x0, noise, None, given)[1],
                              flow.loss(v, x0, noise)[1], rtol=1e-6)
   err = np.square(np.asarray(v - (noise - x0)))[0, 2:].mean()
-  np.testing.assert_allclose(conditioning.masked_loss(v, x0, noise, None, given)[0], err, rtol=1e-5)
+  np.testing.assert_allclose(given_frames.masked_loss(v, x0, noise, None, given)[0], err, rtol=1e-5)
 
 
 def test_unconditioned_model_has_no_mask_channel():
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  plain = models.build(tiny_config(), nnx.Rngs(0))
-  cond = models.build(cond_config(), nnx.Rngs(0))
+  plain = factory.build(tiny_config(), nnx.Rngs(0))
+  cond = factory.build(cond_config(), nnx.Rngs(0))
   assert not plain.dit.condition_channel and cond.dit.condition_channel
   assert cond.dit.patch_embed.kernel.shape[0] == plain.dit.patch_embed.kernel.shape[0] * 4 // 3
 
 
 @pytest.mark.parametrize('context_noise', [0.0, 0.1])
 def test_train_step_runs_with_conditioning(context_noise):
-  from sora_jax import state as state_lib, train  # pylint: disable=g-import-not-at-top
   c = cond_config()
   c.batch_size = 2
   c.condition.context_noise = context_noise
@@ -98,9 +107,8 @@ def test_train_step_runs_with_conditioning(context_noise):
                             devices=jax.devices()[:1])
   graphdef, state, _ = state_lib.init(c, mesh)
   tx, schedule = state_lib.make_optimizer(c)
-  step = jax.jit(train.make_train_step(graphdef, c, tx, schedule))
-  from sora_jax.models import text  # pylint: disable=g-import-not-at-top
-  tokens, mask = text.tokenize(['a red circle', 'a blue square'], c.text.max_length)
+  step = jax.jit(update.make_train_step(graphdef, c, tx, schedule))
+  tokens, mask = tokenizers.tokenize(['a red circle', 'a blue square'], c.text.max_length)
   batch = {'video': jax.random.normal(jax.random.PRNGKey(0), (2, 6, 16, 16, 3)),
            'tokens': jnp.asarray(tokens), 'mask': jnp.asarray(mask)}
   _, m = step(state, batch)
@@ -108,8 +116,7 @@ def test_train_step_runs_with_conditioning(context_noise):
 
 
 def _inputs(c, n=2):
-  from sora_jax.models import text  # pylint: disable=g-import-not-at-top
-  tokens, mask = text.tokenize(['a red circle moving left'] * n, c.text.max_length)
+  tokens, mask = tokenizers.tokenize(['a red circle moving left'] * n, c.text.max_length)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(n))
   return jnp.asarray(tokens), jnp.asarray(mask), keys
 
@@ -118,8 +125,8 @@ def test_given_frames_are_reproduced_exactly(model_and_mesh):
   c, graphdef, params, _ = model_and_mesh
   generate = sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=2.0, sampler='dpm++2m')
   video = jax.random.uniform(jax.random.PRNGKey(5), (2, 6, 16, 16, 3), minval=-1, maxval=1)
-  given = jnp.asarray([conditioning.pattern_mask('first_k', 1, 6, 2),
-                       conditioning.pattern_mask('last_k', 2, 6, 2)])
+  given = jnp.asarray([given_frames.pattern_mask('first_k', 1, 6, 2),
+                       given_frames.pattern_mask('last_k', 2, 6, 2)])
   out = np.asarray(generate(params, *_inputs(c), video, given))
   assert out.shape == (2, 6, 16, 16, 3)
   np.testing.assert_array_equal(out[0, :2], np.asarray(video)[0, :2])
@@ -130,7 +137,7 @@ def test_given_frames_are_reproduced_exactly(model_and_mesh):
 def test_context_noise_changes_generation_but_keeps_given_frames(model_and_mesh):
   c, graphdef, params, _ = model_and_mesh
   video = jax.random.uniform(jax.random.PRNGKey(5), (1, 6, 16, 16, 3), minval=-1, maxval=1)
-  given = jnp.asarray([conditioning.pattern_mask('first_k', 1, 6, 2)])
+  given = jnp.asarray([given_frames.pattern_mask('first_k', 1, 6, 2)])
   outs = []
   for level in (0.0, 0.3):
     c2 = c.copy_and_resolve_references()
@@ -157,7 +164,7 @@ def test_sdedit_near_zero_strength_returns_input(model_and_mesh):
 def test_unconditioned_model_rejects_given_frames():
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   c = tiny_config()
-  graphdef, params = nnx.split(models.build(c, nnx.Rngs(0)))
+  graphdef, params = nnx.split(factory.build(c, nnx.Rngs(0)))
   generate = sampling.make_generate(graphdef, c, num_steps=1, guidance_scale=1.0)
   video = jnp.zeros((2, 4, 16, 16, 3))
   with pytest.raises(ValueError, match='trained without'):
@@ -200,48 +207,46 @@ def test_config_validation(change, message):
   for k, v in change.items():
     c.condition[k] = v
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
-    config_lib.validate(c, 1)
+    validation.validate(c, 1)
 
 
 def test_default_config_is_unconditioned():
-  c = config_lib.base_config()
-  assert not conditioning.enabled(c)
-  config_lib.validate(c, 1)
+  c = schema.base_config()
+  assert not geometry.conditioning_enabled(c)
+  validation.validate(c, 1)
 
 
 def test_cli_inputs(tmp_path):
-  from sora_jax import video_io  # pylint: disable=g-import-not-at-top
   c = cond_config()
   clip = np.zeros((3, 20, 24, 3), np.uint8)
   clip[:, :, :, 1] = 255  # green
   path = str(tmp_path / 'clip.mp4')
   video_io.write_mp4(path, clip)
-  video, given_pix, given = conditioning.cli_inputs(c, image=path)
+  video, given_pix, given = frame_inputs.cli_inputs(c, image=path)
   assert video.shape == (6, 16, 16, 3) and given.tolist() == [1, 1, 0, 0, 0, 0]
   assert video[0, 8, 8, 1] > 0.9 and video[2].max() == 0  # resized, first temporal patch only
-  _, _, given = conditioning.cli_inputs(c, video=path, extend='backward', overlap=2)
+  _, _, given = frame_inputs.cli_inputs(c, video=path, extend='backward', overlap=2)
   assert given.tolist() == [0, 0, 0, 0, 1, 1]
-  _, _, given = conditioning.cli_inputs(c, image=path, end_image=path)
+  _, _, given = frame_inputs.cli_inputs(c, image=path, end_image=path)
   assert given.tolist() == [1, 1, 0, 0, 1, 1]
   with pytest.raises(ValueError, match='shorter than the overlap'):
-    conditioning.cli_inputs(c, video=path, extend='forward', overlap=4)
+    frame_inputs.cli_inputs(c, video=path, extend='forward', overlap=4)
   bad = tmp_path / 'bad.png'
   bad.write_text('not an image')
   with pytest.raises(ValueError, match='Cannot read'):
-    conditioning.cli_inputs(c, image=str(bad))
+    frame_inputs.cli_inputs(c, image=str(bad))
   with pytest.raises(ValueError, match='--extend needs --video'):
-    conditioning.cli_inputs(c, extend='forward')
+    frame_inputs.cli_inputs(c, extend='forward')
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='trained without conditioning'):
-    conditioning.cli_inputs(tiny_config(), image=path)
+    frame_inputs.cli_inputs(tiny_config(), image=path)
   # SDEdit needs no conditioning training, but a clip of the full length.
   with pytest.raises(ValueError, match='has 3 frames'):
-    conditioning.cli_inputs(tiny_config(), video=path, edit_strength=0.5)
+    frame_inputs.cli_inputs(tiny_config(), video=path, edit_strength=0.5)
 
 
 def test_continuity_detects_a_jump_at_the_boundary():
   from data_pipelines import shapes  # pylint: disable=g-import-not-at-top
-  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
   clip = shapes.render_clip('red', 'square', 'right', num_frames=12, height=32, width=32,
                             rng=np.random.default_rng(0))
   jump_px = 2 * conditioned_eval.max_data_step(clip[None])
@@ -261,7 +266,6 @@ def test_continuity_detects_a_jump_at_the_boundary():
 
 def test_exits_as_prompted():
   from data_pipelines import shapes  # pylint: disable=g-import-not-at-top
-  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
   clip = shapes.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32,
                             rng=np.random.default_rng(0))
   assert not conditioned_eval.exits_as_prompted(clip, 'left')  # stays whole in frame
@@ -278,15 +282,12 @@ def test_exits_as_prompted():
 
 
 def test_window_spans():
-  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
   c = cond_config()
   c.data.num_frames = 12
   assert conditioned_eval.window_spans(c, 3, 4) == [(0, 12), (8, 20), (16, 28)]
 
 
 def test_conditioned_protocols_run_and_judge(model_and_mesh, tmp_path):
-  from sora_jax import conditioned_eval  # pylint: disable=g-import-not-at-top
-  from sora_jax import frozen as frozen_lib  # pylint: disable=g-import-not-at-top
   c, graphdef, params, mesh = model_and_mesh
   frozen = frozen_lib.Frozen(c)
   generate = sampling.make_generate(graphdef, c, frozen=frozen, num_steps=2, guidance_scale=2.0)
@@ -309,5 +310,4 @@ def test_conditioned_protocols_run_and_judge(model_and_mesh, tmp_path):
 
 
 def conditioning_prompts(split, c):
-  from sora_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  return evaluate_lib.adherence_prompts(split, c.eval.samples_per_prompt)
+  return adherence.adherence_prompts(split, c.eval.samples_per_prompt)

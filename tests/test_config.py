@@ -3,13 +3,13 @@ import sys
 
 import pytest
 
-from sora_jax import config_lib
+from sora_jax.config import validation
 
 
 def test_demo_config_is_valid():
   sys.path.insert(0, 'configs')
   import demo  # pylint: disable=g-import-not-at-top
-  assert config_lib.validate(demo.get_config(), 1) == dict(data=1, fsdp=1, tensor=1, context=1)
+  assert validation.validate(demo.get_config(), 1) == dict(data=1, fsdp=1, tensor=1, context=1)
 
 
 @pytest.mark.parametrize('mesh,devices,expected', [
@@ -19,7 +19,7 @@ def test_demo_config_is_valid():
 ])
 def test_mesh_resolution(config, mesh, devices, expected):
   config.mesh.update(mesh)
-  assert config_lib.validate(config, devices) == expected
+  assert validation.validate(config, devices) == expected
 
 
 @pytest.mark.parametrize('edit,devices,message', [
@@ -46,7 +46,7 @@ def test_mesh_resolution(config, mesh, devices, expected):
 def test_invalid_configs_name_the_key(config, edit, devices, message):
   edit(config)
   with pytest.raises(ValueError, match=message.replace('.', r'\.').replace('(', r'\(')):
-    config_lib.validate(config, devices)
+    validation.validate(config, devices)
 
 
 def _train_cli(*overrides, tmp_path):

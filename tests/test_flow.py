@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sora_jax.config import geometry
 from sora_jax.diffusion import flow
 
 
@@ -30,9 +31,9 @@ def test_logit_normal_timesteps_and_shift():
 
 
 def test_resolution_dependent_shift():
-  assert flow.shift_for_tokens(384, 1.0, 384) == 1.0
-  assert flow.shift_for_tokens(4 * 384, 1.0, 384) == pytest.approx(2.0)
-  assert flow.shift_for_tokens(4 * 384, 3.0, 384) == pytest.approx(6.0)
+  assert geometry.shift_for_tokens(384, 1.0, 384) == 1.0
+  assert geometry.shift_for_tokens(4 * 384, 1.0, 384) == pytest.approx(2.0)
+  assert geometry.shift_for_tokens(4 * 384, 3.0, 384) == pytest.approx(6.0)
 
 
 def test_sampling_schedule():

@@ -14,8 +14,16 @@ import pytest
 from flax import nnx
 
 from data_pipelines import pipeline
-from sora_jax import config_lib, evaluate, frozen, restore, sampling, sharding, train, video_io
-from sora_jax import state as state_lib
+from sora_jax import train
+from sora_jax.common import video_io
+from sora_jax.config import geometry, validation
+from sora_jax.evaluation import suite
+from sora_jax.inference import frame_inputs
+from sora_jax.inference import frozen as frozen_lib
+from sora_jax.inference import restore, sampling
+from sora_jax.parallel import sharding
+from sora_jax.training import factory
+from sora_jax.training import state as state_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 
@@ -50,7 +58,7 @@ def test_vae_trains_with_the_train_loop(vae_run):
   with open(os.path.join(workdir, 'samples', 'step_4', 'samples.json')) as f:
     path = json.load(f)['samples'][0]['path']
   assert video_io.read_video(path).shape == (5, 32, 16, 3)
-  result = evaluate.evaluate(workdir, os.path.join(workdir, 'eval.json'))
+  result = suite.evaluate(workdir, os.path.join(workdir, 'eval.json'))
   for split in ('seen', 'held_out'):
     rec = result[split]['reconstruction']
     assert rec['num_videos'] == config.eval.num_videos and 0 < rec['psnr_db'] < 100
@@ -69,7 +77,7 @@ def latent_dit_config(vae_dir):
 def test_latent_dit_trains_and_samples(vae_run, tmp_path):
   _, vae_dir = vae_run
   config = latent_dit_config(vae_dir)
-  assert config_lib.model_clip_shape(config) == (3, 8, 8)
+  assert geometry.model_clip_shape(config) == (3, 8, 8)
   workdir = str(tmp_path / 'dit')
   train.train(config, workdir)
   assert os.path.exists(os.path.join(vae_dir, 'latent_stats.json'))
@@ -77,7 +85,7 @@ def test_latent_dit_trains_and_samples(vae_run, tmp_path):
     path = json.load(f)['samples'][0]['path']
   assert video_io.read_video(path).shape == (5, 16, 16, 3)  # decoded back to pixels
   # Latents the model trains on are normalised per channel.
-  f = frozen.Frozen(config)
+  f = frozen_lib.Frozen(config)
   clips = pipeline.eval_batches(config, 'train', 8, 8)[0]['video']
   z = np.asarray(f.encode_batch({'video': jnp.asarray(clips)})['video'])
   assert z.shape == (8, 3, 8, 8, 4)
@@ -91,13 +99,13 @@ def test_autoencoder_config_errors(vae_run):
   config.autoencoder = vae_dir
   config.data.num_frames = 4  # 2x temporal causal VAE needs 1 + 2k frames
   with pytest.raises(ValueError, match=r'config\.data\.num_frames'):
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)
   config.data.num_frames, config.model.patch_size = 5, (2, 2, 2)  # 3 latent frames
   with pytest.raises(ValueError, match='latent clip'):
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)
   config.autoencoder = os.path.join(FIXTURES, 'umt5_tiny')
   with pytest.raises(ValueError, match='temperal_downsample'):
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)
 
 
 def wan_pipeline(root):
@@ -151,9 +159,8 @@ def test_wan_config_is_the_released_architecture(tmp_path):
   (tmp_path / 'vae').mkdir()
   (tmp_path / 'vae' / 'config.json').write_text(json.dumps(vae_cfg))
   config.text.path, config.autoencoder = str(tmp_path), str(tmp_path / 'vae')
-  assert config_lib.model_clip_shape(config) == (21, 60, 104)
-  from sora_jax import models  # pylint: disable=g-import-not-at-top
-  abstract = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+  assert geometry.model_clip_shape(config) == (21, 60, 104)
+  abstract = nnx.eval_shape(lambda: factory.build(config, nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert count == 1_418_996_800, count  # diffusers' Wan2.1-T2V-1.3B transformer
 
@@ -162,11 +169,12 @@ def test_wan_config_is_the_released_architecture(tmp_path):
 def test_wan_pipeline_finetunes_and_samples(tmp_path):
   path = wan_pipeline(tmp_path / 'Wan-tiny')
   config = wan_config(path)
-  mesh = sharding.make_mesh(config_lib.validate(config, 8))
+  mesh = sharding.make_mesh(validation.validate(config, 8))
   # init_from: the state's transformer is the checkpoint's, bit for bit in what it computes.
   graphdef, state, state_sh = state_lib.init(config, mesh)
   state = state_lib.init_from(config, state, state_sh)
-  from sora_jax.interop import wan_transformer  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop import \
+      wan_transformer  # pylint: disable=g-import-not-at-top
   reference = wan_transformer.load_wan_transformer(path)
   rng = np.random.default_rng(0)
   latents = rng.standard_normal((2, 2, 4, 4, 4)).astype(np.float32)
@@ -189,7 +197,6 @@ def test_wan_pipeline_finetunes_and_samples(tmp_path):
 
 def test_conditioning_through_the_autoencoder(vae_run, tmp_path):
   """Image-to-video and sliding windows in latent space: the image is a one-latent-frame condition."""
-  from sora_jax import conditioning  # pylint: disable=g-import-not-at-top
   _, vae_dir = vae_run
   config = latent_dit_config(vae_dir)
   config.condition.mix = (('none', 0.5), ('first', 0.25), ('first_k', 0.25))
@@ -200,10 +207,10 @@ def test_conditioning_through_the_autoencoder(vae_run, tmp_path):
   image[4:12, 4:12, 0] = 255
   video_io.write_mp4(str(tmp_path / 'first.mp4'), image[None])
   # The given latent frame comes out exactly as encoded.
-  clip, given_pix, given = conditioning.cli_inputs(config, image=str(tmp_path / 'first.mp4'))
+  clip, given_pix, given = frame_inputs.cli_inputs(config, image=str(tmp_path / 'first.mp4'))
   assert given.tolist() == [1, 0, 0] and given_pix.tolist() == [1, 0, 0, 0, 0]
   config, mesh, graphdef, params, _ = restore.load(workdir)
-  f = frozen.Frozen(config)
+  f = frozen_lib.Frozen(config)
   latents = np.asarray(f.encode(jnp.asarray(clip[None])))
   generate = sampling.make_generate(graphdef, config, frozen=f, num_steps=2, guidance_scale=2.0)
   with jax.set_mesh(mesh):

@@ -3,15 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import models
-from sora_jax.models import dit, rope, text
+from sora_jax.common import spacetime, tokenizers
+from sora_jax.models import rope, text
+from sora_jax.training import factory
 
 
 def test_patchify_round_trip():
   video = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 12, 3))
-  tokens, grid = dit.patchify(video, (2, 4, 4))
+  tokens, grid = spacetime.patchify(video, (2, 4, 4))
   assert grid == (3, 2, 3) and tokens.shape == (2, 18, 2 * 4 * 4 * 3)
-  np.testing.assert_array_equal(dit.unpatchify(tokens, grid, (2, 4, 4), 3), video)
+  np.testing.assert_array_equal(spacetime.unpatchify(tokens, grid, (2, 4, 4), 3), video)
   # token 0 holds exactly the first 2x4x4 spacetime block
   np.testing.assert_array_equal(tokens[0, 0], video[0, :2, :4, :4].reshape(-1))
 
@@ -39,11 +40,11 @@ def test_rope_preserves_norm_and_is_relative():
 def _model(config, **overrides):
   for k, v in overrides.items():
     config.model[k] = v
-  return models.build(config, nnx.Rngs(0))
+  return factory.build(config, nnx.Rngs(0))
 
 
 def _inputs(config, b=2, frames=None, size=None):
-  tokens, mask = text.tokenize(['a red circle moving left', ''][:b], config.text.max_length)
+  tokens, mask = tokenizers.tokenize(['a red circle moving left', ''][:b], config.text.max_length)
   shape = (b, frames or config.data.num_frames, size or config.data.height,
            size or config.data.width, 3)
   return jax.random.normal(jax.random.PRNGKey(2), shape), jnp.array([0.2, 0.9][:b]), tokens, mask
@@ -70,7 +71,7 @@ def test_adaln_zero_starts_at_zero_and_text_conditions(config):
   x, t, tokens, mask = _inputs(config)
   assert float(jnp.abs(_model(config)(x, t, tokens, mask)).max()) == 0.0
   model = _perturb(_model(config))
-  other, other_mask = text.tokenize(['a blue square moving up'] * 2, config.text.max_length)
+  other, other_mask = tokenizers.tokenize(['a blue square moving up'] * 2, config.text.max_length)
   diff = jnp.abs(model(x, t, tokens, mask) - model(x, t, other, other_mask)).max()
   assert float(diff) > 1e-3
 
@@ -92,15 +93,15 @@ def test_bfloat16_compute_keeps_float32_params(config):
 
 
 def test_tokenizer():
-  tokens, mask = text.tokenize(['ab', ''], 6)
-  np.testing.assert_array_equal(tokens[0], [text.BOS, 97 + 3, 98 + 3, text.EOS, 0, 0])
+  tokens, mask = tokenizers.tokenize(['ab', ''], 6)
+  np.testing.assert_array_equal(tokens[0], [tokenizers.BOS, 97 + 3, 98 + 3, tokenizers.EOS, 0, 0])
   np.testing.assert_array_equal(mask[1], [True, True, False, False, False, False])
-  long, _ = text.tokenize(['x' * 100], 6)
-  assert long[0, -1] == text.EOS
+  long, _ = tokenizers.tokenize(['x' * 100], 6)
+  assert long[0, -1] == tokenizers.EOS
 
 
 def test_word_hashes_name_whole_words():
-  tokens, _ = text.tokenize(['a red circle moving left', 'the  red  square', 'redd re'], 32)
+  tokens, _ = tokenizers.tokenize(['a red circle moving left', 'the  red  square', 'redd re'], 32)
   words = np.asarray(text.word_hashes(tokens, 1 << 20))
   # Every byte of a word carries that word's bucket; spaces, BOS/EOS and padding carry -1.
   row = words[0]

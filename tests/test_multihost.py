@@ -18,10 +18,11 @@ import time
 import numpy as np
 import pytest
 
-from sora_jax import distributed
-
 sys.path.insert(0, os.path.dirname(__file__))
 import media_fixtures as mf  # noqa: E402
+
+from data_pipelines import pipeline
+from sora_jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, 'launch', 'local.sh')
@@ -111,6 +112,7 @@ def child_pid(launcher, process_id):
 
 # ------------------------------------------------------------------------------------------ fast --
 
+
 def test_local_sh_stops_the_others_when_one_fails(tmp_path):
   script = ('import os, sys, time\n'
             'i = int(os.environ["JAX_PROCESS_ID"])\n'
@@ -152,7 +154,6 @@ def test_initialize_reads_flags_env_and_clusters(monkeypatch):
 
 def test_seek_rederives_the_data_position_for_any_process_count():
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   for index, count in ((0, 1), (1, 2)):
     read = pipeline.train_iterator(config, process_index=index, process_count=count)
@@ -169,6 +170,7 @@ def test_seek_rederives_the_data_position_for_any_process_count():
 
 
 # ------------------------------------------------------------------------------------------ slow --
+
 
 @pytest.mark.slow
 def test_preempted_two_process_run_resumes_on_one_process_bit_exact(manifest, env, tmp_path):
@@ -244,7 +246,6 @@ def test_shapes_stream_gives_the_same_global_batches_on_any_process_count():
   """Each process reads the contiguous block of rows its devices hold, so the global batches of the
   built-in data do not depend on how many processes read them."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   one = pipeline.train_iterator(config)
   two = [pipeline.train_iterator(config, process_index=p, process_count=2) for p in (0, 1)]

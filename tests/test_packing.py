@@ -11,9 +11,14 @@ import pytest
 from flax import nnx
 
 from data_pipelines import packing, pipeline
-from sora_jax import config_lib, models, sampling, sharding, state as state_lib, train
+from sora_jax.common import spacetime, tokenizers
+from sora_jax.config import geometry, validation
 from sora_jax.diffusion import flow
-from sora_jax.models import dit, rope, text
+from sora_jax.models import rope
+from sora_jax.parallel import sharding
+from sora_jax.training import factory
+from sora_jax.training import state as state_lib
+from sora_jax.training import update
 
 PATCH = (2, 4, 4)
 CAPTIONS = ['a red circle moving left', 'a blue square moving up', 'a green triangle', 'white']
@@ -33,7 +38,7 @@ def _perturb(params):
 
 
 def _perturbed(config):
-  graphdef, params = nnx.split(models.build(config, nnx.Rngs(0)), nnx.Param)
+  graphdef, params = nnx.split(factory.build(config, nnx.Rngs(0)), nnx.Param)
   return graphdef, _perturb(params)
 
 
@@ -45,10 +50,11 @@ def _fns(graphdef):
 
 # ------------------------------------------------------------------------------- helpers --
 
+
 def test_pack_unpack_round_trip_and_first_fit():
   shapes = [(4, 16, 16), (2, 8, 8), (6, 8, 16), (2, 16, 8), (4, 8, 8), (2, 4, 4)]
   clips = _clips(shapes)  # tokens: 32, 4, 24, 8, 8, 1
-  tokens, mask = text.tokenize(CAPTIONS + ['x', 'y'], 40)
+  tokens, mask = tokenizers.tokenize(CAPTIONS + ['x', 'y'], 40)
   packed = packing.pack(clips, PATCH, seq_len=40, max_segments=3, tokens=tokens, mask=mask)
   # First fit, in order: [32, 4, +1 (3 slots full)], [24, 8, 8], and the 1-token clip went to row 0.
   np.testing.assert_array_equal(packed['clip_index'], [[0, 1, 5], [2, 3, 4]])
@@ -60,11 +66,11 @@ def test_pack_unpack_round_trip_and_first_fit():
   # Captions follow their clips; positions are each clip's own grid, in dit.patchify order.
   np.testing.assert_array_equal(packed['tokens'][1, 0], tokens[2])
   np.testing.assert_array_equal(packed['positions'][1, :24], rope.grid_positions((3, 2, 4)))
-  patches, _ = dit.patchify(clips[2][None], PATCH)
+  patches, _ = spacetime.patchify(clips[2][None], PATCH)
   np.testing.assert_array_equal(packed['patches'][1, :24], patches[0])
   # Empty slots hold the empty caption (never an all-False mask).
   sparse = packing.pack(clips[:1], PATCH, seq_len=40, max_segments=3, tokens=tokens, mask=mask)
-  null_tokens, _ = text.tokenize([''], 40)
+  null_tokens, _ = tokenizers.tokenize([''], 40)
   np.testing.assert_array_equal(sparse['tokens'][0, 1:], np.repeat(null_tokens, 2, 0))
   assert sparse['mask'].any(-1).all()
   with pytest.raises(ValueError, match='tokens > seq_len'):
@@ -85,8 +91,9 @@ def test_rope_explicit_positions_match_grid():
 
 # --------------------------------------------------------------------------------- model --
 
+
 def _packed_inputs(config, clips, captions, t):
-  tokens, mask = text.tokenize(captions, config.text.max_length)
+  tokens, mask = tokenizers.tokenize(captions, config.text.max_length)
   p = packing.pack(clips, PATCH, seq_len=64, max_segments=3, tokens=tokens, mask=mask)
   assert len(p['segment_ids']) == 1  # one sequence
   return p, jnp.asarray([t + [0.5] * (3 - len(t))])
@@ -99,8 +106,8 @@ def test_packed_clips_match_each_clip_alone(config, prediction):
   unpacked, packed = _fns(graphdef)
   a, b = _clips([(4, 16, 16), (2, 8, 24)], seed=1)  # 32 and 12 tokens, different grids
   t_a, t_b = 0.3, 0.8
-  tokens, mask = text.tokenize(CAPTIONS[:2], config.text.max_length)
-  alone = [dit.patchify(unpacked(params, clip[None], jnp.array([t]), tokens[i:i + 1],
+  tokens, mask = tokenizers.tokenize(CAPTIONS[:2], config.text.max_length)
+  alone = [spacetime.patchify(unpacked(params, clip[None], jnp.array([t]), tokens[i:i + 1],
                                  mask[i:i + 1]), PATCH)[0][0]
            for i, (clip, t) in enumerate(((a, t_a), (b, t_b)))]
   assert float(jnp.abs(alone[0]).max()) > 0.1  # a non-trivial output
@@ -124,7 +131,7 @@ def test_padding_and_empty_slots_change_nothing(config):
   other = dict(p)
   other['patches'] = np.where(pad[..., None], 7.0, p['patches']).astype(np.float32)
   other['positions'] = np.where(pad[..., None], 5, p['positions']).astype(np.int32)
-  other_tokens, other_mask = text.tokenize(['something else entirely'], config.text.max_length)
+  other_tokens, other_mask = tokenizers.tokenize(['something else entirely'], config.text.max_length)
   other['tokens'] = p['tokens'].copy()
   other['mask'] = p['mask'].copy()
   other['tokens'][0, 2], other['mask'][0, 2] = other_tokens[0], other_mask[0]  # the unused slot
@@ -135,10 +142,11 @@ def test_padding_and_empty_slots_change_nothing(config):
 
 # ---------------------------------------------------------------------------- train step --
 
+
 def _packed_batch(config):
   """Two sequences of 64 tokens: [32 + 12 + 8 tokens], [24 + 32 tokens] (one empty slot)."""
   clips = _clips([(4, 16, 16), (2, 8, 24), (2, 16, 8), (6, 8, 16), (4, 16, 16)], seed=3)
-  tokens, mask = text.tokenize(CAPTIONS + ['black'], config.text.max_length)
+  tokens, mask = tokenizers.tokenize(CAPTIONS + ['black'], config.text.max_length)
   p = packing.pack(clips, PATCH, seq_len=64, max_segments=3, tokens=tokens, mask=mask)
   np.testing.assert_array_equal(p['clip_index'], [[0, 1, 2], [3, 4, -1]])
   return p, clips, tokens, mask
@@ -148,13 +156,13 @@ def test_packed_train_step_loss_is_mean_token_loss_of_clips_alone(config):
   config.diffusion.prediction = 'x0'
   config.text.dropout_prob = 0.5
   config.seed = 2  # its dropout draw drops some of the segments, not all
-  mesh = sharding.make_mesh(config_lib.resolve_mesh_shape(config, 1), jax.devices()[:1])
+  mesh = sharding.make_mesh(geometry.resolve_mesh_shape(config, 1), jax.devices()[:1])
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, state, _ = state_lib.init(config, mesh)
   state['params'] = _perturb(state['params'])
   p, clips, tokens, mask = _packed_batch(config)
   batch = {k: p[k] for k in ('patches', 'positions', 'segment_ids', 'tokens', 'mask')}
-  step = jax.jit(train.make_train_step(graphdef, config, tx, schedule))
+  step = jax.jit(update.make_train_step(graphdef, config, tx, schedule))
   new_state, metrics = step(state, batch)
   assert np.isfinite(float(metrics['grad_norm'])) and float(metrics['grad_norm']) > 0
   assert int(new_state['step']) == 1
@@ -164,10 +172,10 @@ def test_packed_train_step_loss_is_mean_token_loss_of_clips_alone(config):
   drop = np.asarray(jax.random.bernoulli(drop_rng, 0.5, (2, 3, 1)))[..., 0]
   real_drops = [bool(drop[r, s]) for r in range(2) for s in range(3) if p['clip_index'][r, s] >= 0]
   assert any(real_drops) and not all(real_drops)  # both cases occur with this seed
-  null_tokens, null_mask = text.tokenize([''], config.text.max_length)
+  null_tokens, null_mask = tokenizers.tokenize([''], config.text.max_length)
   d = config.diffusion
   t = flow.sample_timesteps(t_rng, 2 * 3, logit_mean=d.logit_mean, logit_std=d.logit_std,
-                            shift=sampling.timestep_shift(config)).reshape(2, 3)
+                            shift=geometry.timestep_shift(config)).reshape(2, 3)
   noise = np.asarray(jax.random.normal(noise_rng, p['patches'].shape))
   unpacked, _ = _fns(graphdef)
   errors = []
@@ -177,18 +185,19 @@ def test_packed_train_step_loss_is_mean_token_loss_of_clips_alone(config):
         continue
       sel = p['segment_ids'][r] == s + 1
       grid = tuple(int(g) for g in p['positions'][r][sel].max(0) + 1)
-      clip_noise = dit.unpatchify(noise[r][sel][None], grid, PATCH, 3)
+      clip_noise = spacetime.unpatchify(noise[r][sel][None], grid, PATCH, 3)
       x_t = flow.interpolate(clips[i][None], clip_noise, t[r, s:s + 1])
       caption = (null_tokens, null_mask) if drop[r, s] else (tokens[i:i + 1], mask[i:i + 1])
       v = unpacked(state['params'], x_t, t[r, s:s + 1], *caption)
       err = jnp.square(v - flow.velocity_target(clips[i][None], clip_noise))
-      errors.append(dit.patchify(err, PATCH)[0][0].mean(-1))  # per token
+      errors.append(spacetime.patchify(err, PATCH)[0][0].mean(-1))  # per token
   expected = float(jnp.concatenate(errors).mean())
   assert len(jnp.concatenate(errors)) == int((p['segment_ids'] > 0).sum()) == 108
   np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ pipeline --
+
 
 class _ListSource:
   """Clips of mixed shapes with distinct captions: {'video', 'tokens', 'mask'} by index."""
@@ -204,7 +213,7 @@ class _ListSource:
   def __getitem__(self, i):
     rng = np.random.default_rng(i)
     video = rng.uniform(-1, 1, (*self.shapes[i % len(self.shapes)], 3)).astype(np.float32)
-    tokens, mask = text.tokenize([f'clip {i}'], self.max_length)
+    tokens, mask = tokenizers.tokenize([f'clip {i}'], self.max_length)
     return {'video': video, 'tokens': tokens[0], 'mask': mask[0]}
 
 
@@ -230,8 +239,8 @@ def test_pack_dataset_static_shapes_content_and_exact_resume():
     for r in range(4):
       row = {k: v[r:r + 1] for k, v in batch.items()}
       for s, clip in enumerate(packing.unpack(row, PATCH)):
-        caption = bytes(int(b) - text.BYTE_OFFSET for b in batch['tokens'][r, s, 1:]
-                        if b >= text.BYTE_OFFSET).decode()
+        caption = bytes(int(b) - tokenizers.BYTE_OFFSET for b in batch['tokens'][r, s, 1:]
+                        if b >= tokenizers.BYTE_OFFSET).decode()
         i = int(caption.split()[1])
         np.testing.assert_array_equal(clip, source[i]['video'])
         seen.append(i)
@@ -251,7 +260,7 @@ def test_packed_train_iterator_from_config(config):
   config.data.packing = True
   config.data.packing_length = 80  # two 4x16x16 clips (32 tokens each) per sequence
   config.batch_size = 4
-  config_lib.validate(config, 1)
+  validation.validate(config, 1)
   it = pipeline.train_iterator(config)
   first = [next(it) for _ in range(2)]
   state = it.get_state()
@@ -278,4 +287,4 @@ def test_packed_train_iterator_from_config(config):
 def test_invalid_packing_configs_name_the_key(config, edit, message):
   edit(config.data)
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)

@@ -6,12 +6,13 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import bucketed_config
-from data_pipelines import bucketed, buckets, pipeline, prepare, records, video_decode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import media_fixtures as mf  # noqa: E402
+
+from data_pipelines import bucketed, pipeline, prepare, records, video_decode
+from sora_jax.config import buckets as buckets_lib
 
 TABLE = ((4, 16, 16), (4, 16, 24), (4, 24, 16), (1, 16, 16))
 SHARD_SIZE = 3
@@ -66,7 +67,7 @@ def prepared(media, tmp_path_factory):
 def _expected_clips(manifest):
   """(example, clip) for every indexed example, decoded the way prepare promises: from the example's
   start, centre crop. Examples that do not decode get clip None."""
-  table = buckets.make(_config(), 1)
+  table = buckets_lib.make(_config(), 1)
   examples = bucketed.index_manifest(str(manifest), table, fps=8, skips=bucketed.SkipLog(1.0))
   out = []
   for e in examples:
@@ -157,7 +158,7 @@ def test_rerun_redoes_only_missing_shards(media, prepared):
 
 def test_other_manifest_or_config_is_refused_unless_overwrite(media, tmp_path):
   manifest, _ = media
-  stale = prepare.fingerprint(str(manifest), buckets.make(_config(fps=4), 1), 4, SHARD_SIZE)
+  stale = prepare.fingerprint(str(manifest), buckets_lib.make(_config(fps=4), 1), 4, SHARD_SIZE)
   (tmp_path / 'index.json').write_text(json.dumps({'fingerprint': stale}))
   (tmp_path / 'shard-00007.array_record').write_bytes(b'old')
   (tmp_path / 'notes.txt').write_text('not ours')

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax import sampling
-from sora_jax import frozen as frozen_lib
+from sora_jax.config import geometry
 from sora_jax.diffusion import flow, samplers
+from sora_jax.inference import frozen as frozen_lib
+from sora_jax.inference import sampling
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'samplers_io.npz')
 MU, S = 0.5, 0.3
@@ -218,7 +219,7 @@ def test_make_generate_negative_prompt_schedule_and_sampler(config):
   np.testing.assert_allclose(generate(sampler='dpm++2m', negative_prompt=negative),
                              noise - (c_neg + 4.0 * (c - c_neg)), atol=1e-5)
   # A scale schedule: Euler sums the scale at each step's start time.
-  ts = np.asarray(flow.sampling_schedule(3, sampling.timestep_shift(config)))
+  ts = np.asarray(flow.sampling_schedule(3, geometry.timestep_shift(config)))
   scale = 1.0 + 3.0 * ts[:-1]
   want = noise - np.sum((ts[:-1] - ts[1:]) * (c_null + scale * (c - c_null)))
   np.testing.assert_allclose(generate(guidance_schedule='linear'), want, atol=1e-5)

@@ -4,13 +4,16 @@ and the logged model FLOPs follow the transformer formula."""
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from sora_jax import config_lib, metrics, sharding, state as state_lib, train
+from sora_jax.config import validation
+from sora_jax.parallel import sharding
+from sora_jax.training import metrics
+from sora_jax.training import state as state_lib
+from sora_jax.training import update
 
 
 def _compiled_step(config):
-  mesh = sharding.make_mesh(config_lib.validate(config, 8))
+  mesh = sharding.make_mesh(validation.validate(config, 8))
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
   shapes = dict(video=(config.batch_size, config.data.num_frames, config.data.height,
@@ -19,7 +22,7 @@ def _compiled_step(config):
   dtypes = dict(video=np.float32, tokens=np.int32, mask=np.bool_)
   batch_sh = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(s, dtypes[k], sharding=batch_sh) for k, s in shapes.items()}
-  step = jax.jit(train.make_train_step(graphdef, config, tx, schedule),
+  step = jax.jit(update.make_train_step(graphdef, config, tx, schedule),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=(0,))
   with jax.set_mesh(mesh):
@@ -53,10 +56,10 @@ def test_compiled_step_keeps_state_sharded(config, axes):
 def test_model_flops_formula(config):
   config.batch_size = 8
   batch = {'video': np.zeros((8, 4, 16, 16, 3), np.float32)}
-  flops = train.model_flops(config, 1000, batch)
+  flops = metrics.model_flops(config, 1000, batch)
   tokens = (4 // 2) * (16 // 4) * (16 // 4)  # patch (2, 4, 4)
   assert flops == 6 * 1000 * tokens * 8 + 12 * config.model.depth * config.model.width * tokens**2 * 8
   config.model.family = 'vae'
-  assert train.model_flops(config, 1000, batch) == 0.0
+  assert metrics.model_flops(config, 1000, batch) == 0.0
   assert metrics.peak_tflops(override=123.0) == 123.0
   assert metrics.peak_tflops() is None  # CPU: unknown peak, so no MFU is logged

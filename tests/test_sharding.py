@@ -3,19 +3,21 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import pipeline
-from sora_jax import config_lib, sharding, state as state_lib, train
+from sora_jax.config import geometry
+from sora_jax.parallel import sharding
+from sora_jax.training import state as state_lib
+from sora_jax.training import update
 
 
 def one_step(config, devices):
-  mesh = sharding.make_mesh(config_lib.resolve_mesh_shape(config, len(devices)), devices)
+  mesh = sharding.make_mesh(geometry.resolve_mesh_shape(config, len(devices)), devices)
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, state, state_sh = state_lib.init(config, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  step = jax.jit(train.make_train_step(graphdef, config, tx, schedule),
+  step = jax.jit(update.make_train_step(graphdef, config, tx, schedule),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
   batch = jax.device_put(next(pipeline.train_iterator(config)), batch_sh)
   with jax.set_mesh(mesh):

@@ -10,7 +10,10 @@ import av
 import numpy as np
 import pytest
 
-from sora_jax import evaluate, train, video_io
+from sora_jax import train
+from sora_jax.common import video_io
+from sora_jax.evaluation import suite
+from sora_jax.inference import restore, sampling
 
 
 def read_metrics(workdir):
@@ -86,7 +89,6 @@ def test_sample_cli_writes_playable_h264(trained, tmp_path):
 
 
 def test_sampling_is_deterministic_per_prompt(trained):
-  from sora_jax import restore, sampling  # pylint: disable=g-import-not-at-top
   _, workdir = trained
   config, mesh, graphdef, params, _ = restore.load(workdir)
   generate = sampling.make_generate(graphdef, config, num_steps=2, guidance_scale=3.0)
@@ -105,7 +107,7 @@ def test_sampling_is_deterministic_per_prompt(trained):
 def test_evaluate_reports_loss_and_adherence(trained, tmp_path):
   _, workdir = trained
   output = str(tmp_path / 'eval.json')
-  result = evaluate.evaluate(workdir, output, num_steps=2)
+  result = suite.evaluate(workdir, output, num_steps=2)
   with open(output) as f:
     assert json.load(f) == json.loads(json.dumps(result))
   for split, n in (('seen', 17 * 4), ('held_out', 4 * 4)):

@@ -1,7 +1,6 @@
 """UMT5 / T5 encoder and tokenizer against transformers (fixtures: tests/fixtures/gen_umt5.py)."""
 
 import json
-import os
 import pathlib
 import shutil
 
@@ -11,6 +10,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from sora_jax.common import tokenizers
 from sora_jax.interop import umt5 as interop
 from sora_jax.models import umt5
 
@@ -43,8 +43,9 @@ def write_checkpoint(folder, tensors, config=None, src=UMT5_DIR):
 
 # ---------------------------------------------------------------------------------- tokenizer
 
+
 def test_tokenizer_matches_transformers(io):
-  tok = interop.load_umt5_tokenizer(UMT5_DIR)
+  tok = tokenizers.load_umt5_tokenizer(UMT5_DIR)
   ids, mask = tok.tokenize(list(io['captions']), int(io['max_length']))
   assert ids.dtype == np.int32 and mask.dtype == bool
   np.testing.assert_array_equal(ids, io['input_ids'])
@@ -60,21 +61,22 @@ def test_tokenizer_locations(tmp_path):
   (wan / 'tokenizer').mkdir(parents=True)
   (wan / 'text_encoder').mkdir()
   shutil.copy(UMT5_DIR / 'spiece.model', wan / 'tokenizer' / 'spiece.model')
-  reference = umt5.UMT5Tokenizer(UMT5_DIR / 'spiece.model').tokenize(['a red circle'], 8)
+  reference = tokenizers.UMT5Tokenizer(UMT5_DIR / 'spiece.model').tokenize(['a red circle'], 8)
   for path in (wan, wan / 'text_encoder', wan / 'tokenizer'):
-    np.testing.assert_array_equal(interop.load_umt5_tokenizer(path).tokenize(['a red circle'], 8),
+    np.testing.assert_array_equal(tokenizers.load_umt5_tokenizer(path).tokenize(['a red circle'], 8),
                                   reference)
   with pytest.raises(FileNotFoundError, match='spiece.model'):
-    interop.load_umt5_tokenizer(tmp_path / 'nowhere')
+    tokenizers.load_umt5_tokenizer(tmp_path / 'nowhere')
   with pytest.raises(ValueError, match='max_length'):
-    umt5.UMT5Tokenizer(UMT5_DIR).tokenize(['a'], 0)
+    tokenizers.UMT5Tokenizer(UMT5_DIR).tokenize(['a'], 0)
 
 
 def test_prompt_clean():
-  assert umt5.prompt_clean('  A &amp;amp; B\n\t moving   left ') == 'A & B moving left'
+  assert tokenizers.prompt_clean('  A &amp;amp; B\n\t moving   left ') == 'A & B moving left'
 
 
 # ---------------------------------------------------------------------------------- encoder
+
 
 @pytest.mark.parametrize('key,num_buckets,max_distance', [
     ('buckets_tiny', 8, 20), ('buckets_t5_tiny', 10, 12), ('buckets_32_128', 32, 128)])
@@ -144,6 +146,7 @@ def test_logical_axes():
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+
 
 def test_sharded_wan_layout_and_embed_tokens_name(io, encode, tmp_path):
   """Two shards + index under text_encoder/ (Wan diffusers), embedding saved under its tied name,

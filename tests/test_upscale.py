@@ -9,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sora_jax import config_lib, train, upscale, video_io
+from sora_jax import train
+from sora_jax.common import video_io
+from sora_jax.config import validation
+from sora_jax.diffusion import cascade
+from sora_jax.evaluation import suite
+from sora_jax.inference import upscale
 
 
 def up_config():
@@ -25,20 +30,20 @@ def up_config():
 def test_downsample_and_upsample():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 6, 3))
   up_nearest = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-  np.testing.assert_allclose(upscale.downsample(up_nearest, 2), x, rtol=1e-6, atol=1e-6)
-  assert upscale.upsample(x, 2).shape == (2, 3, 8, 12, 3)
-  np.testing.assert_allclose(upscale.upsample(jnp.full((1, 2, 3, 3), 0.5), 2), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(cascade.downsample(up_nearest, 2), x, rtol=1e-6, atol=1e-6)
+  assert cascade.upsample(x, 2).shape == (2, 3, 8, 12, 3)
+  np.testing.assert_allclose(cascade.upsample(jnp.full((1, 2, 3, 3), 0.5), 2), 0.5, rtol=1e-6)
   # Noise level 0 is the upsampled clip; 1 is the noise.
   noise = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 8, 12, 3))
   c = up_config()
-  cond, base = upscale.condition(x, c, 0.0, noise)
-  np.testing.assert_allclose(cond, upscale.upsample(x, 2))
-  np.testing.assert_allclose(base, upscale.upsample(x, 2))
-  cond, base = upscale.condition(x, c, jnp.asarray([1.0, 1.0]), noise)
+  cond, base = cascade.condition(x, c, 0.0, noise)
+  np.testing.assert_allclose(cond, cascade.upsample(x, 2))
+  np.testing.assert_allclose(base, cascade.upsample(x, 2))
+  cond, base = cascade.condition(x, c, jnp.asarray([1.0, 1.0]), noise)
   np.testing.assert_allclose(cond, noise)
-  np.testing.assert_allclose(base, upscale.upsample(x, 2))  # the residual base stays clean
+  np.testing.assert_allclose(base, cascade.upsample(x, 2))  # the residual base stays clean
   c.upscale.residual = False
-  assert upscale.condition(x, c, 0.5, noise)[1] is None
+  assert cascade.condition(x, c, 0.5, noise)[1] is None
 
 
 @pytest.mark.parametrize('change, message', [
@@ -52,11 +57,11 @@ def test_config_validation(change, message):
   for k, v in change.items():
     (c.diffusion if k == 'prediction' else c.upscale)[k] = v
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c, 1)
+    validation.validate(c, 1)
   c = up_config()
   c.condition.mix = (('none', 0.5), ('first', 0.5))
   with pytest.raises(ValueError, match='without given frames'):
-    config_lib.validate(c, 1)
+    validation.validate(c, 1)
 
 
 @pytest.fixture(scope='module')
@@ -116,14 +121,13 @@ def test_upscaler_matches_input_size(runs):
 
 
 def test_evaluate_upscaler_reports_psnr_against_bilinear(runs, tmp_path):
-  from sora_jax import evaluate  # pylint: disable=g-import-not-at-top
   base_dir, up_dir = runs
-  r = evaluate.evaluate(up_dir, str(tmp_path / 'eval.json'), num_steps=2)
+  r = suite.evaluate(up_dir, str(tmp_path / 'eval.json'), num_steps=2)
   for split in ('seen', 'held_out'):
     u = r[split]['upscaling']
     assert u['num_videos'] == 8 and set(u['psnr_db']) == {'upscaled', 'bilinear'}
     assert 5 < u['psnr_db']['bilinear'] < 60
-  chained = evaluate.evaluate(base_dir, str(tmp_path / 'chain.json'), num_steps=2,
+  chained = suite.evaluate(base_dir, str(tmp_path / 'chain.json'), num_steps=2,
                               upscale_workdir=up_dir, flow_loss=False)
   assert chained['seen']['adherence']['num_videos'] > 0
   assert chained['upscale_noise'] == 0.05 and r['upscale_noise'] == 0.05  # the config's default

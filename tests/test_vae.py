@@ -16,9 +16,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from data_pipelines import shapes
-from sora_jax import sharding
 from sora_jax.interop import wan_vae
 from sora_jax.models import vae
+from sora_jax.parallel import sharding
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 MODEL_DIR = os.path.join(FIXTURES, 'wan_vae_tiny')

@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from sora_jax import sharding
 from sora_jax.interop import safetensors_io
 from sora_jax.interop import wan_transformer as wt
 from sora_jax.models import wan
+from sora_jax.parallel import sharding
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 TINY = os.path.join(FIXTURES, 'wan_transformer_tiny')
@@ -122,6 +122,7 @@ def test_params_carry_logical_axes_and_load_sharded(io):
 
 
 # --------------------------------------------------------------------------- errors
+
 
 def _copy(tmp_path, config_edit=None, tensors_edit=None):
   dst = tmp_path / 'wan'

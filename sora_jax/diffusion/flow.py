@@ -8,12 +8,6 @@ import jax
 import jax.numpy as jnp
 
 
-def shift_for_tokens(num_tokens: int, base_shift: float, base_tokens: int) -> float:
-  """Resolution-dependent shift: more tokens carry more redundant signal, so spend more time at high
-  noise. Grows as sqrt(tokens / base) (SD3's sqrt(m/n) rule), equal to `base_shift` at `base_tokens`."""
-  return float(base_shift) * (num_tokens / base_tokens) ** 0.5
-
-
 def shift_timesteps(t, shift: float):
   """SD3 time shift: t' = s t / (1 + (s - 1) t); s > 1 moves mass towards t = 1 (noise)."""
   return shift * t / (1.0 + (shift - 1.0) * t)

@@ -119,8 +119,9 @@ def load_umt5_module(path, dtype=jnp.float32, *, scan_layers=True) -> umt5.UMT5E
   folder = find_model_dir(path)
   config = load_umt5_config(folder)
   files = safetensors_io.weight_files(folder, 'model.safetensors')
-  abstract = nnx.eval_shape(lambda: umt5.UMT5Encoder(
-      config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers))
+  with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
+    abstract = nnx.eval_shape(lambda: umt5.UMT5Encoder(
+        config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers))
   graphdef, state = nnx.split(abstract)
   targets = dict(nnx.to_flat_state(state))
 
@@ -167,14 +168,3 @@ def load_umt5_encoder(path, dtype=jnp.float32):
                                                  jnp.asarray(attention_mask))
 
 
-def load_umt5_tokenizer(path) -> umt5.UMT5Tokenizer:
-  """The sentencepiece tokenizer of a model folder, its `tokenizer/` subfolder (Wan diffusers) or
-  the parent of a `text_encoder/` folder."""
-  path = os.fspath(path)
-  if os.path.isdir(path) and not any(
-      os.path.isfile(os.path.join(path, *p)) for p in (('spiece.model',),
-                                                       ('tokenizer', 'spiece.model'))):
-    parent = os.path.dirname(os.path.normpath(path))
-    if os.path.isfile(os.path.join(parent, 'tokenizer', 'spiece.model')):
-      return umt5.UMT5Tokenizer(parent)
-  return umt5.UMT5Tokenizer(path)

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding
 from sora_jax.interop import safetensors_io
 from sora_jax.models import wan
+from sora_jax.parallel import sharding
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -55,6 +55,7 @@ def weight_files(path: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- name table
+
 
 def _linear_kernel(w):  # torch Linear weight [out, in] -> kernel [in, out]
   return w.T
@@ -138,6 +139,7 @@ def check_keys(table, checkpoint_keys, model_paths) -> None:
 
 # --------------------------------------------------------------------------- loading
 
+
 def load_wan_params(path: str, model: wan.WanDiT, mesh=None) -> wan.WanDiT:
   """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights.
 
@@ -200,7 +202,8 @@ def load_wan_transformer(path: str, dtype=jnp.float32, *, param_dtype=jnp.float3
   other options as wan.WanDiT."""
   config = wan_config_from_diffusers(path)
   cfg = wan.WanConfig.from_diffusers(config)
-  abstract = nnx.eval_shape(lambda: wan.WanDiT(
-      cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-      remat=remat, attention_impl=attention_impl))
+  with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
+    abstract = nnx.eval_shape(lambda: wan.WanDiT(
+        cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+        remat=remat, attention_impl=attention_impl))
   return WanTransformer(load_wan_params(path, abstract, mesh=mesh), config)

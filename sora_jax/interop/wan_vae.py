@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding
 from sora_jax.interop import safetensors_io
 from sora_jax.models import vae as vae_lib
+from sora_jax.parallel import sharding
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -56,6 +56,7 @@ def weight_files(path: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- name mapping
+
 
 def diffusers_key(path: tuple) -> str:
   """Our parameter path (('decoder', 'up_blocks', 0, 'upsamplers', 0, 'resample', 'kernel')) -> the
@@ -125,6 +126,7 @@ def load_vae_params(path: str, model: vae_lib.CausalVAE, mesh=None) -> vae_lib.C
 
 # --------------------------------------------------------------------------- inference wrapper
 
+
 class WanVAE:
   """Jitted chunked encode / decode with loaded weights (diffusers semantics, channels-last).
 
@@ -191,6 +193,7 @@ def load_wan_vae(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32, mesh=
   `dtype`: compute dtype; `param_dtype`: storage dtype of the parameters."""
   config = load_config(path)
   kwargs = vae_lib.config_from_dict(config)
-  abstract = nnx.eval_shape(lambda: vae_lib.CausalVAE(
-      **kwargs, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+  with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
+    abstract = nnx.eval_shape(lambda: vae_lib.CausalVAE(
+        **kwargs, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
   return WanVAE(load_vae_params(path, abstract, mesh=mesh), config)

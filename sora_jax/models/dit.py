@@ -28,26 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax import sharding
+from sora_jax.common import spacetime
 from sora_jax.models import layers, rope
-
-
-def patchify(video, patch):
-  """[B, T, H, W, C] -> tokens [B, N, pt*ph*pw*C] and the patch grid (T/pt, H/ph, W/pw)."""
-  b, t, h, w, c = video.shape
-  pt, ph, pw = patch
-  grid = (t // pt, h // ph, w // pw)
-  x = video.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-  return x.reshape(b, math.prod(grid), pt * ph * pw * c), grid
-
-
-def unpatchify(tokens, grid, patch, channels):
-  b = tokens.shape[0]
-  pt, ph, pw = patch
-  x = tokens.reshape(b, *grid, pt, ph, pw, channels)
-  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  return x.reshape(b, grid[0] * pt, grid[1] * ph, grid[2] * pw, channels)
+from sora_jax.parallel import sharding
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -201,7 +184,7 @@ class VideoDiT(nnx.Module):
     elif given is not None:
       raise ValueError('This VideoDiT was built without condition_channel: it cannot take given'
                        ' frames (train it with config.condition.mix).')
-    x, grid = patchify(video.astype(dtype), self.patch_size)
+    x, grid = spacetime.patchify(video.astype(dtype), self.patch_size)
     x = sharding.constrain(self.patch_embed(x), ('batch', 'length', 'act_embed'))
     c_text, context = self._condition(context, context_mask)
     index = None
@@ -217,7 +200,7 @@ class VideoDiT(nnx.Module):
     x = self._blocks(x, c=c, context=context, cross_mask=layers.padding_mask(context_mask),
                      rope_cs=rope_cs, index=index)
     x = self._head(x, c, index)
-    return unpatchify(x, grid, self.patch_size, self.channels).astype(jnp.float32)
+    return spacetime.unpatchify(x, grid, self.patch_size, self.channels).astype(jnp.float32)
 
   def packed(self, tokens_in, positions, segment_ids, t, context, context_mask):
     """Packed sequences of clips -> predicted patch tokens [B, N, patch_dim] (float32).

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax import sharding
-from sora_jax.models import attention, rope
+from sora_jax.config import schema
+from sora_jax.models import rope
+from sora_jax.parallel import attention, sharding
 
 
 def linear(din, dout, axes, *, rngs, dtype=jnp.float32, zero=False, bias=True):
@@ -28,8 +29,8 @@ class Attention(nnx.Module):
 
   def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32, context_width=None,
                impl='auto', context_parallel=None):
-    if impl not in attention.IMPLS:
-      raise ValueError(f'attention impl={impl!r}: expected one of {attention.IMPLS}')
+    if impl not in schema.ATTENTION_IMPLS:
+      raise ValueError(f'attention impl={impl!r}: expected one of {schema.ATTENTION_IMPLS}')
     if context_parallel not in attention.CONTEXT_PARALLEL:
       raise ValueError(f'context_parallel={context_parallel!r}: expected one of '
                        f'{attention.CONTEXT_PARALLEL}')

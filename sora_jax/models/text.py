@@ -14,22 +14,12 @@ changes frame-to-frame correlations, not the mean frame) never bootstrap that in
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from sora_jax.common import tokenizers
 from sora_jax.models import layers
 
-PAD, BOS, EOS, BYTE_OFFSET = 0, 1, 2, 3
-VOCAB_SIZE = 256 + BYTE_OFFSET
-_SPACE = ord(' ') + BYTE_OFFSET
-
-
-def tokenize(captions, max_length: int):
-  tokens = np.full((len(captions), max_length), PAD, np.int32)
-  for i, caption in enumerate(captions):
-    ids = [BOS] + [b + BYTE_OFFSET for b in caption.encode('utf-8')][:max_length - 2] + [EOS]
-    tokens[i, :len(ids)] = ids
-  return tokens, tokens != PAD
+_SPACE = ord(' ') + tokenizers.BYTE_OFFSET
 
 
 def word_hashes(tokens, num_buckets: int):
@@ -38,7 +28,7 @@ def word_hashes(tokens, num_buckets: int):
   FNV-1a over the word's bytes: a forward scan hashes each word's prefix, a backward scan copies the
   whole-word hash (found at the word's last byte) onto every byte of the word.
   """
-  is_char = (tokens >= BYTE_OFFSET) & (tokens != _SPACE)
+  is_char = (tokens >= tokenizers.BYTE_OFFSET) & (tokens != _SPACE)
 
   def prefix(h, x):
     tok, ch = x
@@ -76,7 +66,7 @@ class ByteTextEncoder(nnx.Module):
   def __init__(self, *, max_length, width, depth, num_heads, word_buckets=0, rngs,
                dtype=jnp.float32):
     embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed'))
-    self.embed = nnx.Embed(VOCAB_SIZE, width, embedding_init=embed_init, dtype=dtype, rngs=rngs)
+    self.embed = nnx.Embed(tokenizers.VOCAB_SIZE, width, embedding_init=embed_init, dtype=dtype, rngs=rngs)
     self.word_buckets = word_buckets
     if word_buckets:
       self.word_embed = nnx.Embed(word_buckets, width, embedding_init=embed_init, dtype=dtype,

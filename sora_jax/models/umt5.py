@@ -18,17 +18,14 @@ Tokenizer interface (the one sora_jax/models/text.py defines):
 """
 
 import dataclasses
-import html
 import math
-import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import sharding
+from sora_jax.parallel import sharding
 
 # transformers' ACT2FN names that T5-family configs use.
 ACTIVATIONS = {
@@ -243,54 +240,4 @@ class UMT5TextEncoder(nnx.Module):
 
 # ---------------------------------------------------------------------------------- tokenizer
 
-def find_spiece(path) -> str:
-  """`spiece.model` given as the file itself, in the folder, or in its `tokenizer/` subfolder (the
-  layout of Wan's diffusers repositories)."""
-  path = os.fspath(path)
-  candidates = [path] if os.path.isfile(path) else [
-      os.path.join(path, 'spiece.model'), os.path.join(path, 'tokenizer', 'spiece.model')]
-  for candidate in candidates:
-    if os.path.isfile(candidate):
-      return candidate
-  raise FileNotFoundError(f'No sentencepiece model for the UMT5 tokenizer: looked for '
-                          f'{", ".join(candidates)}.')
 
-
-def prompt_clean(text: str) -> str:
-  """Wan's prompt cleaning minus ftfy: unescape HTML twice, collapse whitespace, strip."""
-  return re.sub(r'\s+', ' ', html.unescape(html.unescape(text))).strip()
-
-
-class UMT5Tokenizer:
-  """T5's sentencepiece tokenizer: the pieces of the caption, then EOS; padded with PAD to
-  `max_length`, truncated to `max_length - 1` pieces + EOS (transformers' `T5Tokenizer(...,
-  padding='max_length', truncation=True)` on plain captions).
-
-  Difference from transformers: text that spells a special token ('</s>', '<extra_id_0>') is encoded
-  as ordinary characters here, not as that token.
-  """
-
-  def __init__(self, path):
-    import sentencepiece  # pylint: disable=g-import-not-at-top  (only needed for UMT5 runs)
-    self.path = find_spiece(path)
-    self.sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
-    self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
-    if self.pad_id < 0 or self.eos_id < 0:
-      raise ValueError(f'{self.path}: a T5 tokenizer needs PAD and EOS pieces; this model has '
-                       f'pad_id={self.pad_id}, eos_id={self.eos_id}.')
-
-  @property
-  def vocab_size(self) -> int:
-    return self.sp.get_piece_size()
-
-  def tokenize(self, captions, max_length: int):
-    if max_length < 1:
-      raise ValueError(f'max_length={max_length} must hold at least the EOS token.')
-    if isinstance(captions, str):
-      raise TypeError('tokenize takes a list of captions, not a single string.')
-    ids = np.full((len(captions), max_length), self.pad_id, np.int32)
-    mask = np.zeros((len(captions), max_length), bool)
-    for i, pieces in enumerate(self.sp.encode(list(captions))):
-      row = pieces[:max_length - 1] + [self.eos_id]
-      ids[i, :len(row)], mask[i, :len(row)] = row, True
-    return ids, mask

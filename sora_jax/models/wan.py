@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax import sharding
-from sora_jax.models import attention, dit, rope
+from sora_jax.common import spacetime
+from sora_jax.config import schema
+from sora_jax.models import dit, rope
+from sora_jax.parallel import attention, sharding
 
 ROPE_THETA = 10000.0
 
@@ -154,8 +156,8 @@ class WanAttention(nnx.Module):
   def __init__(self, width, num_heads, eps, *, rngs, dtype, param_dtype, attention_impl='auto',
                context_parallel=None):
     attention_impl = 'xla' if attention_impl is None else attention_impl
-    if attention_impl not in attention.IMPLS:
-      raise ValueError(f'attention_impl={attention_impl!r}: expected one of {attention.IMPLS}')
+    if attention_impl not in schema.ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={attention_impl!r}: expected one of {schema.ATTENTION_IMPLS}')
     if context_parallel not in attention.CONTEXT_PARALLEL:
       raise ValueError(f'context_parallel={context_parallel!r}: expected one of '
                        f'{attention.CONTEXT_PARALLEL}')
@@ -309,7 +311,7 @@ class WanDiT(nnx.Module):
     [B, L, text_dim] -> [B, T, H, W, out_channels] float32 (Wan's flow prediction)."""
     cfg = self.config
     self._check_inputs(latents, timestep, context)
-    x, grid = dit.patchify(latents.astype(self.dtype), cfg.patch_size)
+    x, grid = spacetime.patchify(latents.astype(self.dtype), cfg.patch_size)
     x = sharding.constrain(self.patch_embedding(x).astype(jnp.float32),
                            ('batch', 'length', 'act_embed'))
     if timestep.ndim == 2:  # per frame -> per temporal patch
@@ -322,7 +324,7 @@ class WanDiT(nnx.Module):
     mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, :, None]
     x = _modulate(layer_norm(x, cfg.eps), mod[:, :, 0], mod[:, :, 1]).astype(self.dtype)
     x = self.proj_out(x)
-    return dit.unpatchify(x, grid, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
+    return spacetime.unpatchify(x, grid, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
 
   def _time(self, timestep):
     """timestep [B, G] -> temb [B, G, D] and the blocks' time projection [B, G, 6, D]."""

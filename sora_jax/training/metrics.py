@@ -1,6 +1,7 @@
 """metrics.jsonl + TensorBoard scalars (process 0 only), and the console progress line."""
 
 import json
+import math
 import os
 import time
 
@@ -21,7 +22,8 @@ class Writer:
         kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
       with open(self.path, 'w') as f:
         f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import \
+        SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict):
@@ -79,3 +81,18 @@ def transformer_step_flops(num_params: int, tokens_per_sequence: int, sequences:
   so MFU is the useful work only."""
   tokens = tokens_per_sequence * sequences
   return 6.0 * num_params * tokens + 12.0 * depth * width * tokens_per_sequence ** 2 * sequences
+
+
+def model_flops(config, num_params: int, batch) -> float:
+  """Model FLOPs of one train step on `batch` (0 for the autoencoder: convolutions, not counted)."""
+  m = config.model
+  if m.family == 'vae':
+    return 0.0
+  if 'segment_ids' in batch:  # packed: [B, N] tokens per sequence
+    sequences, tokens = batch['segment_ids'].shape
+  else:
+    sequences = batch['video'].shape[0]
+    tokens = math.prod(n // p for n, p in zip(batch['video'].shape[1:4], m.patch_size))
+  depth, width = ((m.wan.num_layers, m.wan.num_attention_heads * m.wan.attention_head_dim)
+                  if m.family == 'wan' else (m.depth, m.width))
+  return transformer_step_flops(num_params, tokens, sequences, depth=depth, width=width)

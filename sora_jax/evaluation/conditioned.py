@@ -25,8 +25,10 @@ import os
 import numpy as np
 
 from data_pipelines import shapes
-from sora_jax import conditioning, config_lib, sampling, video_io
-from sora_jax import evaluate as evaluate_lib
+from sora_jax.common import video_io
+from sora_jax.config import geometry
+from sora_jax.evaluation import adherence
+from sora_jax.inference import frame_inputs, sampling
 
 _SEED_BASE = 7_000_003  # render seeds: np.random.default_rng([_SEED_BASE, protocol, index])
 
@@ -58,7 +60,7 @@ def max_data_step(clips: np.ndarray) -> float:
 def jump_threshold(config, num: int = 64) -> float:
   """2x the largest centroid step of `num` rendered clips (every pair and direction) of the config's
   size: a boundary step above it is a jump."""
-  prompts = evaluate_lib.adherence_prompts('train', 1)
+  prompts = adherence.adherence_prompts('train', 1)
   prompts = (prompts * -(-num // len(prompts)))[:num]
   return 2 * max_data_step(rendered_clips(config, prompts, 3))
 
@@ -69,7 +71,7 @@ def _jump_px(config, jump_px):
 
 def window_boundaries(config, spans, overlap: int) -> list[int]:
   """The first generated frame of every window after the first (its given frames come before)."""
-  cut = conditioning.pixel_frames(overlap, conditioning.temporal_factor(config), at_start=True)
+  cut = geometry.pixel_frames(overlap, geometry.temporal_factor(config), at_start=True)
   return [a + cut for a, _ in spans[1:]]
 
 
@@ -117,13 +119,13 @@ def _generate(generate, params, config, mesh, frozen, prompts, clips, given_pix,
 
 def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, frozen,
                    jump_px=None) -> dict:
-  prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
+  prompts = adherence.adherence_prompts(split, config.eval.samples_per_prompt)
   clips = rendered_clips(config, prompts, 1)
-  _, given_pix, given_model = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
+  _, given_pix, given_model = frame_inputs.given_inputs(config, image=np.zeros(clips.shape[2:]))
   stills = np.broadcast_to(clips[:, :1], clips.shape)  # the image over the whole clip
   videos = _generate(generate, params, config, mesh, frozen, prompts, stills, given_pix,
                      given_model, seed)
-  result = evaluate_lib.adherence(sampling.write_videos(videos, prompts, videos_dir,
+  result = adherence.adherence(video_io.write_videos(videos, prompts, videos_dir,
                                                         fps=config.data.fps))
   # The issue's image-to-video criterion: the image's colour and shape kept, moving as prompted.
   result['rates']['color_shape_direction'] = float(np.mean(
@@ -135,17 +137,17 @@ def image_to_video(generate, params, config, mesh, split, videos_dir, *, seed, f
 
 def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen,
               overlap=None, jump_px=None) -> dict:
-  prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
+  prompts = adherence.adherence_prompts(split, config.eval.samples_per_prompt)
   clips = rendered_clips(config, prompts, 2)
-  overlap = conditioning.resolve_overlap(config, overlap)
-  _, given_pix, given_model = conditioning.given_inputs(
+  overlap = geometry.resolve_overlap(config, overlap)
+  _, given_pix, given_model = frame_inputs.given_inputs(
       config, video=np.zeros(clips.shape[1:]), extend='forward', overlap=overlap)
   first = int(given_pix.sum())
   starts = np.zeros_like(clips)
   starts[:, :first] = clips[:, -first:]
   videos = _generate(generate, params, config, mesh, frozen, prompts, starts, given_pix,
                      given_model, seed)
-  samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
+  samples = video_io.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
   jump_px = _jump_px(config, jump_px)
   rows = []
   for s, v in zip(samples, videos):
@@ -163,10 +165,10 @@ def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen
 
 def window_spans(config, num_windows: int, overlap: int) -> list[tuple[int, int]]:
   """Pixel-frame [start, end) of each sliding window in the joined long video."""
-  t_model = config_lib.model_clip_shape(config)[0]
-  temporal = conditioning.temporal_factor(config)
-  length = conditioning.pixel_frames(t_model, temporal, at_start=True)
-  cut = conditioning.pixel_frames(overlap, temporal, at_start=True)
+  t_model = geometry.model_clip_shape(config)[0]
+  temporal = geometry.temporal_factor(config)
+  length = geometry.pixel_frames(t_model, temporal, at_start=True)
+  cut = geometry.pixel_frames(overlap, temporal, at_start=True)
   spans, end = [(0, length)], length
   for _ in range(num_windows - 1):
     spans.append((end - cut, end - cut + length))
@@ -192,13 +194,13 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
                overlap=None, from_image=False, jump_px=None) -> dict:
   """from_image: the first window is image-to-video from a rendered first frame (as
   image_to_video) rather than text-to-video."""
-  prompts = evaluate_lib.adherence_prompts(split, config.eval.samples_per_prompt)
-  t_model = config_lib.model_clip_shape(config)[0]
-  overlap = conditioning.resolve_overlap(config, overlap)
+  prompts = adherence.adherence_prompts(split, config.eval.samples_per_prompt)
+  t_model = geometry.model_clip_shape(config)[0]
+  overlap = geometry.resolve_overlap(config, overlap)
   video = given = None
   if from_image:
     clips = rendered_clips(config, prompts, 4)
-    _, given_pix, given = conditioning.given_inputs(config, image=np.zeros(clips.shape[2:]))
+    _, given_pix, given = frame_inputs.given_inputs(config, image=np.zeros(clips.shape[2:]))
     video = _model_inputs(frozen, np.broadcast_to(clips[:, :1], clips.shape), given_pix)
   videos = sampling.generate_long(generate, params, prompts, config=config, mesh=mesh, seed=seed,
                                   batch_size=config.eval.batch_size, frozen=frozen,
@@ -206,7 +208,7 @@ def long_video(generate, params, config, mesh, split, videos_dir, *, seed, froze
                                   given=given)
   num_windows = sampling.window_count(factor * t_model, t_model, overlap)
   spans = [(a, min(b, videos.shape[1])) for a, b in window_spans(config, num_windows, overlap)]
-  samples = sampling.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
+  samples = video_io.write_videos(videos, prompts, videos_dir, fps=config.data.fps)
   kept = np.zeros((len(prompts), num_windows), bool)
   direction = np.zeros_like(kept)
   exits = np.zeros(len(prompts), bool)
@@ -248,7 +250,7 @@ def evaluate(generate, params, config, mesh, videos_dir, *, seed, frozen,
   out = {}
   for name in protocols:
     out[name] = {}
-    for split_name, split in evaluate_lib.SPLITS.items():
+    for split_name, split in adherence.SPLITS.items():
       out[name][split_name] = PROTOCOLS[name](
           generate, params, config, mesh, split, os.path.join(videos_dir, name, split_name),
           seed=seed, frozen=frozen, jump_px=jump_px)

@@ -1,27 +1,18 @@
 """Text-to-video generation: an ODE sampler (Euler, Heun, DPM-Solver++(2M)) with classifier-free
 guidance, negative prompts and a guidance schedule, compiled once."""
 
-import json
-import math
-import os
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
-from absl import flags
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from sora_jax import conditioning, config_lib, sharding, upscale, video_io
-from sora_jax import frozen as frozen_lib
-from sora_jax.diffusion import flow, samplers
-
-
-def timestep_shift(config) -> float:
-  """The flow-time shift for the default clip's token count (in latent space with an autoencoder)."""
-  clip = config_lib.model_clip_shape(config)
-  tokens = math.prod(n // p for n, p in zip(clip, config.model.patch_size))
-  return flow.shift_for_tokens(tokens, config.diffusion.shift, config.diffusion.shift_base_tokens)
+from sora_jax.common import video_io
+from sora_jax.config import geometry
+from sora_jax.diffusion import cascade, flow, samplers
+from sora_jax.inference import frozen as frozen_lib
+from sora_jax.parallel import sharding
 
 
 def settings(config, *, num_steps=None, guidance_scale=None, sampler=None, negative_prompt=None,
@@ -42,35 +33,6 @@ def settings(config, *, num_steps=None, guidance_scale=None, sampler=None, negat
   samplers.get(out['sampler'])
   flow.guidance_schedule(out['guidance_scale'], out['guidance_schedule'], out['guidance_interval'])
   return out
-
-
-def define_sampler_flags():
-  """The sampling flags shared by the `sample` and `evaluate` programs (unset: config.sample's)."""
-  flags.DEFINE_integer('num_steps', None, 'ODE steps (default: config.sample.num_steps).')
-  flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
-  flags.DEFINE_enum('sampler', None, list(samplers.SAMPLERS),
-                    'ODE solver (default: config.sample.sampler, else euler). Model calls per video'
-                    ' for N steps: euler N, heun 2N - 1, dpm++2m N.')
-  flags.DEFINE_string('negative_prompt', None, 'Caption CFG guides away from (default:'
-                      ' config.sample.negative_prompt, else the empty caption).')
-  flags.DEFINE_enum('guidance_schedule', None, list(flow.GUIDANCE_SCHEDULES),
-                    'CFG scale over flow time t: constant; linear (scale at t=1 down to 1 at t=0);'
-                    ' interval (scale inside --guidance_interval, 1 outside).')
-  flags.DEFINE_list('guidance_interval', None, 'lo,hi in flow time for --guidance_schedule=interval'
-                    ' (default: config.sample.guidance_interval, else 0,1).')
-
-
-def flag_values() -> dict:
-  """The flags of `define_sampler_flags` as `settings` keywords (None where unset)."""
-  f = flags.FLAGS
-  interval = f.guidance_interval
-  if interval is not None:
-    if len(interval) != 2:
-      raise ValueError(f'--guidance_interval={",".join(interval)} must be two numbers, lo,hi.')
-    interval = tuple(float(v) for v in interval)
-  return {'num_steps': f.num_steps, 'guidance_scale': f.guidance_scale, 'sampler': f.sampler,
-          'negative_prompt': f.negative_prompt, 'guidance_schedule': f.guidance_schedule,
-          'guidance_interval': interval}
 
 
 def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=None,
@@ -102,7 +64,7 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
   frozen = frozen or frozen_lib.Frozen(config)
   neg_tokens, neg_mask = frozen.tokenize([negative_prompt])
   neg_tokens, neg_mask = frozen.caption_inputs(jnp.asarray(neg_tokens), jnp.asarray(neg_mask))
-  timesteps = flow.sampling_schedule(num_steps, timestep_shift(config))
+  timesteps = flow.sampling_schedule(num_steps, geometry.timestep_shift(config))
   shape = frozen_lib.model_video_shape(config)
   solve = samplers.get(sampler)
   if callable(guidance_scale):
@@ -114,12 +76,12 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
     if not 0.0 < edit_strength <= 1.0:
       raise ValueError(f'edit_strength={edit_strength} must be in (0, 1].')
     # The same shifted schedule, started at t = s: invert the shift at s, space evenly below it.
-    a = timestep_shift(config)
+    a = geometry.timestep_shift(config)
     start = edit_strength / (a - (a - 1.0) * edit_strength)
     timesteps = flow.shift_timesteps(jnp.linspace(start, 0.0, num_steps + 1), a)
-  conditioned = conditioning.enabled(config)
+  conditioned = geometry.conditioning_enabled(config)
 
-  upscaler = upscale.enabled(config)
+  upscaler = geometry.upscale_enabled(config)
 
   @jax.jit
   def generate(params, tokens, mask, keys, video=None, given=None, lowres=None):
@@ -136,7 +98,7 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
     if lowres is not None:
       # Each video's own augmentation noise; the same input for both halves of CFG.
       aug = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(keys)
-      up, base = upscale.condition(lowres, config, config.upscale.sample_noise, aug)
+      up, base = cascade.condition(lowres, config, config.upscale.sample_noise, aug)
       both_up = jnp.concatenate([up, up])
       both_base = None if base is None else jnp.concatenate([base, base])
       velocity = flow.guided_velocity(
@@ -230,12 +192,12 @@ def long_windows(generate, params, prompts, *, config, mesh, seed: int, batch_si
   window. Windows run one at a time through the same compiled `generate`, so device memory stays that
   of one window whatever `num_frames` (model frames in all) is; windows are kept on the host.
   """
-  t_len = config_lib.model_clip_shape(config)[0]
+  t_len = geometry.model_clip_shape(config)[0]
   if direction not in ('forward', 'backward'):
     raise ValueError(f'direction={direction!r}: expected forward or backward.')
   if not overlap:
     raise ValueError(f'overlap={overlap!r}: sliding windows need a positive overlap.')
-  conditioning.resolve_overlap(config, overlap)
+  geometry.resolve_overlap(config, overlap)
   count = window_count(num_frames, t_len, overlap)
   g = np.zeros(t_len, np.float32)
   if direction == 'forward':
@@ -284,8 +246,8 @@ def generate_long(generate, params, prompts, *, config, mesh, seed: int, batch_s
                          frozen=frozen, video=video, given=given, direction=direction)
   if frozen.vae is None:
     return video_io.to_uint8(join_windows(windows, overlap, num_frames, direction))
-  temporal = config_lib.autoencoder_geometry(config.autoencoder)['temporal']
-  cut = conditioning.pixel_frames(overlap, temporal, at_start=direction == 'forward')
+  temporal = geometry.autoencoder_geometry(config.autoencoder)['temporal']
+  cut = geometry.pixel_frames(overlap, temporal, at_start=direction == 'forward')
   pixels = []
   for k, w in enumerate(windows):
     p = np.asarray(frozen.decode(jnp.asarray(w)))
@@ -297,15 +259,3 @@ def generate_long(generate, params, prompts, *, config, mesh, seed: int, batch_s
   return np.concatenate(pixels, axis=1)
 
 
-def write_videos(videos, prompts, output_dir: str, fps: int) -> list[dict]:
-  """One mp4 per prompt plus samples.json; returns the manifest entries."""
-  os.makedirs(output_dir, exist_ok=True)
-  samples = []
-  for i, (video, prompt) in enumerate(zip(videos, prompts)):
-    slug = ''.join(ch if ch.isalnum() else '_' for ch in prompt)[:60].strip('_') or 'unconditional'
-    path = os.path.join(output_dir, f'{i:03d}_{slug}.mp4')
-    video_io.write_mp4(path, video, fps=fps)
-    samples.append({'prompt': prompt, 'path': os.path.abspath(path)})
-  with open(os.path.join(output_dir, 'samples.json'), 'w') as f:
-    json.dump({'samples': samples}, f, indent=2)
-  return samples

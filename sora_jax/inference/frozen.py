@@ -17,8 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import config_lib
-from sora_jax.models import text
+from data_pipelines import pipeline
+from sora_jax.common import tokenizers
+from sora_jax.config import geometry
+from sora_jax.inference import restore
+from sora_jax.interop import umt5
+from sora_jax.training import factory
 
 
 class Frozen:
@@ -31,10 +35,9 @@ class Frozen:
           config.autoencoder)
     self.text_encoder = self.text_params = self.tokenizer = None
     if config.text.encoder == 'umt5':
-      from sora_jax.interop import umt5 as umt5_interop  # pylint: disable=g-import-not-at-top
-      module = umt5_interop.load_umt5_module(config.text.path, dtype=jnp.dtype(config.model.dtype))
+      module = umt5.load_umt5_module(config.text.path, dtype=jnp.dtype(config.model.dtype))
       self.text_encoder, self.text_params = nnx.split(module)
-      self.tokenizer = umt5_interop.load_umt5_tokenizer(config.text.path)
+      self.tokenizer = tokenizers.load_umt5_tokenizer(config.text.path)
     self._encode_video = jax.jit(self._encode_video_impl)
     self._encode_mean = jax.jit(self._encode_mean_impl)
     self._normalize = jax.jit(self._normalize_impl)
@@ -46,7 +49,7 @@ class Frozen:
   def tokenize(self, captions):
     """Captions -> (tokens [B, L] int32, mask [B, L] bool), numpy, host side."""
     if self.tokenizer is None:
-      return text.tokenize(captions, self.config.text.max_length)
+      return tokenizers.tokenize(captions, self.config.text.max_length)
     return self.tokenizer.tokenize(captions, self.config.text.max_length)
 
   def caption_inputs(self, tokens, mask):
@@ -141,7 +144,6 @@ def load_autoencoder(path: str):
   training data and cached in the workdir (latent_stats.json).
   """
   if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
-    from sora_jax import restore  # pylint: disable=g-import-not-at-top
     vae_config, _, graphdef, params, _ = restore.load(path)
     mean, std = _latent_stats(path, vae_config, graphdef, params)
     return graphdef, params, mean, std
@@ -163,7 +165,6 @@ def _latent_stats(workdir, vae_config, graphdef, params, num_clips: int = 64):
     with open(cache) as f:
       stats = json.load(f)
     return jnp.asarray(stats['mean'], jnp.float32), jnp.asarray(stats['std'], jnp.float32)
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
   batch = min(num_clips, vae_config.eval.batch_size)
   latents = [np.asarray(encode(params, b['video']))
@@ -178,5 +179,4 @@ def _latent_stats(workdir, vae_config, graphdef, params, num_clips: int = 64):
 
 def model_video_shape(config) -> tuple[int, int, int, int]:
   """[T, H, W, C] of the default clip as the diffusion model sees it."""
-  from sora_jax import models  # pylint: disable=g-import-not-at-top
-  return (*config_lib.model_clip_shape(config), models.channels(config))
+  return (*geometry.model_clip_shape(config), factory.channels(config))

@@ -13,9 +13,17 @@ from absl import logging as absl_logging
 # than it saves (a tiny model on 8 CPU devices: ~5 s per save, most of a test's training run), so
 # smaller slices are written whole by replica 0; large arrays on a pod stay replica-parallel.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+_registered = False
+
+
+def _register_array_handler():
+  """Once per process, when the first manager is made (not at import: importing has no effects)."""
+  global _registered
+  if not _registered:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    _registered = True
 
 
 def quiet_orbax_logs():
@@ -25,6 +33,7 @@ def quiet_orbax_logs():
 
 
 def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.CheckpointManager:
+  _register_array_handler()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if config is None else config.keep_checkpoints,
       enable_async_checkpointing=True, read_only=read_only, create=not read_only)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sora_jax import models, sharding
+from sora_jax.parallel import sharding
+from sora_jax.training import checkpoint, factory
 
 
 def make_optimizer(config):
@@ -25,7 +26,7 @@ def make_optimizer(config):
 
 
 def _init(config, tx):
-  model = models.build(config, nnx.Rngs(config.seed))
+  model = factory.build(config, nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model, nnx.Param)
   state = dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed + 1))
@@ -63,11 +64,11 @@ def init_from(config, state, state_sh):
   path = config.init_from
   graphdef, abstract, _ = shardings(config, _mesh_of(state_sh))
   if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
-    from sora_jax import checkpoint  # pylint: disable=g-import-not-at-top
     mngr = checkpoint.manager(path, read_only=True)
     params = checkpoint.restore(mngr, abstract)['ema']
   elif config.model.family == 'wan':
-    from sora_jax.interop import wan_transformer  # pylint: disable=g-import-not-at-top
+    from sora_jax.interop import \
+        wan_transformer  # pylint: disable=g-import-not-at-top
     model = nnx.merge(graphdef, state['params'])
     model.dit = wan_transformer.load_wan_params(path, model.dit, mesh=_mesh_of(state_sh))
     params = jax.device_put(nnx.state(model, nnx.Param), state_sh['params'])

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sora_jax import sharding
+from sora_jax.config import schema
+from sora_jax.parallel import sharding
 
-IMPLS = ('auto', 'xla', 'cudnn', 'splash', 'chunked')
 CONTEXT_PARALLEL = (None, 'ring', 'all_to_all')
 # 'auto' keeps XLA's materialised scores up to this many per (batch, head): 2048 x 2048.
 AUTO_XLA_MAX_SCORES = 2048 * 2048
@@ -67,8 +67,8 @@ def attention(q, k, v, *, mask=None, segment_ids=None, kv_segment_ids=None, impl
   context axis. scale: default 1 / sqrt(D). block_q / block_kv: the 'chunked' kernel's tile sizes.
   """
   impl = 'xla' if impl is None else impl
-  if impl not in IMPLS:
-    raise ValueError(f'attention impl={impl!r}: expected one of {IMPLS}')
+  if impl not in schema.ATTENTION_IMPLS:
+    raise ValueError(f'attention impl={impl!r}: expected one of {schema.ATTENTION_IMPLS}')
   if context_parallel not in CONTEXT_PARALLEL:
     raise ValueError(f'context_parallel={context_parallel!r}: expected one of {CONTEXT_PARALLEL}')
   mask, segment_ids, kv_segment_ids = _check_inputs(q, k, v, mask, segment_ids, kv_segment_ids)
@@ -340,7 +340,8 @@ def _splash(q, k, v, mask, segment_ids, kv_segment_ids, *, scale, interpret=Fals
   if mask is not None:
     raise ValueError("attention impl='splash' takes segment ids, not a dense mask; use 'auto', "
                      "'chunked' or 'xla' for masked attention.")
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import \
+      splash_attention as splash  # pylint: disable=g-import-not-at-top
   _, lq, h, _ = q.shape
   lk = k.shape[1]
   bq, bk = _splash_block(lq), _splash_block(lk)

@@ -1,0 +1,289 @@
+"""Config validation: `validate(config, num_devices)` runs before anything compiles and names the
+offending key in its message. Pure Python: no JAX.
+"""
+
+import math
+import os
+
+import ml_collections
+
+from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import geometry, schema
+
+
+def _unknown_keys(cfg, ref, prefix=''):
+  for key in cfg.keys():
+    name = prefix + key
+    if key not in ref:
+      yield name
+    elif isinstance(cfg[key], ml_collections.ConfigDict):
+      if not isinstance(ref[key], ml_collections.ConfigDict):
+        yield name
+      else:
+        yield from _unknown_keys(cfg[key], ref[key], name + '.')
+
+
+def _check_data(config):
+  d = config.data
+  sources = [k for k in ('manifest', 'prepared', 'tfds_name') if d[k]]
+  if len(sources) > 1:
+    raise ValueError(f'config.data: set at most one of manifest, prepared, tfds_name; got {sources}.')
+  if d.manifest and not os.path.isfile(d.manifest):
+    raise ValueError(f'config.data.manifest={d.manifest!r} is not a file.')
+  if d.prepared and not os.path.isfile(os.path.join(d.prepared, 'index.json')):
+    raise ValueError(f'config.data.prepared={d.prepared!r} holds no index.json: run'
+                     ' `python -m sora_jax.prepare` first.')
+  if not 0.0 <= d.max_skip_fraction <= 1.0:
+    raise ValueError(f'config.data.max_skip_fraction={d.max_skip_fraction} not in [0, 1].')
+  if d.read_threads < 1:
+    raise ValueError(f'config.data.read_threads={d.read_threads} must be >= 1.')
+  if d.fps <= 0:
+    raise ValueError(f'config.data.fps={d.fps} must be positive.')
+  for name in ('bounce', 'stop', 'rest'):
+    if not 0.0 <= d[name] <= 1.0:
+      raise ValueError(f'config.data.{name}={d[name]} not in [0, 1].')
+  if d.bounce + d.stop + d.rest > 1.0:
+    raise ValueError('config.data.bounce + config.data.stop + config.data.rest ='
+                     f' {d.bounce + d.stop + d.rest:g} exceeds 1.')
+  errors = buckets_lib.check(config)
+  if errors:
+    raise ValueError(' '.join(errors))
+
+
+def _check_packing(config):
+  d = config.data
+  if not isinstance(d.packing, bool):
+    raise ValueError(f'config.data.packing={d.packing!r} must be True or False.')
+  for key, low in (('packing_length', 0), ('packing_segments', 1), ('packing_bins', 0)):
+    if not isinstance(d[key], int) or d[key] < low:
+      raise ValueError(f'config.data.{key}={d[key]!r} must be an int >= {low}.')
+  if not d.packing:
+    return
+  patch = tuple(config.model.patch_size)
+  longest = max(buckets_lib.shapes(config), key=lambda s: buckets_lib.tokens(s, patch))
+  if d.packing_length and d.packing_length < buckets_lib.tokens(longest, patch):
+    raise ValueError(
+        f'config.data.packing_length={d.packing_length} cannot hold a clip of {longest}'
+        f' ({buckets_lib.tokens(longest, patch)} tokens with config.model.patch_size={patch}).')
+
+
+def _check_causal_clip(config, temporal, spatial, what):
+  """A causal autoencoder encodes the first frame alone, then groups of `temporal` frames."""
+  for t, h, w in buckets_lib.shapes(config):
+    if (t - 1) % temporal or h % spatial or w % spatial:
+      key = 'config.data.buckets' if config.data.buckets else (
+          'config.data.num_frames' if (t - 1) % temporal else 'config.data.height/width')
+      raise ValueError(
+          f'{key}: clip {(t, h, w)} does not fit {what} ({temporal}x temporal, {spatial}x spatial'
+          f' compression): frames must be 1 + {temporal}k (e.g. {1 + temporal * max(1, t // temporal)})'
+          f' and height/width multiples of {spatial}.')
+
+
+def _check_vae(config):
+  v = config.vae
+  if v.z_dim <= 0 or v.base_dim <= 0 or v.num_res_blocks <= 0 or not v.dim_mult:
+    raise ValueError('config.vae: z_dim, base_dim, num_res_blocks must be positive and dim_mult'
+                     ' non-empty.')
+  if len(v.temperal_downsample) != len(v.dim_mult) - 1:
+    raise ValueError(f'config.vae.temperal_downsample={tuple(v.temperal_downsample)} needs'
+                     f' len(config.vae.dim_mult) - 1 = {len(v.dim_mult) - 1} entries.')
+  if config.autoencoder:
+    raise ValueError('config.autoencoder must be empty when training an autoencoder'
+                     ' (model.family="vae").')
+  for key in ('l1_weight', 'l2_weight', 'kl_weight'):
+    if v[key] < 0:
+      raise ValueError(f'config.vae.{key}={v[key]} must be >= 0.')
+  _check_causal_clip(config, 2 ** sum(bool(x) for x in v.temperal_downsample),
+                     2 ** (len(v.dim_mult) - 1), 'config.vae')
+
+
+def _check_transformer(config, mesh):
+  m = config.model
+  patch = tuple(m.patch_size)
+  if len(patch) != 3 or any(p <= 0 for p in patch):
+    raise ValueError(f'config.model.patch_size={patch} must be three positive ints (t, h, w).')
+  clips = buckets_lib.shapes(config)
+  ae_geometry = None
+  if config.autoencoder:
+    ae_geometry = geometry.autoencoder_geometry(config.autoencoder)
+    _check_causal_clip(config, ae_geometry['temporal'], ae_geometry['spatial'],
+                       f'config.autoencoder={config.autoencoder!r}')
+  for clip in clips:
+    where = f'the clip {clip}'
+    if ae_geometry:
+      clip = geometry.latent_shape(clip, ae_geometry)
+      where = f'the latent clip {clip}'
+    for name, n, p in zip(('num_frames', 'height', 'width'), clip, patch):
+      if n % p:
+        key = 'config.data.buckets' if config.data.buckets else f'config.data.{name}'
+        raise ValueError(
+            f'config.model.patch_size={patch} does not divide {where}: {key}={n if not ae_geometry else clip}'
+            f' gives {name} {n}, not a multiple of {p}.')
+  if mesh['context'] > 1:
+    for clip in clips:
+      shape = geometry.latent_shape(clip, ae_geometry) if ae_geometry else clip
+      tokens = math.prod(n // p for n, p in zip(shape, patch))
+      if tokens % mesh['context']:
+        raise ValueError(f'config.mesh.context={mesh["context"]} does not divide the {tokens} tokens'
+                         f' of clip {clip}: the token sequence is split evenly over it.')
+  _check_packing(config)
+  if config.data.packing and (m.family != 'dit' or config.autoencoder or
+                              config.text.encoder != 'bytes'):
+    raise ValueError('config.data.packing=True works with model.family="dit" on pixels with the byte'
+                     ' text encoder only (packed latents / frozen-encoder captions are not'
+                     ' implemented); set config.data.packing=False.')
+  if m.family == 'wan':
+    w = m.wan
+    width, heads, head_dim = w.num_attention_heads * w.attention_head_dim, w.num_attention_heads, \
+        w.attention_head_dim
+    if head_dim % 2 or head_dim < 6:
+      raise ValueError(f'config.model.wan.attention_head_dim={head_dim} must be even and >= 6.')
+  else:
+    width, heads = m.width, m.num_heads
+    if m.width % m.num_heads or (m.width // m.num_heads) % 2 or m.width // m.num_heads < 6:
+      raise ValueError(
+          f'config.model.width={m.width} / num_heads={m.num_heads} must give an even head dim'
+          ' of at least 6 (3D RoPE rotates pairs on each of the t, h, w axes).')
+  if width % mesh['tensor'] or heads % mesh['tensor']:
+    raise ValueError(
+        f'config.model width {width} and {heads} heads must be divisible by'
+        f' config.mesh.tensor={mesh["tensor"]}.')
+
+
+def validate(config, num_devices: int) -> dict[str, int]:
+  """Rejects bad configs before compilation; returns the resolved mesh shape."""
+  unknown = list(_unknown_keys(config, schema.base_config()))
+  if unknown:
+    raise ValueError(f'Unknown config key(s): {", ".join("config." + k for k in unknown)}.')
+  mesh = geometry.resolve_mesh_shape(config, num_devices)
+  for key in ('batch_size', 'total_steps', 'log_every_steps', 'checkpoint_every_steps',
+              'keep_checkpoints'):
+    if int(config[key]) <= 0:
+      raise ValueError(f'config.{key}={config[key]} must be positive.')
+  batch_shards = mesh['data'] * mesh['fsdp']
+  if config.batch_size % batch_shards:
+    raise ValueError(
+        f'config.batch_size={config.batch_size} is not divisible by the data-parallel size'
+        f' mesh.data*mesh.fsdp={batch_shards}.')
+  _check_data(config)
+  m = config.model
+  if m.family not in schema.FAMILIES:
+    raise ValueError(f'config.model.family={m.family!r}: expected one of {", ".join(schema.FAMILIES)}.')
+  if m.family == 'vae':
+    _check_vae(config)
+  else:
+    _check_transformer(config, mesh)
+  if m.attention not in schema.ATTENTION_IMPLS:
+    raise ValueError(f'config.model.attention={m.attention!r}: expected one of'
+                     f' {", ".join(schema.ATTENTION_IMPLS)}.')
+  if m.context_parallel not in ('', 'ring', 'all_to_all'):
+    raise ValueError(f'config.model.context_parallel={m.context_parallel!r}: expected ring,'
+                     ' all_to_all or "".')
+  if m.remat not in ('none', 'full', 'dots'):
+    raise ValueError(f'config.model.remat={m.remat!r}: expected none, full or dots.')
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f'config.model.dtype={m.dtype!r}: expected float32 or bfloat16.')
+  if config.diffusion.prediction not in ('velocity', 'x0'):
+    raise ValueError(f'config.diffusion.prediction={config.diffusion.prediction!r}: expected'
+                     ' velocity or x0.')
+  if not 0.0 <= config.diffusion.loss_t_floor < 1.0:
+    raise ValueError(f'config.diffusion.loss_t_floor={config.diffusion.loss_t_floor} not in [0, 1).')
+  if not 0.0 <= config.diffusion.frame_noise_prob <= 1.0:
+    raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
+                     ' [0, 1].')
+  check_upscale(config)
+  if m.family != 'vae':
+    ae_geometry = geometry.autoencoder_geometry(config.autoencoder) if config.autoencoder else None
+    check_condition(config, [geometry.latent_shape(s, ae_geometry)[0] if ae_geometry else s[0]
+                                for s in buckets_lib.shapes(config)])
+  if config.text.encoder not in ('bytes', 'umt5'):
+    raise ValueError(f'config.text.encoder={config.text.encoder!r}: expected bytes or umt5.')
+  if config.text.encoder == 'umt5' and not os.path.isdir(config.text.path):
+    raise ValueError(f'config.text.path={config.text.path!r} is not a folder: text.encoder=umt5 needs'
+                     ' a Hugging Face UMT5EncoderModel folder.')
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ValueError(f'config.init_from={config.init_from!r} is not a folder.')
+  if config.text.width % config.text.num_heads:
+    raise ValueError(f'config.text.width must be divisible by config.text.num_heads.')
+  if config.text.word_buckets < 0:
+    raise ValueError(f'config.text.word_buckets={config.text.word_buckets} must be >= 0.')
+  if not 0.0 <= config.text.dropout_prob < 1.0:
+    raise ValueError(f'config.text.dropout_prob={config.text.dropout_prob} not in [0, 1).')
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} not in [0, 1).')
+  if config.optim.warmup_steps > config.total_steps:
+    raise ValueError(
+        f'config.optim.warmup_steps={config.optim.warmup_steps} exceeds'
+        f' config.total_steps={config.total_steps}.')
+  return mesh
+
+
+def check_upscale(config) -> None:
+  """Validates config.upscale (before anything compiles)."""
+  u = config.upscale
+  if not isinstance(u.factor, int) or u.factor < 1:
+    raise ValueError(f'config.upscale.factor={u.factor!r} must be an int >= 1 (1: no upscaling).')
+  for key in ('noise_aug', 'sample_noise'):
+    if not 0.0 <= u[key] < 1.0:
+      raise ValueError(f'config.upscale.{key}={u[key]} not in [0, 1).')
+  if u.factor == 1:
+    return
+  d = config.data
+  if d.height % u.factor or d.width % u.factor:
+    raise ValueError(f'config.data.height x width = {d.height} x {d.width} must be divisible by'
+                     f' config.upscale.factor={u.factor}.')
+  if config.autoencoder or config.model.family != 'dit' or d.packing:
+    raise ValueError('config.upscale.factor > 1 upscales pixels with model.family="dit": it needs an'
+                     ' empty config.autoencoder and data.packing=False.')
+  if u.residual and config.diffusion.prediction != 'x0':
+    raise ValueError('config.upscale.residual predicts the clip as the upsampled input plus a'
+                     ' residual: it needs config.diffusion.prediction="x0".')
+  if any(p != 'none' and q > 0 for p, q in config.condition.mix):
+    raise ValueError('config.upscale.factor > 1 with config.condition.mix: an upscaler is conditioned'
+                     ' on the whole low-resolution video; train it without given frames.')
+
+
+def check_condition(config, model_frames: list[int]) -> None:
+  """Validates config.condition for clips of `model_frames` frames (as the model sees them)."""
+  pairs = config.condition.mix
+  try:
+    pairs = geometry.condition_mix(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.condition.mix={pairs!r} must be a tuple of (pattern, probability)'
+                     f' pairs: {e}.') from None
+  if not pairs:
+    raise ValueError('config.condition.mix is empty; use (("none", 1.0),) for no conditioning.')
+  for p, q in pairs:
+    if p not in schema.CONDITION_PATTERNS:
+      raise ValueError(f'config.condition.mix: unknown pattern {p!r}; expected one of'
+                       f' {", ".join(schema.CONDITION_PATTERNS)}.')
+    if q < 0:
+      raise ValueError(f'config.condition.mix: probability {q} of {p!r} is negative.')
+  if abs(sum(q for _, q in pairs) - 1.0) > 1e-6:
+    raise ValueError(f'config.condition.mix: probabilities sum to {sum(q for _, q in pairs):g},'
+                     ' not 1.')
+  k = config.condition.max_frames
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f'config.condition.max_frames={k!r} must be an int >= 1.')
+  for key in ('context_noise', 'sample_context_noise'):
+    if not 0.0 <= config.condition[key] < 1.0:
+      raise ValueError(f'config.condition.{key}={config.condition[key]} not in [0, 1).')
+  if not geometry.conditioning_enabled(config):
+    return
+  if config.model.family != 'dit' or config.data.packing:
+    raise ValueError('config.condition.mix conditions on given frames with model.family="dit" and'
+                     ' data.packing=False only.')
+  pt = config.model.patch_size[0]
+  used = {p for p, q in pairs if q > 0}
+  for frames in model_frames:
+    patches = frames // pt
+    if frames == 1:
+      continue  # image clips: nothing given (sample_given clamps k)
+    need = {'first': 1, 'first_k': k, 'last_k': k, 'first_last': 2 * k}
+    for p in used - {'none'}:
+      if need[p] >= patches:
+        raise ValueError(
+            f'config.condition.max_frames={k} with pattern {p!r} gives {need[p]} temporal patch(es),'
+            f' but a clip of {frames} model frames has only {patches} temporal patches'
+            f' (model.patch_size[0]={pt}): at least one must stay to generate. max_frames counts'
+            f' temporal patches.')

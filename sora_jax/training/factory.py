@@ -1,0 +1,78 @@
+"""`build(config, rngs)`: the trainable model a run config describes, from the model families' explicit
+constructor arguments (models/ never reads the run config)."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.config import geometry
+from sora_jax.interop import umt5
+from sora_jax.models import dit, text, text_to_video, vae, wan
+
+
+def text_width(config) -> int:
+  """Width of the caption embeddings the DiT cross-attends to."""
+  if config.text.encoder == 'umt5':
+    return umt5.load_umt5_config(config.text.path).d_model
+  return config.text.width
+
+
+def channels(config) -> int:
+  """Channels the diffusion model sees: RGB, or the autoencoder's latent channels."""
+  if config.autoencoder:
+    return geometry.autoencoder_geometry(config.autoencoder)['z_dim']
+  return 3
+
+
+def build(config, rngs: nnx.Rngs) -> nnx.Module:
+  """The trainable model of `config.model.family`: TextToVideo ('dit', 'wan') or the VAE ('vae').
+
+  Parameters are created unsharded (or abstractly) and placed by `jax.jit(out_shardings=...)` from
+  their logical-axis metadata (parallel/sharding.py), so models also build outside a mesh context.
+  """
+  with nnx.use_eager_sharding(False):
+    return _build(config, rngs)
+
+
+def _build(config, rngs):
+  channels_in = channels(config)
+  dtype = jnp.dtype(config.model.dtype)
+  m = config.model
+  if m.family == 'vae':
+    return vae.CausalVAE(**vae_kwargs(config.vae), dtype=dtype, rngs=rngs)
+  encoder = None
+  if config.text.encoder == 'bytes':
+    encoder = text.ByteTextEncoder(
+        max_length=config.text.max_length, width=config.text.width, depth=config.text.depth,
+        num_heads=config.text.num_heads, word_buckets=config.text.word_buckets, rngs=rngs,
+        dtype=dtype)
+  if m.family == 'wan':
+    video_model = wan.WanDiT(wan.WanConfig(**wan_kwargs(config, channels_in)),
+                             scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs,
+                             attention_impl=m.attention,
+                             context_parallel=m.context_parallel or None)
+  else:
+    video_model = dit.VideoDiT(
+        channels=channels_in, patch_size=tuple(m.patch_size), width=m.width, depth=m.depth,
+        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, context_width=text_width(config),
+        rope_theta=m.rope_theta, scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs,
+        attention_impl=m.attention, context_parallel=m.context_parallel or None,
+        condition_channel=geometry.conditioning_enabled(config),
+        lowres_channels=channels_in if geometry.upscale_enabled(config) else 0)
+  return text_to_video.TextToVideo(encoder, video_model, config.diffusion.prediction)
+
+
+def wan_kwargs(config, channels: int) -> dict:
+  """diffusers WanTransformer3DModel config fields from a sora_jax config."""
+  w = config.model.wan
+  return dict(patch_size=tuple(config.model.patch_size), num_attention_heads=w.num_attention_heads,
+              attention_head_dim=w.attention_head_dim, in_channels=channels, out_channels=channels,
+              text_dim=text_width(config), freq_dim=w.freq_dim, ffn_dim=w.ffn_dim,
+              num_layers=w.num_layers, cross_attn_norm=w.cross_attn_norm, eps=w.eps,
+              rope_max_seq_len=w.rope_max_seq_len)
+
+
+def vae_kwargs(v) -> dict:
+  return dict(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=tuple(v.dim_mult),
+              num_res_blocks=v.num_res_blocks, attn_scales=tuple(v.attn_scales),
+              temperal_downsample=tuple(bool(x) for x in v.temperal_downsample),
+              dropout=v.dropout, latents_mean=None, latents_std=None)

@@ -1,0 +1,48 @@
+"""The train step: one objective's loss and gradient, an AdamW update, the EMA. Pure; the train loop
+(sora_jax/train.py) jits it with explicit shardings and a donated state."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sora_jax.common import tokenizers
+from sora_jax.config import geometry
+from sora_jax.training.objectives import (autoencoder, frame_conditioned,
+                                          text_to_video, upscaler)
+
+
+def objective(config):
+  """The objective module (training/objectives/) that trains `config`."""
+  if config.model.family == 'vae':
+    return autoencoder
+  if geometry.upscale_enabled(config):
+    return upscaler
+  if geometry.conditioning_enabled(config):
+    return frame_conditioned
+  return text_to_video
+
+
+def make_train_step(graphdef, config, tx, schedule, null_caption=None):
+  """(state, batch) -> (state, metrics); pure, jitted by the caller.
+
+  `null_caption` = (tokens, mask) [1, ...] of the empty caption as the model takes captions (byte
+  tokens, or a frozen encoder's embeddings: inference/frozen.py); default: the byte tokenizer's.
+  """
+  null_caption = null_caption or tokenizers.tokenize([''], config.text.max_length)
+  loss_fn = objective(config).make_loss(graphdef, config, null_caption)
+
+  def train_step(state, batch):
+    rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
+    rngs = dict(t=t_rng, noise=noise_rng, drop=drop_rng)
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], batch, rngs)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    # EMA decay warms up so that early (poor) weights fade fast in short runs.
+    step = state['step']
+    decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema'], params)
+    new_state = dict(step=step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng)
+    return new_state, dict(extra, loss=loss, grad_norm=optax.tree.norm(grads),
+                           learning_rate=schedule(step))
+
+  return train_step
