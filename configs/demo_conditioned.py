@@ -21,7 +21,9 @@ videos): 0.98 / 0.87, direction 0.74, image-to-video 1.00, extension 1.00 (resum
 3000 steps: 0.58 from an image, direction 0.29 (model width 192: 0.60, 0.40).
 """
 
-from configs import demo
+from sora_jax.config import schema
+
+demo = schema.config_file(__file__, 'demo.py')
 
 
 def get_config(autoencoder: str = ''):

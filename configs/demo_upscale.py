@@ -15,7 +15,9 @@ CFG 4; 1.00/0.88/0.85/0.97 with the demo's linear CFG schedule, 0.09% of pixels 
 object instead of 1.7%: the upscaler keeps the base video's speckles at any input noise 0-0.15).
 """
 
-from configs import demo
+from sora_jax.config import schema
+
+demo = schema.config_file(__file__, 'demo.py')
 
 
 def get_config():

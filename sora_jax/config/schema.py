@@ -5,12 +5,16 @@ Config files in `configs/` start from `base_config()` and override what they tun
 exists anywhere exists here, with a default and a type. Validation: config/validation.py.
 """
 
+import importlib.util
 import json
 import os
 
 import ml_collections
 
-CONDITION_PATTERNS = ('none', 'first', 'first_k', 'last_k', 'first_last')
+# The values some keys allow (validation.py checks them; models and kernels name them too).
+FAMILIES = ('dit', 'wan', 'vae')  # config.model.family
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash', 'chunked')  # config.model.attention
+CONDITION_PATTERNS = ('none', 'first', 'first_k', 'last_k', 'first_last')  # config.condition.mix
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -184,10 +188,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 32
   return c
 
-FAMILIES = ('dit', 'wan', 'vae')
-
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash', 'chunked')
-
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
@@ -209,3 +209,13 @@ def _merge(config, saved: dict):
     else:
       with config.ignore_type():
         config[key] = value
+
+
+def config_file(beside: str, name: str):
+  """The config module `name` (e.g. 'demo.py') in the folder of the file `beside`: config files build
+  on one another by path, so they load from any working directory (configs/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(beside)), name)
+  spec = importlib.util.spec_from_file_location(f'sora_jax_configs.{name[:-3]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
