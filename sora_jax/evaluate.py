@@ -9,18 +9,19 @@ direction x eval.samples_per_prompt), written as mp4, decoded again and judged b
 `data_pipelines.shapes.judge_clip`: colour, shape, direction, and a stable object in every frame.
 Runs trained with config.condition.mix also get image-to-video, forward extension and 4x-length
 sliding-window videos judged, with temporal consistency at window boundaries
-(sora_jax/conditioned_eval.py; --conditioned=image_to_video,extension,long_video,
+(sora_jax/evaluation/conditioned.py; --conditioned=image_to_video,extension,long_video,
 long_video_from_image or none).
 Upscaler runs (config.upscale.factor > 1): PSNR of the upscaled eval clips (and of bilinear
 upsampling) against the real ones, plus the judged adherence of the upscaled mp4s;
 --upscale_workdir=UP on a base run judges the base model's videos after that upscaler.
 """
 
-
-from absl import app, flags
+from absl import flags
 
 from sora_jax import cli
+from sora_jax.config import schema
 from sora_jax.evaluation import adherence, suite
+from sora_jax.inference import restore, sampling, upscale
 from sora_jax.training import checkpoint
 
 
@@ -42,18 +43,22 @@ def define_flags():
   flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video',
                                     'long_video_from_image'],
                     'Conditioned protocols judged on runs trained with config.condition.mix'
-                    ' (sora_jax/conditioned_eval.py); "none" for none.')
+                    ' (sora_jax/evaluation/conditioned.py); "none" for none.')
 
 
 def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
-  try:
+  with cli.user_errors():  # every input checked before restoring and compiling anything
     options = cli.flag_values()
-    suite.check_options(f.conditioned, f.upscale_noise)  # before restoring and compiling anything
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    suite.check_options(f.conditioned, f.upscale_noise)
+    config = schema.load_config(f.workdir)
+    sampling.settings(config, **options)
+    restore.find_step(f.workdir, f.checkpoint_step)
+    if f.upscale_workdir:
+      upscale.Upscaler(f.upscale_workdir, noise=f.upscale_noise).check_input(
+          config.data.num_frames, config.data.height, config.data.width)
   result = suite.evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
                     videos_dir=f.videos_dir, flow_loss=f.flow_loss, conditioned=f.conditioned,
                     upscale_workdir=f.upscale_workdir, upscale_noise=f.upscale_noise, **options)
@@ -74,6 +79,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['workdir', 'output'])
-  app.run(main)
+  cli.run(main, define_flags, required=['workdir', 'output'])

@@ -44,16 +44,24 @@ Output: DIR/shard-NNNNN.array_record (+ .json sidecars) and DIR/index.json, whic
 
 from __future__ import annotations
 
-from absl import app, flags
+import os
+
+from absl import flags
 from ml_collections import config_flags
 
 from data_pipelines import prepare as prepare_lib
+from sora_jax import cli
 from sora_jax.inference import frozen as frozen_lib
+
+
+# The repository's demo config, wherever the command runs from (the README installs the checkout).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                              'demo.py')
 
 
 def define_flags():
   """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
-  config_flags.DEFINE_config_file('config', 'configs/demo.py',
+  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG,
                                   'Training config: buckets, fps, skip limit, probe threads.',
                                   lock_config=True)
   flags.DEFINE_string('manifest', None, 'CSV/JSONL manifest (default: config.data.manifest).')
@@ -89,14 +97,14 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   manifest = f.manifest or config.data.manifest
-  if not manifest or not f.output_dir:
-    raise app.UsageError('--manifest (or --config.data.manifest) and --output_dir are required.')
-  prepare(config, manifest, f.output_dir, num_processes=f.num_processes, shard_size=f.shard_size,
-          overwrite=f.overwrite, cache_latents=f.cache_latents, cache_text=f.cache_text,
-          cache_dtype=f.cache_dtype, encode_batch_size=f.encode_batch_size)
+  if not manifest:
+    raise cli.UserError('--manifest (or --config.data.manifest) is required.')
+  with cli.user_errors():
+    prepare(config, manifest, f.output_dir, num_processes=f.num_processes, shard_size=f.shard_size,
+            overwrite=f.overwrite, cache_latents=f.cache_latents, cache_text=f.cache_text,
+            cache_dtype=f.cache_dtype, encode_batch_size=f.encode_batch_size)
   print(f'Train on it with --config.data.prepared={f.output_dir}')
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, required=['output_dir'])

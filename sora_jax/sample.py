@@ -6,20 +6,20 @@ r"""Samples videos from a trained run.
       [--guidance_schedule=interval --guidance_interval=0.2,0.8]
 
 Conditioning (a run trained with config.condition.mix, e.g. configs/demo_conditioned.py;
-sora_jax/conditioning.py): --image=first.png (image-to-video), --end_image=last.png (with --image:
+sora_jax/diffusion/given_frames.py): --image=first.png (image-to-video), --end_image=last.png (with --image:
 connect two images), --video=clip.mp4 --extend=forward|backward [--overlap=K] (continue a clip after
 its last / before its first K model frames; the output starts / ends with them), --video=clip.mp4
 --edit_strength=0.6 (SDEdit under the new prompt: works with any run), --num_frames=N longer than the
 training clip (sliding windows of the training length overlapping by --overlap frames). Images and
 videos are resized to the run's frame size. --upscale_workdir=runs/demo_upscale: a cascaded
-super-resolution run (sora_jax/upscale.py) upscales every video before it is written.
+super-resolution run (sora_jax/inference/upscale.py) upscales every video before it is written.
 
 Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "path"}, ...]}.
 """
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from sora_jax import cli
 from sora_jax.common import video_io
@@ -61,10 +61,19 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   f = flags.FLAGS
   # Every input is checked before the checkpoint loads and anything compiles.
-  config = schema.load_config(f.workdir)
-  t_pix = config.data.num_frames
-  try:
+  with cli.user_errors():
+    config = schema.load_config(f.workdir)
+    t_pix = config.data.num_frames
+    if config.model.family == 'vae':
+      raise ValueError(f'{f.workdir} holds an autoencoder (model.family=vae), not a text-to-video'
+                       ' model; use it as --config.autoencoder of a DiT run.')
+    if geometry.upscale_enabled(config):
+      raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
+                       ' --upscale_workdir after a base model\'s --workdir.')
+    restore.find_step(f.workdir, f.checkpoint_step)
     options = sampling.settings(config, **cli.flag_values())
+    if f.edit_strength is not None and not 0 < f.edit_strength <= 1:
+      raise ValueError(f'--edit_strength={f.edit_strength} must be in (0, 1].')
     clip, _, given = frame_inputs.cli_inputs(
         config, image=f.image, end_image=f.end_image, video=f.video, extend=f.extend,
         edit_strength=f.edit_strength, overlap=f.overlap)
@@ -80,17 +89,9 @@ def main(argv):
         raise ValueError('--edit_strength works on one clip; drop --num_frames.')
       overlap = geometry.resolve_overlap(config, f.overlap)
     upscaler = None
-    if geometry.upscale_enabled(config):
-      raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
-                       ' --upscale_workdir after a base model\'s --workdir.')
     if f.upscale_workdir:
       upscaler = upscale.Upscaler(f.upscale_workdir, noise=f.upscale_noise)
       upscaler.check_input(f.num_frames or t_pix, config.data.height, config.data.width)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  if config.model.family == 'vae':
-    raise app.UsageError(f'{f.workdir} holds an autoencoder (model.family=vae), not a text-to-video'
-                         ' model; use it as --config.autoencoder of a DiT run.')
   config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
                                                       use_ema=f.use_ema)
   logging.info('Sampling %d prompts from step %d (%s).', len(f.prompt), step, options)
@@ -121,6 +122,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['workdir', 'prompt', 'output_dir'])
-  app.run(main)
+  cli.run(main, define_flags, required=['workdir', 'prompt', 'output_dir'])

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline, shapes
+from sora_jax import cli
 from sora_jax.common import video_io
 from sora_jax.config import geometry, validation
 from sora_jax.diffusion import cascade
@@ -83,7 +84,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if mngr.latest_step() is not None:
     graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
     # Grain's iterator state is per process: written by another process count, re-derive it.
-    same_layout = distributed.saved_process_count(mngr) == jax.process_count()
+    same_layout = checkpoint.saved_process_count(mngr) == jax.process_count()
     state = checkpoint.restore(mngr, abstract, data_iter if same_layout else None)
     if not same_layout:
       distributed.seek(data_iter, int(state['step']))
@@ -179,19 +180,28 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   return state
 
 
+def check_config(config, num_devices: int):
+  """validation.validate, with how to get more CPU devices when the mesh does not fit."""
+  try:
+    validation.validate(config, num_devices)
+  except ValueError as e:
+    if 'devices' in str(e) and jax.default_backend() == 'cpu':
+      raise ValueError(f'{e} (On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N'
+                       ' devices.)') from e
+    raise
+
+
 def main(argv):
   del argv
-  distributed.initialize_from_flags()  # before anything touches a device
+  with cli.user_errors():
+    distributed.initialize_from_flags()  # before anything touches a device
+    check_config(flags.FLAGS.config, jax.device_count())
   jax.config.update('jax_threefry_partitionable', True)
   checkpoint.quiet_orbax_logs()
-  if flags.FLAGS.workdir is None:
-    raise app.UsageError('--workdir is required.')
   state = train(flags.FLAGS.config, flags.FLAGS.workdir)
   if int(state['step']) < flags.FLAGS.config.total_steps:  # preempted; saved
     sys.exit(flags.FLAGS.preempted_exit_code)
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main, define_flags, required=['config', 'workdir'])

@@ -75,5 +75,5 @@ def test_evaluate_cli_rejects_bad_options_before_loading(tmp_path, flag, message
   out = subprocess.run(
       [sys.executable, '-m', 'sora_jax.evaluate', f'--workdir={tmp_path}/missing',
        f'--output={tmp_path}/eval.json', flag], capture_output=True, text=True, timeout=120)
-  assert out.returncode == 1 and message in out.stderr, out.stderr
+  assert out.returncode == 2 and message in out.stderr, out.stderr
   assert 'Traceback' not in out.stderr

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -130,26 +131,33 @@ def test_local_sh_stops_the_others_when_one_fails(tmp_path):
 
 
 def test_initialize_reads_flags_env_and_clusters(monkeypatch):
-  for name in (*distributed.ENV, 'SLURM_NTASKS', 'SLURM_PROCID', 'TPU_WORKER_HOSTNAMES',
-               'MEGASCALE_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE'):
+  for name in (*distributed.ENV, 'SLURM_JOB_ID', 'OMPI_MCA_orte_hnp_uri', 'TPU_WORKER_HOSTNAMES'):
     monkeypatch.delenv(name, raising=False)
-  assert distributed.detected_cluster() is None
-  assert distributed.initialize() is False  # nothing given: one process
+  assert distributed.initialize() is False  # nothing given or detected: one process
+  assert not jax.distributed.is_initialized()
+  with pytest.raises(ValueError, match='coordinator_address'):
+    distributed.initialize('cluster')  # a cluster was required and JAX detected none
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
   with pytest.raises(ValueError, match=r"not \['num_processes', 'process_id'\]"):
     distributed.initialize()
   monkeypatch.setenv('JAX_NUM_PROCESSES', 'two')
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
     distributed.initialize()
-  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
-  monkeypatch.setenv('SLURM_NTASKS', '1')
-  monkeypatch.setenv('SLURM_PROCID', '0')
-  assert distributed.detected_cluster() is None  # a one-task allocation stays single-process
-  monkeypatch.setenv('SLURM_NTASKS', '8')
-  assert distributed.detected_cluster() == 'slurm'
-  monkeypatch.delenv('SLURM_NTASKS')
-  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w-0,w-1')
-  assert distributed.detected_cluster() == 'tpu'
+
+
+def test_initialize_uses_jax_cluster_detection():
+  """A SLURM job step is detected by jax.distributed.initialize() itself (here a one-task job:
+  a one-process job with a coordinator, in a subprocess since it cannot be undone)."""
+  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV}
+  env.update(SLURM_JOB_ID='4321', SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='1',
+             SLURM_PROCID='0', SLURM_LOCALID='0', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  script = ('import jax\nfrom sora_jax.parallel import distributed\n'
+            'multi = distributed.initialize(initialization_timeout=30)\n'
+            'print(multi, jax.distributed.is_initialized(), jax.process_count(), jax.device_count())')
+  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['False', 'True', '1', '2']
 
 
 def test_seek_rederives_the_data_position_for_any_process_count():

@@ -67,5 +67,4 @@ def test_logical_rules():
   assert sharding.logical_to_spec(('batch', 'length', 'act_embed')) == P(('data', 'fsdp'),
                                                                          'context', None)
   assert sharding.logical_to_spec(('layers', 'embed', 'mlp')) == P(None, 'fsdp', 'tensor')
-  # a mesh axis is never used twice in one spec
-  assert sharding.logical_to_spec(('embed', 'embed')) == P('fsdp', None)
+  assert sharding.logical_to_spec((None, 'heads', 'vocab')) == P(None, 'tensor', None)

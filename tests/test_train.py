@@ -14,6 +14,7 @@ from sora_jax import train
 from sora_jax.common import video_io
 from sora_jax.evaluation import suite
 from sora_jax.inference import restore, sampling
+from sora_jax.training import checkpoint
 
 
 def read_metrics(workdir):
@@ -53,6 +54,10 @@ def test_resume_after_crash_is_bit_exact(trained, tmp_path):
   shutil.copytree(workdir, crashed)
   for step in ('4', '6'):
     shutil.rmtree(os.path.join(crashed, 'checkpoints', step))
+  mngr = checkpoint.manager(crashed, read_only=True)
+  assert checkpoint.saved_process_count(mngr) == 1  # the checkpoint's 'layout' item
+  shutil.rmtree(os.path.join(crashed, 'checkpoints', '2', 'layout'))  # as written before it existed
+  assert checkpoint.saved_process_count(mngr) == 1  # from Grain's per-process files
   train.train(config, crashed)
   timing = ('steps_per_second', 'tflops_per_device', 'mfu')
   strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]

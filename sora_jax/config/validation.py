@@ -204,16 +204,16 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.init_from and not os.path.isdir(config.init_from):
     raise ValueError(f'config.init_from={config.init_from!r} is not a folder.')
   if config.text.width % config.text.num_heads:
-    raise ValueError(f'config.text.width must be divisible by config.text.num_heads.')
+    raise ValueError('config.text.width must be divisible by config.text.num_heads.')
   if config.text.word_buckets < 0:
     raise ValueError(f'config.text.word_buckets={config.text.word_buckets} must be >= 0.')
   if not 0.0 <= config.text.dropout_prob < 1.0:
     raise ValueError(f'config.text.dropout_prob={config.text.dropout_prob} not in [0, 1).')
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} not in [0, 1).')
-  if config.optim.warmup_steps > config.total_steps:
+  if config.optim.warmup_steps >= config.total_steps:
     raise ValueError(
-        f'config.optim.warmup_steps={config.optim.warmup_steps} exceeds'
+        f'config.optim.warmup_steps={config.optim.warmup_steps} must be below'
         f' config.total_steps={config.total_steps}.')
   return mesh
 

@@ -9,7 +9,7 @@ direction x eval.samples_per_prompt), written as mp4, decoded again and judged b
 `data_pipelines.shapes.judge_clip`: colour, shape, direction, and a stable object in every frame.
 Runs trained with config.condition.mix also get image-to-video, forward extension and 4x-length
 sliding-window videos judged, with temporal consistency at window boundaries
-(sora_jax/conditioned_eval.py; --conditioned=image_to_video,extension,long_video,
+(evaluation/conditioned.py; --conditioned=image_to_video,extension,long_video,
 long_video_from_image or none).
 Upscaler runs (config.upscale.factor > 1): PSNR of the upscaled eval clips (and of bilinear
 upsampling) against the real ones, plus the judged adherence of the upscaled mp4s;

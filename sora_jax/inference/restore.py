@@ -1,12 +1,16 @@
 """Loading a trained run (its saved config and a checkpoint) for sampling and evaluation."""
 
-
 import jax
 
 from sora_jax.config import geometry, schema
 from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint
 from sora_jax.training import state as state_lib
+
+
+def find_step(workdir: str, step: int | None = None) -> int:
+  """The checkpoint step `load` would take (latest unless `step`), checked without loading it."""
+  return checkpoint.resolve_step(checkpoint.manager(workdir, read_only=True), step)
 
 
 def load(workdir: str, *, step: int | None = None, use_ema: bool = True):

@@ -4,10 +4,9 @@ One process per host (TPU VM, GPU node) or per GPU; each sees its local devices 
 rows of every global batch (data_pipelines/pipeline.py). `initialize()` picks the setup from:
   1. --coordinator_address/--num_processes/--process_id, or JAX_COORDINATOR_ADDRESS,
      JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/local.sh, GKE/XPK);
-  2. a multi-task SLURM job, a Cloud TPU VM or a TPU slice on GKE, or Open MPI:
-     jax.distributed.initialize()'s own cluster detection (launch/slurm.sbatch, launch/tpu_pod.sh,
-     launch/gke_xpk.md); --distributed=cluster forces it for other clusters it knows (Kubernetes);
-  3. otherwise a single process.
+  2. jax.distributed.initialize()'s own cluster detection: SLURM, Open MPI, a Cloud TPU VM or TPU
+     slice, GKE (launch/slurm.sbatch, launch/tpu_pod.sh, launch/gke_xpk.md);
+  3. where it detects none, a single process (--distributed=cluster makes that an error instead).
 
 A process that dies stops the others within about --heartbeat_timeout_seconds: the coordination
 service notices the missing heartbeats and every client aborts with an error naming the dead task,
@@ -15,9 +14,7 @@ rather than waiting in a collective forever. SIGTERM (preemption; also TPU maint
 arrive as SIGTERM) makes every process save at one agreed step and exit 0: see `Preemption`.
 """
 
-import glob
 import os
-import re
 import signal
 import threading
 
@@ -31,8 +28,8 @@ ENV = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
 def define_flags():
   """Defined by the programs that take them (train.py), so library modules import cleanly."""
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'cluster', 'off'],
-                    'auto: coordinator flags/env, else a detected multi-process cluster, else one'
-                    ' process; cluster: always jax.distributed.initialize() auto-detection;'
+                    'auto: coordinator flags/env, else a cluster jax.distributed.initialize()'
+                    ' detects, else one process; cluster: as auto, but no cluster is an error;'
                     ' off: one process.')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (or env %s).' % ENV[0])
   flags.DEFINE_integer('num_processes', None, 'Processes in the job (or env %s).' % ENV[1])
@@ -73,13 +70,17 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None,
                        f' --num_processes and --process_id, or set {ENV[1]} and {ENV[2]}.')
     kw = dict(coordinator_address=coordinator_address, num_processes=num_processes,
               process_id=process_id)
-  elif mode == 'cluster' or detected_cluster():
-    kw = {}  # jax.distributed.initialize() reads SLURM / TPU / MPI environments itself
   else:
-    return False
+    kw = {}  # jax.distributed.initialize() reads SLURM / MPI / TPU / GKE environments itself
   # CPU processes exchange collectives over TCP with gloo (also the default in jax 0.10.2).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kw, **timeouts)
+  try:
+    jax.distributed.initialize(**kw, **timeouts)
+  except ValueError as e:
+    # JAX's words when no cluster is detected and nothing was given: then this is one process.
+    if kw or mode == 'cluster' or 'coordinator_address should be defined' not in str(e):
+      raise
+    return False
   logging.info('Process %d of %d; %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1
@@ -91,32 +92,6 @@ def initialize_from_flags() -> bool:
                     heartbeat_timeout_seconds=f.heartbeat_timeout_seconds,
                     initialization_timeout=f.initialization_timeout,
                     shutdown_timeout_seconds=f.shutdown_timeout_seconds)
-
-
-def detected_cluster() -> str | None:
-  """The multi-process scheduler this process runs under, if any (from its environment alone)."""
-  env = os.environ
-  if int(env.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_PROCID' in env:
-    return 'slurm'
-  if (len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1  # GKE / XPK TPU slices
-      or env.get('MEGASCALE_COORDINATOR_ADDRESS') or on_cloud_tpu_vm()):
-    return 'tpu'
-  if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
-    return 'mpi'
-  return None
-
-
-def on_cloud_tpu_vm() -> bool:
-  """A Cloud TPU VM (TPU chips as /dev/accel* or Google PCI devices behind vfio): its pod's worker
-  list is in the metadata server, which jax.distributed.initialize() reads (a one-host slice simply
-  becomes a one-process job)."""
-  if glob.glob('/dev/accel*'):
-    return True
-  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor') if glob.glob('/dev/vfio/[0-9]*') else ():
-    with open(vendor) as f:
-      if f.read().strip() == '0x1ae0':  # Google
-        return True
-  return False
 
 
 def _env_int(name: str) -> int | None:
@@ -168,14 +143,6 @@ class Preemption:
 
 
 # ------------------------------------------------------------------ data position across layouts --
-
-def saved_process_count(mngr, step: int | None = None) -> int | None:
-  """How many processes wrote the Grain iterator state of a checkpoint (default: the latest)."""
-  step = mngr.latest_step() if step is None else step
-  names = glob.glob(os.path.join(str(mngr.directory), str(step), 'dataset', 'process_*-of-*.json'))
-  counts = {int(re.search(r'-of-(\d+)\.json$', n).group(1)) for n in names}
-  return counts.pop() if len(counts) == 1 else None
-
 
 def seek(iterator, step: int):
   """Puts a fresh per-process iterator where it is after `step` batches, from the step alone.

@@ -1,12 +1,15 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
 Parameters carry logical names (`nnx.with_partitioning`); activations are constrained with `constrain`.
-Changing how the model is parallelised means editing RULES, nothing else.
+Changing how the model is parallelised means editing RULES, nothing else. The names are resolved by
+flax's own rule machinery (`nnx.logical_axis_rules`, `flax.core.spmd.from_sharding_rules`): a name
+without a rule is kept as is, so a misspelt one fails loudly as an unknown mesh axis.
 """
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,16 +34,8 @@ RULES = (
 
 
 def logical_to_spec(names, rules=RULES) -> P:
-  """PartitionSpec for logical names; a mesh axis is used at most once per spec."""
-  table = dict(rules)
-  used, spec = set(), []
-  for name in names:
-    axes = table.get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a not in used)
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else (axes or None))
-  return P(*spec)
+  """PartitionSpec for a tuple of logical axis names."""
+  return P(*spmd.from_sharding_rules(tuple(names), rules))
 
 
 def make_mesh(shape: dict[str, int], devices=None, dcn: dict[str, int] | None = None) -> Mesh:
@@ -65,10 +60,8 @@ def make_mesh(shape: dict[str, int], devices=None, dcn: dict[str, int] | None = 
 
 def state_shardings(abstract_state, mesh: Mesh):
   """NamedShardings for an nnx.State from its parameters' logical-axis metadata."""
-  specs = nnx.get_partition_spec(abstract_state)
-  return jax.tree.map(
-      lambda s: NamedSharding(mesh, logical_to_spec(tuple(s))), specs,
-      is_leaf=lambda x: isinstance(x, P))
+  with nnx.logical_axis_rules(RULES):
+    return nnx.get_named_sharding(abstract_state, mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,7 +1,14 @@
-"""Orbax checkpoints of the train state together with the Grain iterator (exact resume)."""
+"""Orbax checkpoints of the train state together with the Grain iterator (exact resume).
 
+A checkpoint is a Composite of three items: 'state' (params, EMA, optimizer, step, RNG), 'dataset'
+(each process's Grain iterator state) and 'layout' ({'process_count'}: how many processes wrote
+'dataset', which decides whether a resume can take the iterator states as they are).
+"""
+
+import glob
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -38,26 +45,45 @@ def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.Checkp
       max_to_keep=None if config is None else config.keep_checkpoints,
       enable_async_checkpointing=True, read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options, item_names=('state', 'dataset'))
+                               options=options, item_names=('state', 'dataset', 'layout'))
 
 
 def save(mngr, step: int, state, iterator, *, force: bool = False):
   """Async save: returns once device buffers are copied, so the next step may donate them."""
   mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), dataset=grain.checkpoint.CheckpointSave(iterator)),
-      force=force)
+      state=ocp.args.StandardSave(state), dataset=grain.checkpoint.CheckpointSave(iterator),
+      layout=ocp.args.JsonSave({'process_count': jax.process_count()})), force=force)
+
+
+def resolve_step(mngr, step: int | None = None) -> int:
+  """`step`, or the latest, after checking that the checkpoint exists."""
+  steps = sorted(mngr.all_steps())
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {mngr.directory}.')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f'No checkpoint for step {step} in {mngr.directory}; have {steps}.')
+  return step
 
 
 def restore(mngr, abstract_state, iterator=None, step: int | None = None):
   """Restores onto the shardings carried by `abstract_state` (any mesh); also the iterator if given."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {mngr.directory}.')
-  if step not in mngr.all_steps():
-    raise FileNotFoundError(f'No checkpoint for step {step} in {mngr.directory};'
-                            f' have {sorted(mngr.all_steps())}.')
+  step = resolve_step(mngr, step)
   args = dict(state=ocp.args.StandardRestore(abstract_state))
   if iterator is not None:
     args['dataset'] = grain.checkpoint.CheckpointRestore(iterator)
   restored = mngr.restore(step, args=ocp.args.Composite(**args))
   return restored['state']
+
+
+def saved_process_count(mngr, step: int | None = None) -> int | None:
+  """How many processes wrote the data iterator state of a checkpoint (default: the latest)."""
+  step = resolve_step(mngr, step)
+  if os.path.isdir(os.path.join(str(mngr.directory), str(step), 'layout')):
+    layout = mngr.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))['layout']
+    return int(layout['process_count'])
+  # Checkpoints written before the 'layout' item: count Grain's per-process state files.
+  names = glob.glob(os.path.join(str(mngr.directory), str(step), 'dataset', 'process_*-of-*.json'))
+  counts = {int(re.search(r'-of-(\d+)\.json$', n).group(1)) for n in names}
+  return counts.pop() if len(counts) == 1 else None
