@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', None, 'Base training config.')
-flags.DEFINE_string('variants', '', 'Semicolon-separated variants of key=value overrides.')
+flags.DEFINE_string('variants', '', "Variants separated by '|', each ';'-separated key=value"
+                    ' overrides (bare keys: config.model).')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant (after one warm-up step).')
 
 

@@ -1,5 +1,6 @@
 r"""The demo (configs/demo.py) trained to also condition on given frames: image-to-video, forward /
-backward extension and sliding-window long videos from one model (sora_jax/conditioning.py).
+backward extension and sliding-window long videos from one model
+(sora_jax/diffusion/given_frames.py).
 
   python -m sora_jax.train --config=configs/demo_conditioned.py --workdir=runs/demo_conditioned
   python -m sora_jax.sample --workdir=runs/demo_conditioned --prompt="a red circle moving left" \

@@ -7,8 +7,8 @@ r"""Cascaded super-resolution for the demo: 12 frames of 32x32 (configs/demo.py)
 
 The same VideoDiT as the demo, trained on the same captioned shapes at 64x64 with each clip's
 box-downsampled 32x32 copy (bilinearly re-upsampled, noise-augmented) as extra input channels
-(sora_jax/upscale.py), predicting the detail on top of it. 2x16x16 patches keep the demo's 96 tokens
-per clip. Measured on 2 CPU cores (2026-11-27): training 16 min (other jobs running); evaluate: PSNR
+(sora_jax/inference/upscale.py), predicting the detail on top of it. 2x16x16 patches keep the
+demo's 96 tokens per clip. Measured on 2 CPU cores (2026-11-27): training 16 min (other jobs running); evaluate: PSNR
 26.7 dB against bilinear upsampling's 26.1 dB (held-out 26.9 / 26.2); runs/demo chained through it to
 64x64 keeps its judged adherence (seen colour/shape/direction/stable 1.00/0.78/0.88/0.97 at constant
 CFG 4; 1.00/0.88/0.85/0.97 with the demo's linear CFG schedule, 0.09% of pixels lit away from the

@@ -25,7 +25,9 @@ from sora_jax.config import validation
 
 def define_flags():
   """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
-  config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config.', lock_config=True)
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'demo.py')  # the repository's, from any working directory
+  config_flags.DEFINE_config_file('config', demo, 'Training config.', lock_config=True)
   flags.DEFINE_integer('num_batches', 10, 'Batches to pull.')
   flags.DEFINE_string('report', None, 'JSON file for the report (optional).')
   flags.DEFINE_integer('data_parallel', 1, 'mesh.data * mesh.fsdp of the planned job: per-bucket'
@@ -33,8 +35,8 @@ def define_flags():
 
 
 def validate(config, data_parallel: int):
-  """config_lib.validate without this machine's devices: checks the config as if the job's mesh were
-  `data_parallel` devices, all on the data axis (batch divisibility still checked against it)."""
+  """validation.validate without this machine's devices: checks the config as if the job's mesh
+  were `data_parallel` devices, all on the data axis (batch divisibility still checked against it)."""
   c = copy.deepcopy(config)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = -1, 1, 1, 1
   validation.validate(c, data_parallel)

@@ -133,8 +133,8 @@ def _load_tfds(source, example, bucket, rng):
 
 
 def prepared_examples(config, table, skips: bucketed.SkipLog):
-  """Examples of shards written by data_pipelines.prepare (config.data.prepared); their buckets,
-  frame rate and cached encodings (latents, caption embeddings) must be the config's."""
+  """Examples of shards written by `python -m sora_jax.prepare` (config.data.prepared); their
+  buckets, frame rate and cached encodings (latents, caption embeddings) must be the config's."""
   folder = config.data.prepared
   with open(os.path.join(folder, 'index.json')) as f:
     index = json.load(f)

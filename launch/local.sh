@@ -6,7 +6,7 @@
 #     python -m sora_jax.train --config=configs/demo.py --workdir=runs/mh --config.mesh.data=4
 #
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (read by
-# sora_jax/distributed.py), JAX_PLATFORMS=cpu and
+# sora_jax/parallel/distributed.py), JAX_PLATFORMS=cpu and
 # XLA_FLAGS=--xla_force_host_platform_device_count=K.
 # Output lines are prefixed with the process id. SIGTERM/SIGINT are forwarded to every process (a
 # preemption drill: they save and exit 0). If one process fails, the others are killed and the

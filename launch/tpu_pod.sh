@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the trainer on every host of a Cloud TPU VM slice: one process per host, joined by
-# jax.distributed.initialize()'s TPU detection (sora_jax/distributed.py); needs the gcloud CLI.
+# jax.distributed.initialize()'s TPU detection (sora_jax/parallel/distributed.py); needs the gcloud CLI.
 #
 #   launch/tpu_pod.sh --tpu=my-v5p-32 --zone=us-east5-a -- \
 #     python -m sora_jax.train --config=configs/demo.py --workdir=/mnt/runs/demo

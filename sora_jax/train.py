@@ -4,7 +4,7 @@ r"""Trains a text-to-video DiT with rectified flow.
 
 Re-running the same command on an existing workdir resumes from its latest checkpoint (state, RNG and
 data iterator), bit-exactly on CPU, also with another number of processes or devices. Several hosts:
-launch/ (local.sh, tpu_pod.sh, slurm.sbatch, gke_xpk.md) and sora_jax/distributed.py. SIGTERM
+launch/ (local.sh, tpu_pod.sh, slurm.sbatch, gke_xpk.md) and sora_jax/parallel/distributed.py. SIGTERM
 (preemption) saves a checkpoint at a step all processes agree on, then exits 0
 (--preempted_exit_code).
 """
@@ -14,21 +14,17 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from data_pipelines import bucketed, pipeline, shapes
+from data_pipelines import bucketed, pipeline
 from sora_jax import cli
 from sora_jax.common import video_io
 from sora_jax.config import geometry, validation
-from sora_jax.diffusion import cascade
-from sora_jax.evaluation import upscaling as upscale_eval
+from sora_jax.evaluation import previews
 from sora_jax.inference import frozen as frozen_lib
-from sora_jax.inference import sampling
 from sora_jax.parallel import distributed, sharding
 from sora_jax.training import checkpoint, metrics
 from sora_jax.training import state as state_lib
@@ -40,20 +36,6 @@ def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go.')
   distributed.define_flags()
-
-
-def reconstruct(graphdef, params, video):
-  """Autoencoder reconstruction (posterior mean) of [B, T, H, W, 3] clips in [-1, 1]."""
-  model = nnx.merge(graphdef, params)
-  return np.asarray(jnp.clip(model.decode(model.encode(jnp.asarray(video))[0]), -1.0, 1.0))
-
-
-def sample_prompts(n: int) -> list[str]:
-  """A fixed mix of seen and held-out prompts for periodic samples."""
-  seen = [shapes.caption(c, s, d) for (c, s), d in
-          zip(shapes.pairs('train'), shapes.DIRECTIONS * 8)]
-  held = [shapes.caption(c, s, d) for (c, s), d in zip(shapes.pairs('heldout'), shapes.DIRECTIONS)]
-  return [p for pair in zip(seen, held) for p in pair][:n]
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
@@ -103,31 +85,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   train_step = jax.jit(update.make_train_step(graphdef, config, tx, schedule, null_caption),
                        in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
                        donate_argnums=(0,))
-  if not is_vae:
-    generate = sampling.make_generate(graphdef, config, frozen=frozen, **sampling.settings(config))
+  preview = previews.make(graphdef, config, mesh, frozen)
 
   def write_samples(step):
-    out_dir = os.path.join(workdir, 'samples', f'step_{step}')
-    if is_vae:  # reconstructions of fixed clips, input above output
-      batch = pipeline.eval_batches(config, 'heldout', config.num_train_samples,
-                                    config.num_train_samples)[0]
-      recon = reconstruct(graphdef, state['ema'], batch['video'])
-      videos = video_io.to_uint8(np.concatenate([batch['video'], recon], axis=2))
-      prompts = [f'reconstruction {i}' for i in range(len(videos))]
-    elif geometry.upscale_enabled(config):  # bilinear | upscaled | real, side by side
-      clips, prompts = upscale_eval.eval_clips(config, 'heldout', config.num_train_samples)
-      low = np.asarray(cascade.downsample(clips, config.upscale.factor))
-      up = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,
-                                    seed=config.seed, batch_size=len(prompts), frozen=frozen,
-                                    lowres=low)
-      bilinear = video_io.to_uint8(np.asarray(cascade.upsample(low, config.upscale.factor)))
-      videos = np.concatenate([bilinear, up, video_io.to_uint8(clips)], axis=3)
-    else:
-      prompts = sample_prompts(config.num_train_samples)
-      videos = sampling.generate_videos(generate, state['ema'], prompts, config=config, mesh=mesh,
-                                        seed=config.seed, batch_size=len(prompts), frozen=frozen)
+    videos, prompts = preview(state['ema'])
     if jax.process_index() == 0:
-      video_io.write_videos(videos, prompts, out_dir, fps=config.data.fps)
+      video_io.write_videos(videos, prompts, os.path.join(workdir, 'samples', f'step_{step}'),
+                            fps=config.data.fps)
 
   # ---- Loop.
   step = int(state['step'])

@@ -186,3 +186,19 @@ def test_training_on_a_manifest_counts_skips(media, tmp_path):
   assert [r['step'] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r['loss']) for r in rows)
   assert rows[-1]['skipped_examples'] == 14  # broken rows + 8 images with no 1-frame bucket
+
+
+def test_example_videos_index_into_the_readme_buckets(tmp_path):
+  """data_pipelines.example_videos (the README's data) fills video and image buckets, no skips."""
+  from data_pipelines import example_videos  # pylint: disable=g-import-not-at-top
+  manifest = example_videos.write_examples(str(tmp_path), num_videos=3, num_images=1)
+  c = _config(manifest)
+  c.data.buckets = ((12, 32, 32), (12, 32, 48), (12, 48, 32), (1, 32, 32))
+  table = buckets_lib.make(c, 2)
+  skips = bucketed.SkipLog(0.0)
+  examples = bucketed.index_manifest(manifest, table, fps=8, skips=skips, num_threads=2)
+  assert skips.seen == 4 and not skips.skipped
+  assert sorted(table[e.bucket].shape for e in examples) == [
+      (1, 32, 32), (12, 32, 32), (12, 32, 48), (12, 48, 32)]
+  for name in ('first.png', 'clip.mp4'):
+    assert os.path.isfile(tmp_path / name)

@@ -1,4 +1,4 @@
-"""Cascaded super-resolution (sora_jax/upscale.py): resampling, config checks, train -> chain."""
+"""Cascaded super-resolution (sora_jax/inference/upscale.py): resampling, config checks, train -> chain."""
 
 import json
 import subprocess

@@ -41,7 +41,7 @@ def tokens(shape, patch_size) -> int:
 
 
 def make(config, batch_multiple: int = 1) -> list[Bucket]:
-  """The bucket table with per-bucket global batch sizes; assumes `config_lib.validate` passed."""
+  """The bucket table with per-bucket global batch sizes; assumes `config.validation.validate` passed."""
   budget = config.data.tokens_per_batch
   out = []
   for shape in shapes(config):
@@ -55,7 +55,7 @@ def make(config, batch_multiple: int = 1) -> list[Bucket]:
 
 
 def check(config) -> list[str]:
-  """Problems with the bucket table, each naming its key (used by config_lib.validate)."""
+  """Problems with the bucket table, each naming its key (used by config.validation.validate)."""
   errors = []
   patch = tuple(config.model.patch_size)
   key = 'config.data.buckets'
@@ -65,7 +65,7 @@ def check(config) -> list[str]:
       errors.append(f'{key}: bucket {shape} must be three positive ints (frames, height, width).')
       continue
     for size, p, name in zip(shape, patch, ('frames', 'height', 'width')):
-      if size % p and not config.get('autoencoder'):  # latent buckets: config_lib checks them
+      if size % p and not config.get('autoencoder'):  # latent buckets: config/validation.py checks them
         errors.append(f'{key}: bucket {shape} {name}={size} is not divisible by'
                       f' config.model.patch_size={patch}.')
   if config.data.tokens_per_batch < 0:

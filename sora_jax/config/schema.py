@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype; parameters are always float32
   c.model.scan_layers = True
   c.model.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
-  # Self-attention kernel (sora_jax/models/attention.py): auto | xla | cudnn | splash | chunked.
+  # Self-attention kernel (sora_jax/parallel/attention.py): auto | xla | cudnn | splash | chunked.
   # auto: cuDNN flash on GPU, Pallas splash on TPU, else xla for short and chunked for long sequences.
   c.model.attention = 'auto'
   # With mesh.context > 1: 'ring' (K/V blocks rotate with ppermute), 'all_to_all' (Ulysses: sequence
@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.frame_noise_prob = 0.0  # fraction of clips trained with a flow time per frame
   c.diffusion.loss_t_floor = 0.0  # velocity-loss weight min(1, (t / floor)^2); 0 = unweighted
 
-  # Conditioning on given frames (sora_jax/conditioning.py): image-to-video, extension, connecting
+  # Conditioning on given frames (sora_jax/diffusion/given_frames.py): image-to-video, extension, connecting
   # clips. mix: (pattern, probability) pairs drawn per training clip, patterns none | first | first_k
   # | last_k | first_last; only 'none' (default): no mask input channel, plain text-to-video.
   # max_frames: k of the *_k patterns is uniform in [1, max_frames] temporal patches.
@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.condition.context_noise = 0.0
   c.condition.sample_context_noise = 0.0
 
-  # Cascaded super-resolution (sora_jax/upscale.py): factor > 1 makes this run an upscaler that sees
+  # Cascaded super-resolution (sora_jax/inference/upscale.py): factor > 1 makes this run an upscaler that sees
   # its clips downsampled by `factor` and re-upsampled as extra input channels; noise_aug: the
   # low-resolution input is noised to a flow time ~ U(0, noise_aug) in training, sample_noise when
   # sampling (so the base model's artifacts are not copied). configs/demo_upscale.py.

@@ -244,11 +244,14 @@ PROTOCOLS = {'image_to_video': image_to_video, 'extension': extension, 'long_vid
 
 
 def evaluate(generate, params, config, mesh, videos_dir, *, seed, frozen,
-             protocols=tuple(PROTOCOLS)) -> dict:
-  """All protocols on the seen and held-out splits: {protocol: {split_name: result}}."""
+             protocols=tuple(PROTOCOLS), starting=None) -> dict:
+  """All protocols on the seen and held-out splits: {protocol: {split_name: result}}.
+  starting(i, name): called before protocol i starts (progress)."""
   jump_px = jump_threshold(config)  # rendered once for every protocol and split
   out = {}
-  for name in protocols:
+  for i, name in enumerate(protocols):
+    if starting is not None:
+      starting(i, name)
     out[name] = {}
     for split_name, split in adherence.SPLITS.items():
       out[name][split_name] = PROTOCOLS[name](

@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 
 from data_pipelines import pipeline
+from sora_jax.common import progress as progress_lib
 from sora_jax.config import geometry
 from sora_jax.diffusion import flow
 from sora_jax.evaluation import adherence
@@ -118,8 +119,12 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
             'seed': seed}
   if upscaler is not None or geometry.upscale_enabled(config):
     result['upscale_noise'] = (upscaler.load()[0] if upscaler else config).upscale.sample_noise
+  run_conditioned = bool(conditioned) and geometry.conditioning_enabled(config)
+  stages = progress_lib.Progress(
+      len(adherence.SPLITS) + (len(conditioned) if run_conditioned else 0), 'Evaluation stages')
   with jax.set_mesh(mesh):
-    for name, split in adherence.SPLITS.items():
+    for i, (name, split) in enumerate(adherence.SPLITS.items()):
+      stages.update(i, f'next: {name} pairs')
       result[name] = {}
       if geometry.upscale_enabled(config):
         result[name]['upscaling'] = upscale_eval.upscaling(generate, params, config, mesh, split,
@@ -137,12 +142,14 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
       logging.info('%s: loss %s, adherence %s', name,
                    result[name].get('flow_matching_loss', {}).get('mean'),
                    result[name]['adherence']['rates'])
-    if conditioned and geometry.conditioning_enabled(config):
+    if run_conditioned:
+      starting = lambda i, protocol: stages.update(len(adherence.SPLITS) + i, f'next: {protocol}')
       result['conditioned'] = conditioned_eval.evaluate(
           generate, params, config, mesh, os.path.join(videos_dir, 'conditioned'), seed=seed,
-          frozen=frozen, protocols=conditioned)
+          frozen=frozen, protocols=conditioned, starting=starting)
       for name, splits in result['conditioned'].items():
         logging.info('%s: %s', name, {k: v['rates'] for k, v in splits.items()})
+  stages.update(stages.total)
   _write(result, output)
   return result
 

@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from sora_jax.common import progress as progress_lib
 from sora_jax.common import video_io
 from sora_jax.config import geometry
 from sora_jax.diffusion import cascade, flow, samplers
@@ -43,10 +44,10 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
   lowres=None) -> model-space videos [B, T, H, W, C] (pixels in [-1, 1], or latents: decode with
   `frozen.decode`).
 
-  Upscaler runs (config.upscale.factor > 1, sora_jax/upscale.py) take `lowres` [B, T, H / f, W / f, C]
+  Upscaler runs (config.upscale.factor > 1, sora_jax/inference/upscale.py) take `lowres` [B, T, H / f, W / f, C]
   low-resolution videos in [-1, 1], upsampled and noised to config.upscale.sample_noise.
 
-  Conditioning (sora_jax/conditioning.py): `video` [B, T, H, W, C] model-space frames and `given`
+  Conditioning (sora_jax/diffusion/given_frames.py): `video` [B, T, H, W, C] model-space frames and `given`
   [B, T] their given-frame mask (whole temporal patches). At every sampler step the given frames are
   reset to their clean values with t = 0 for their tokens; they come out exactly as given. Given frames
   need a model trained with config.condition.mix (else ValueError).
@@ -159,6 +160,7 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
     if video.ndim == 4:
       video = np.broadcast_to(video, (len(prompts), *video.shape))
   out = []
+  progress = progress_lib.Progress(len(prompts), 'Sampled videos')
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     n = len(chunk)
@@ -179,6 +181,8 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
     # Every process gets all videos (its devices hold only some rows on a multi-host mesh).
     videos = np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n]
     out.append(video_io.to_uint8(videos) if decode else videos)
+    if len(prompts) > batch_size:  # one batch: nothing to estimate
+      progress.update(start + n)
   return np.concatenate(out)
 
 

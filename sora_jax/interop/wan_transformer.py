@@ -144,7 +144,7 @@ def load_wan_params(path: str, model: wan.WanDiT, mesh=None) -> wan.WanDiT:
   """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights.
 
   Returns a new model; parameters take the model's parameter dtype. With `mesh`, each parameter is
-  placed with the sharding its logical axis names give (sora_jax.sharding.RULES) as it is read.
+  placed with the sharding its logical axis names give (sora_jax.parallel.sharding.RULES) as it is read.
   """
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))

@@ -97,7 +97,7 @@ def check_keys(table: dict, checkpoint_keys) -> None:
 def load_vae_params(path: str, model: vae_lib.CausalVAE, mesh=None) -> vae_lib.CausalVAE:
   """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights; a new model
   whose parameters take the model's parameter dtype. With `mesh`, each parameter is placed with the
-  sharding of its logical axis names (sora_jax.sharding.RULES) as it is read."""
+  sharding of its logical axis names (sora_jax.parallel.sharding.RULES) as it is read."""
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
   files = weight_files(path)

@@ -11,7 +11,7 @@ own clip. The same weights and block code then restrict self-attention to the to
 RoPE from the explicit coordinates, modulate with the segment's own timestep + pooled text (adaLN per
 token) and cross-attend only to the segment's caption, so a packed clip gets the output it gets alone.
 
-Conditioning on given frames (`condition_channel=True`; sora_jax/conditioning.py): image-to-video,
+Conditioning on given frames (`condition_channel=True`; sora_jax/diffusion/given_frames.py): image-to-video,
 forward/backward extension, connecting clips and sliding-window long videos all give the model some
 frames of the clip. Given frames are kept CLEAN in the input and their temporal tokens get flow time
 t = 0 through the per-frame times above; one extra input channel (channel concat: C + 1 in, C out) is 1
@@ -131,11 +131,11 @@ class VideoDiT(nnx.Module):
                rope_theta=256.0, scan_layers=True, remat='none', dtype=jnp.float32,
                attention_impl='auto', context_parallel=None, condition_channel=False,
                lowres_channels=0, rngs):
-    """attention_impl: attention backend (models/attention.py IMPLS); context_parallel: None, 'ring'
+    """attention_impl: attention backend (parallel/attention.py IMPLS); context_parallel: None, 'ring'
     or 'all_to_all', used when the mesh shards the token sequence ('context' axis > 1);
     condition_channel: takes the given-frame mask as an extra input channel (module docstring);
     lowres_channels: channels of an upsampled low-resolution video concatenated to the input (the
-    super-resolution stage, sora_jax/upscale.py)."""
+    super-resolution stage, sora_jax/inference/upscale.py)."""
     self.channels, self.patch_size = channels, tuple(patch_size)
     self.condition_channel, self.lowres_channels = condition_channel, lowres_channels
     self.num_heads, self.rope_theta = num_heads, rope_theta

@@ -569,7 +569,7 @@ class CausalVAE(nnx.Module):
                        f'{len(self.latents_std)} entries, z_dim is {self.z_dim}')
     return np.asarray(self.latents_mean, np.float32), np.asarray(self.latents_std, np.float32)
 
-  _stats = latent_stats  # the name sora_jax/frozen.py calls
+  _stats = latent_stats  # the name sora_jax/inference/frozen.py calls
 
   def normalize_latents(self, z):
     """VAE latents -> the DiT's space: (z - latents_mean) / latents_std (per channel, last axis)."""

@@ -250,7 +250,7 @@ class WanDiT(nnx.Module):
   the sora_jax.diffusion.flow convention, which is Wan's with sigma = t) and feeds Wan its timestep
   1000 * t. `forward_wan` takes Wan's timestep directly.
 
-  attention_impl: the attention backend (models/attention.py): 'auto' (default) picks cuDNN flash
+  attention_impl: the attention backend (parallel/attention.py): 'auto' (default) picks cuDNN flash
   attention on GPU (bf16), splash on TPU, XLA for short and 'chunked' (O(N) memory) for long
   sequences elsewhere; 'xla' (or None) always builds the full [heads, N, N] score matrix, too big
   at 480p x 81 frames (N = 32760). context_parallel: None, 'ring' or 'all_to_all', used when the
