@@ -130,13 +130,9 @@ def test_local_sh_stops_the_others_when_one_fails(tmp_path):
   assert 'process 1 (pid' in out.stderr and 'exited with status 3' in out.stderr
 
 
-def test_initialize_reads_flags_env_and_clusters(monkeypatch):
-  for name in (*distributed.ENV, 'SLURM_JOB_ID', 'OMPI_MCA_orte_hnp_uri', 'TPU_WORKER_HOSTNAMES'):
+def test_initialize_reads_flags_and_env(monkeypatch):
+  for name in distributed.ENV:
     monkeypatch.delenv(name, raising=False)
-  assert distributed.initialize() is False  # nothing given or detected: one process
-  assert not jax.distributed.is_initialized()
-  with pytest.raises(ValueError, match='coordinator_address'):
-    distributed.initialize('cluster')  # a cluster was required and JAX detected none
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
   with pytest.raises(ValueError, match=r"not \['num_processes', 'process_id'\]"):
     distributed.initialize()
@@ -145,19 +141,30 @@ def test_initialize_reads_flags_env_and_clusters(monkeypatch):
     distributed.initialize()
 
 
-def test_initialize_uses_jax_cluster_detection():
-  """A SLURM job step is detected by jax.distributed.initialize() itself (here a one-task job:
-  a one-process job with a coordinator, in a subprocess since it cannot be undone)."""
-  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV}
-  env.update(SLURM_JOB_ID='4321', SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='1',
-             SLURM_PROCID='0', SLURM_LOCALID='0', XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  script = ('import jax\nfrom sora_jax.parallel import distributed\n'
-            'multi = distributed.initialize(initialization_timeout=30)\n'
-            'print(multi, jax.distributed.is_initialized(), jax.process_count(), jax.device_count())')
-  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                       timeout=120)
+def _initialize_in_subprocess(script: str, **env_vars) -> list[str]:
+  """Runs `script` after `initialize()` in a fresh process (it cannot be undone, and must come
+  before JAX's backend starts); returns its printed words."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in distributed.ENV and not k.startswith(('SLURM_', 'OMPI_', 'TPU_'))}
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', **env_vars)
+  out = subprocess.run([sys.executable, '-c', 'import jax\nfrom sora_jax.parallel import distributed\n'
+                        + script], env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split() == ['False', 'True', '1', '2']
+  return out.stdout.split()
+
+
+def test_initialize_uses_jax_cluster_detection():
+  """No cluster: one process, and --distributed=cluster is an error. A SLURM job step is detected by
+  jax.distributed.initialize() itself (here a one-task job: a one-process job with a coordinator)."""
+  assert _initialize_in_subprocess(
+      'print(distributed.initialize(), jax.distributed.is_initialized())\n'
+      'try:\n  distributed.initialize("cluster")\nexcept ValueError as e:\n'
+      '  print("refused", "coordinator_address" in str(e))') == ['False', 'False', 'refused', 'True']
+  assert _initialize_in_subprocess(
+      'multi = distributed.initialize(initialization_timeout=30)\n'
+      'print(multi, jax.distributed.is_initialized(), jax.process_count(), jax.device_count())',
+      SLURM_JOB_ID='4321', SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='1', SLURM_PROCID='0',
+      SLURM_LOCALID='0') == ['False', 'True', '1', '2']
 
 
 def test_seek_rederives_the_data_position_for_any_process_count():
