@@ -20,14 +20,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines import bucketed, pipeline
-from sora_jax.config import validation
+from sora_jax.config import schema, validation
 
 
 def define_flags():
   """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
-  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'demo.py')  # the repository's, from any working directory
-  config_flags.DEFINE_config_file('config', demo, 'Training config.', lock_config=True)
+  config_flags.DEFINE_config_file('config', schema.DEMO_CONFIG, 'Training config.',
+                                  lock_config=True)
   flags.DEFINE_integer('num_batches', 10, 'Batches to pull.')
   flags.DEFINE_string('report', None, 'JSON file for the report (optional).')
   flags.DEFINE_integer('data_parallel', 1, 'mesh.data * mesh.fsdp of the planned job: per-bucket'

@@ -44,24 +44,18 @@ Output: DIR/shard-NNNNN.array_record (+ .json sidecars) and DIR/index.json, whic
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 from ml_collections import config_flags
 
 from data_pipelines import prepare as prepare_lib
 from sora_jax import cli
+from sora_jax.config import schema
 from sora_jax.inference import frozen as frozen_lib
-
-
-# The repository's demo config, wherever the command runs from (the README installs the checkout).
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                              'demo.py')
 
 
 def define_flags():
   """Defined only when run as a program, so the module imports cleanly next to the other CLIs."""
-  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG,
+  config_flags.DEFINE_config_file('config', schema.DEMO_CONFIG,
                                   'Training config: buckets, fps, skip limit, probe threads.',
                                   lock_config=True)
   flags.DEFINE_string('manifest', None, 'CSV/JSONL manifest (default: config.data.manifest).')

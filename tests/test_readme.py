@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
+import test_latent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 
 TRAIN_SHORT = ('--config.log_every_steps=1 --config.checkpoint_every_steps=2'
                ' --config.sample_every_steps=0 --config.optim.warmup_steps=1'
@@ -80,17 +80,6 @@ def test_shorten_rewrites_only_run_lengths():
   assert len(script.splitlines()) == 2  # the test command is not run by itself
 
 
-def wan_folder(root: str):
-  """A diffusers WanPipeline folder of tiny random parts where the README expects the real one."""
-  shutil.copytree(os.path.join(FIXTURES, 'wan_transformer_tiny_t2v'), f'{root}/transformer')
-  shutil.copytree(os.path.join(FIXTURES, 'wan_vae_tiny'), f'{root}/vae')
-  os.makedirs(f'{root}/text_encoder')
-  os.makedirs(f'{root}/tokenizer')
-  for name in ('config.json', 'model.safetensors'):
-    shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', name), f'{root}/text_encoder')
-  shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', 'spiece.model'), f'{root}/tokenizer')
-
-
 @pytest.mark.slow  # ~20 minutes: every command of the README, each a few steps
 def test_readme_commands_run_in_order(tmp_path):
   repo = tmp_path / 'repo'
@@ -102,7 +91,7 @@ def test_readme_commands_run_in_order(tmp_path):
       shutil.copy(os.path.join(ROOT, name), repo / name)
   with open(repo / 'README.md') as f:
     script = readme_script(f.read())
-  wan_folder(str(repo / 'Wan2.1-T2V-1.3B-Diffusers'))
+  test_latent.wan_pipeline(repo / 'Wan2.1-T2V-1.3B-Diffusers')  # where the README expects it
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   env['PYTHONPATH'] = str(repo)  # the copy's code, not the checkout the venv points to
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env['PATH']  # `python`: this one

@@ -211,6 +211,12 @@ def _merge(config, saved: dict):
         config[key] = value
 
 
+# The repository's demo config: the default of the data tools' --config, from any working directory
+# (the README installs the checkout in place).
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_CONFIG = os.path.join(_REPOSITORY, 'configs', 'demo.py')
+
+
 def config_file(beside: str, name: str):
   """The config module `name` (e.g. 'demo.py') in the folder of the file `beside`: config files build
   on one another by path, so they load from any working directory (configs/ is not a package)."""
