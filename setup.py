@@ -23,5 +23,10 @@ setup(
         'sentencepiece>=0.2',  # UMT5/T5 tokenizer
         'importlib_resources',  # TFDS 4.9.10 imports it but declares it only for py<3.9
     ],
-    extras_require={'test': ['pytest>=8']},
+    extras_require={
+        # libtpu (from the package registry): run on TPU, and compile for TPU topologies from any
+        # machine (python -m sora_jax.compile).
+        'tpu': ['jax[tpu]>=0.10,<0.11'],
+        'test': ['pytest>=8', 'jax[tpu]>=0.10,<0.11'],  # tests compile for a TPU topology on CPU
+    },
 )
