@@ -57,14 +57,15 @@ def test_sharded_step_matches_single_device(config, reference, mesh):
     np.testing.assert_allclose(a, b, atol=2e-5)
   # The weights really are split: an MLP kernel is laid out over fsdp x tensor.
   kernel = state['params']['dit']['blocks']['mlp']['up']['kernel'][...]
-  assert kernel.sharding.spec == P(None, 'fsdp', 'tensor')
+  assert kernel.sharding.spec == P(None, ('fsdp', 'context'), 'tensor')
   shard = kernel.addressable_shards[0].data.shape
-  assert shard == (kernel.shape[0], kernel.shape[1] // mesh['fsdp'],
+  assert shard == (kernel.shape[0], kernel.shape[1] // (mesh['fsdp'] * mesh.get('context', 1)),
                    kernel.shape[2] // mesh['tensor'])
 
 
 def test_logical_rules():
   assert sharding.logical_to_spec(('batch', 'length', 'act_embed')) == P(('data', 'fsdp'),
                                                                          'context', None)
-  assert sharding.logical_to_spec(('layers', 'embed', 'mlp')) == P(None, 'fsdp', 'tensor')
+  assert sharding.logical_to_spec(('layers', 'embed', 'mlp')) == P(None, ('fsdp', 'context'),
+                                                                   'tensor')
   assert sharding.logical_to_spec((None, 'heads', 'vocab')) == P(None, 'tensor', None)

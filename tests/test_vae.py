@@ -132,7 +132,7 @@ def test_sharding_axis_names_resolve():
   specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   specs = [sharding.logical_to_spec(tuple(s)) for s in leaves]
-  assert any('fsdp' in s for s in specs) and any(all(a is None for a in s) for s in specs)
+  assert any(('fsdp', 'context') in s for s in specs) and any(all(a is None for a in s) for s in specs)
   # Loading onto a mesh places each parameter by its logical names as it is read.
   n = jax.device_count()  # 8 fake CPU devices under tests/conftest.py
   mesh = sharding.make_mesh(dict(data=1, fsdp=n, tensor=1, context=1))
@@ -140,7 +140,8 @@ def test_sharding_axis_names_resolve():
   abstract = nnx.eval_shape(lambda: vae.CausalVAE(**config, rngs=nnx.Rngs(0)))
   placed = wan_vae.load_vae_params(MODEL_DIR, abstract, mesh=mesh)
   kernel = placed.decoder.mid_block.resnets[0].conv1.kernel[...]  # [3, 3, 3, 16, 16]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, None, 'fsdp')
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, None,
+                                                           ('fsdp', 'context'))
   assert len(kernel.addressable_shards) == n
 
 

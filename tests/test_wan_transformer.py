@@ -116,7 +116,7 @@ def test_params_carry_logical_axes_and_load_sharded(io):
   mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2, context=2), jax.devices()[:8])
   f = wt.load_wan_transformer(TINY, mesh=mesh)
   kernel = f.model.blocks.attn1.to_q.kernel[...]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, ('fsdp', 'context'), 'tensor')
   err = rel_l2(f(io['latents'], io['timesteps'], io['text']), io['out'])
   assert err < 1e-4
 

@@ -24,7 +24,9 @@ RULES = (
     ('act_heads', 'tensor'),
     ('act_mlp', 'tensor'),
     # parameters
-    ('embed', 'fsdp'),
+    # ZeRO-3 over every axis that splits the batch or an example's tokens: context-parallel chips
+    # hold different tokens of one example but need the same weights, so they share the storage.
+    ('embed', ('fsdp', 'context')),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('vocab', None),
