@@ -81,18 +81,63 @@ def test_chunked_memory_grows_linearly():
   assert temp_bytes('chunked', 2048) < temp_bytes('xla', 2048) / 8
 
 
-def test_splash_kernel_matches_xla_in_interpret_mode():
-  """The Pallas TPU kernel call, run by the Pallas interpreter on CPU (the public path refuses
-  non-TPU backends): segment ids, forward and gradient."""
-  q, k, v = (_normal(1, 256, 2, 128, seed=i) for i in range(3))
-  seg = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 3, (1, 256)), axis=1))
-  scale = 128 ** -0.5
+# The Pallas TPU kernel call, run by the Pallas interpreter on CPU (the public path refuses
+# non-TPU platforms), and the context-parallel shard_map it can be the local kernel of.
+_splash = attention._splash  # pylint: disable=protected-access
+_context_parallel = attention._context_parallel  # pylint: disable=protected-access
+
+
+def _splash_interpret(q, k, v, segment_ids=None, kv_segment_ids=None):
+  kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+  return _splash(q, k, v, None, segment_ids, kv_segment_ids, scale=q.shape[-1] ** -0.5,
+                 interpret=True)
+
+
+@pytest.mark.parametrize('lq,lk,segments', [
+    (256, 256, True), (200, 200, True), (200, 72, False)])
+def test_splash_kernel_matches_xla_in_interpret_mode(lq, lk, segments):
+  """Forward and gradient equal XLA's, with and without segment ids; lengths that are not
+  multiples of 128 are padded (padded keys in a segment no real query has, padded query rows
+  sliced off)."""
+  q = _normal(1, lq, 2, 128, seed=0)
+  k, v = _normal(1, lk, 2, 128, seed=1), _normal(1, lk, 2, 128, seed=2)
+  seg = None
+  if segments:
+    seg = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 3, (1, lq)), axis=1))
   ref = _loss_and_grads(lambda q, k, v: attention.attention(q, k, v, segment_ids=seg, impl='xla'),
                         q, k, v)
-  got = _loss_and_grads(
-      lambda q, k, v: attention._splash(q, k, v, None, seg, seg, scale=scale, interpret=True),  # pylint: disable=protected-access
-      q, k, v)
+  got = _loss_and_grads(lambda q, k, v: _splash_interpret(q, k, v, seg), q, k, v)
   _assert_close(got, ref)
+
+
+def test_splash_shard_map_matches_xla_in_interpret_mode():
+  """Under a mesh (data 2 x tensor 2 x context 2 CPU devices) splash runs in a shard_map over
+  batch and heads, gathering the sequence; as the local kernel of all-to-all context parallelism
+  (self-attention, then cross-attention to replicated keys) it runs in that shard_map instead.
+  Forward and gradient equal unsharded XLA attention."""
+  b, n, h, d, lt = 2, 200, 4, 128, 20
+  q, k, v = (_normal(b, n, h, d, seed=i) for i in range(3))
+  text = _normal(b, lt, h, d, seed=3)
+  seg = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 3, (b, n)), axis=1))
+  scale = d ** -0.5
+
+  def self_then_cross(q, k, v, attend):
+    x = attend(q, k, v, seg, seg, True)
+    return x + attend(x, text, 2 * text, None, None, False)
+
+  xla = lambda q, k, v, qs, ks, _: attention.attention(q, k, v, segment_ids=qs, kv_segment_ids=ks,
+                                                       impl='xla')
+  splash = lambda q, k, v, qs, ks, _: _splash_interpret(q, k, v, qs, ks)
+  local = functools.partial(_splash, scale=scale, interpret=True)
+  all_to_all = lambda q, k, v, qs, ks, kv_sharded: _context_parallel(
+      q, k, v, None, qs, ks, axes=('context',), strategy='all_to_all', kv_sharded=kv_sharded,
+      local=local, scale=scale, block_q=512, block_kv=512, check_vma=False)
+  ref = _loss_and_grads(lambda q, k, v: self_then_cross(q, k, v, xla), q, k, v)
+  with jax.set_mesh(sharding.make_mesh(dict(data=2, fsdp=1, tensor=2, context=2))):
+    for attend in (splash, all_to_all):
+      fn = lambda q, k, v: self_then_cross(q, k, v, attend)  # pylint: disable=cell-var-from-loop
+      _assert_close(_loss_and_grads(fn, q, k, v), ref)
+      assert jax.jit(fn).lower(q, k, v).as_text().count('sdy.manual_computation') == 2
 
 
 def test_auto_selection_and_clear_errors():
@@ -119,6 +164,70 @@ def test_auto_selection_and_clear_errors():
       attention.attention(*_qkv(12), context_parallel='ring')
     with pytest.raises(ValueError, match="'all_to_all' needs the heads"):
       attention.attention(*_qkv(16), context_parallel='all_to_all')
+
+
+def _tpu_devices(topology='v5p:2x2x1'):
+  """The devices of a TPU topology, to compile for (not run on) from this host; a skip without
+  libtpu."""
+  pytest.importorskip('libtpu')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f'no description of TPU topology {topology!r}: {e}')
+
+
+def _tpu_mesh(**axes):
+  """A mesh over the 4 chips of a TPU v5p 2x2x1 (axes of size 1 unless given)."""
+  return sharding.make_mesh({a: axes.get(a, 1) for a in sharding.MESH_AXES}, _tpu_devices())
+
+
+def test_auto_picks_the_kernel_of_the_mesh_platform():
+  """'auto' asks the mesh's devices, not this CPU host: splash for a TPU mesh at any length
+  (Wan 2.1 480p x 81 frames: 32,760 tokens) with head_dim a multiple of 128 and no dense mask."""
+  wan = jax.ShapeDtypeStruct((1, 32760, 12, 128), jnp.bfloat16)
+  narrow = jax.ShapeDtypeStruct((1, 1000, 4, 64), jnp.bfloat16)
+  assert attention.select_impl(wan, wan) == 'chunked'  # the CPU host, no mesh
+  with jax.set_mesh(_tpu_mesh(fsdp=4)):
+    assert attention.target_platform() == 'tpu'
+    assert attention.select_impl(wan, wan) == 'splash'
+    assert attention.select_impl(wan, wan, segments=True) == 'splash'
+    assert attention.select_impl(wan, wan, dense_mask=True) == 'chunked'
+    assert attention.select_impl(narrow, narrow) == 'xla'
+
+
+TPU_CASES = {  # mesh axes, impl, context_parallel, segment ids
+    'fsdp4_splash': (dict(fsdp=4), 'splash', None, False),
+    'fsdp2_tensor2_auto': (dict(fsdp=2, tensor=2), 'auto', None, True),
+    'fsdp2_context2_all_to_all_auto': (dict(fsdp=2, context=2), 'auto', 'all_to_all', True),
+}
+
+
+@pytest.mark.parametrize('case', TPU_CASES)
+def test_splash_compiles_for_a_tpu_topology(case):
+  """Forward and backward compiled ahead of time, from this CPU host, for 4 TPU v5p chips with
+  batch, heads or sequence sharded: the Mosaic kernel runs in a shard_map (XLA cannot partition
+  it), at a length (1000) that is not a multiple of 128; memory_analysis gives per-chip bytes."""
+  axes, impl, context_parallel, segments = TPU_CASES[case]
+  b, n, h, d = 4, 1000, 4, 128
+  mesh = _tpu_mesh(**axes)
+  spec = lambda *names: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names))
+  x = jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16,
+                           sharding=spec('batch', 'length', 'act_heads', None))
+  seg = jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=spec('batch', 'length'))
+
+  def loss(q, k, v, seg):
+    out = attention.attention(q, k, v, segment_ids=seg if segments else None, impl=impl,
+                              context_parallel=context_parallel)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, seg).compile()
+  # The forward kernel and the backward's dq and dk/dv kernels.
+  assert compiled.as_text().count('tpu_custom_call') >= 3
+  grad_bytes = 3 * b * n * h * d * 2  # dq, dk, dv in bf16, over the 4 chips
+  out_bytes = compiled.memory_analysis().output_size_in_bytes
+  assert grad_bytes // 4 <= out_bytes < grad_bytes // 4 + 1024, out_bytes
 
 
 MESHES = {

@@ -4,7 +4,8 @@ import numpy as np
 from flax import nnx
 
 from sora_jax.common import spacetime, tokenizers
-from sora_jax.models import rope, text
+from sora_jax.models import layers, rope, text
+from sora_jax.parallel import sharding
 from sora_jax.training import factory
 
 
@@ -127,3 +128,23 @@ def test_per_frame_times(config):
   per_frame = jnp.repeat(t[:, None], frames, 1).at[:, -pt:].set(0.9)
   out = model(x, per_frame, tokens, mask)
   assert not np.allclose(out[:, -pt:], same[:, -pt:], atol=1e-4)
+
+
+def test_attention_k_and_v_shard_the_same_heads():
+  """With 'heads' over tensor=2, each device holds K and V kernel columns of the same heads (a
+  fused [in, 2 * width] K|V kernel split in half put all of K on one shard, all of V on the
+  other)."""
+  width, num_heads = 64, 4
+  attn = nnx.eval_shape(lambda: layers.Attention(width, num_heads, rngs=nnx.Rngs(0)))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2, context=1), jax.devices()[:8])
+  shardings = sharding.state_shardings(nnx.state(attn, nnx.Param), mesh)
+  head_dim = width // num_heads
+
+  def heads(proj):  # device -> the head indices of its block of the kernel's output columns
+    index_map = shardings[proj]['kernel'].devices_indices_map((width, width))
+    return {d: tuple(sorted({c // head_dim for c in range(width)[idx[1]]}))
+            for d, idx in index_map.items()}
+
+  k, v = heads('k'), heads('v')
+  assert k == v == heads('q')
+  assert sorted(set(k.values())) == [(0, 1), (2, 3)]  # really split over the two tensor shards

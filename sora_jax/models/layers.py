@@ -37,7 +37,10 @@ class Attention(nnx.Module):
     self.num_heads, self.head_dim = num_heads, width // num_heads
     self.impl, self.context_parallel = impl, context_parallel
     self.q = linear(width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
-    self.kv = linear(context_width or width, 2 * width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
+    # Separate K and V kernels: a fused [in, 2 * width] one split in half would put K and V on
+    # different tensor shards once 'heads' is sharded, and each head needs both.
+    self.k = linear(context_width or width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
+    self.v = linear(context_width or width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.out = linear(width, width, ('heads', 'embed'), rngs=rngs, dtype=dtype)
     self.q_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
     self.k_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
@@ -51,8 +54,7 @@ class Attention(nnx.Module):
     b, n, _ = x.shape
     heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, self.head_dim)
     q = self.q_norm(heads(self.q(x)))
-    k, v = jnp.split(self.kv(context), 2, axis=-1)
-    k, v = self.k_norm(heads(k)), heads(v)
+    k, v = self.k_norm(heads(self.k(context))), heads(self.v(context))
     if rope_cs is not None:
       q, k = rope.apply(q, *rope_cs), rope.apply(k, *rope_cs)
     q = sharding.constrain(q, ('batch', 'length', 'act_heads', None))

@@ -6,15 +6,22 @@
   'cudnn'    jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention, GPU only,
              bf16/fp16 only. A mask or segment ids become a dense additive bias (quadratic again).
   'splash'   Pallas TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention), TPU
-             only: flash attention with segment ids; lengths must be multiples of 128; no dense mask.
+             only: flash attention with segment ids; no dense mask. Any length: q, k, v are padded
+             to a multiple of 128, padded keys get a segment id no real query has, and the padded
+             query rows are sliced off. A Mosaic kernel cannot be partitioned by XLA, so under a
+             mesh it runs in a `jax.shard_map` over the batch and heads axes (or, inside the
+             context-parallel shard_map, as its local kernel).
   'chunked'  pure JAX flash attention: online softmax over key/value blocks (`jax.lax.scan`) for each
              query block, with a hand-written blockwise backward pass (`jax.custom_vjp`) that keeps
              only the output and the row log-sum-exp, so forward and backward both use
              O(L * block) memory. Exact up to float summation order; any backend, any dtype.
   'auto'     cudnn on a GPU (bf16/fp16, head_dim % 8 == 0 and <= 128, no mask/segment ids); splash
-             on a TPU (no dense mask, lengths and head_dim multiples of 128); else 'xla' while the
-             score matrix has at most AUTO_XLA_MAX_SCORES entries per (batch, head), i.e. up to
-             2048 x 2048 (16 MiB of float32 scores per head), and 'chunked' beyond.
+             on a TPU (no dense mask, head_dim a multiple of 128); else 'xla' while the score
+             matrix has at most AUTO_XLA_MAX_SCORES entries per (batch, head), i.e. up to
+             2048 x 2048 (16 MiB of float32 scores per head), and 'chunked' beyond. The platform
+             is that of the devices of the mesh being traced for (`jax.set_mesh`), so a program
+             compiled ahead of time for a TPU topology from a CPU host picks the TPU's kernels;
+             without a mesh, jax.default_backend().
 
 Masking: `mask` is a boolean array broadcastable to [B, heads, Lq, Lk] (True = attend);
 `segment_ids` [B, Lq] / `kv_segment_ids` [B, Lk] (packed sequences: a query attends to the keys of
@@ -78,27 +85,45 @@ def attention(q, k, v, *, mask=None, segment_ids=None, kv_segment_ids=None, impl
   axes = _context_axes() if context_parallel else ()
   if not axes:
     return local(q, k, v, mask, segment_ids, kv_segment_ids)
+  # The splash kernel (the local kernel of all-to-all and of cross-attention) cannot declare how
+  # its outputs vary over the mesh axes: its shard_map runs unchecked.
+  local_impl = select_impl(q, k, dense_mask=mask is not None) if impl == 'auto' else impl
+  ring_self = context_parallel == 'ring' and kv_sharded
   return _context_parallel(q, k, v, mask, segment_ids, kv_segment_ids, axes=axes,
                            strategy=context_parallel, kv_sharded=kv_sharded, local=local,
-                           scale=scale, block_q=block_q, block_kv=block_kv)
+                           scale=scale, block_q=block_q, block_kv=block_kv,
+                           check_vma=ring_self or local_impl != 'splash')
 
 
 def select_impl(q, k, *, dense_mask=False, segments=False) -> str:
-  """The backend 'auto' runs for these (local) shapes on the default backend."""
-  platform = jax.default_backend()
+  """The backend 'auto' runs for these (local) shapes on the platform being traced for."""
+  platform = target_platform()
   lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
   if (platform == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
       and not dense_mask and not segments):
     return 'cudnn'
-  if platform == 'tpu' and not dense_mask and lq % 128 == 0 and lk % 128 == 0 and d % 128 == 0:
+  # Splash pads any length to its blocks. It also compiles for head_dim 64 or 192 (v5p, forward
+  # and backward), but only a multiple of the 128 lanes fills its tiles; unmeasured otherwise.
+  if platform == 'tpu' and not dense_mask and d % 128 == 0:
     return 'splash'
   return 'xla' if lq * lk <= AUTO_XLA_MAX_SCORES else 'chunked'
 
 
+def target_platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the ambient mesh's devices (`jax.set_mesh`, also
+  inside jit and shard_map, and for a TPU topology compiled from a CPU host), else the default
+  backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  platform = jax.default_backend() if device is None else device.platform
+  return 'gpu' if platform in ('cuda', 'rocm') else platform
+
+
 def cross_attention_impl(impl):
   """The backend for cross-attention to a short caption when self-attention runs `impl`: fused
-  kernels (cudnn, splash) have shape/mask constraints that text lengths and padding masks often
-  miss, so those become 'auto' (which picks them where they fit)."""
+  kernels (cudnn, splash) take no dense mask (and cudnn has shape constraints), which caption
+  padding masks and text lengths often need or miss, so those become 'auto' (which picks them
+  where they fit)."""
   return 'auto' if impl in ('cudnn', 'splash') else impl
 
 
@@ -149,10 +174,11 @@ def _local(q, k, v, mask, segment_ids, kv_segment_ids, *, impl, scale, block_q, 
                              block_q=block_q, block_kv=block_kv)
   if impl == 'splash':
     return _splash(q, k, v, mask, segment_ids, kv_segment_ids, scale=scale)
-  if impl == 'cudnn' and jax.default_backend() != 'gpu':
+  if impl == 'cudnn' and target_platform() != 'gpu':
     raise ValueError(
-        f"attention impl='cudnn' (cuDNN flash attention) needs a GPU; the default backend is "
-        f"{jax.default_backend()!r}. Use 'xla', 'chunked' or 'auto'.")
+        f"attention impl='cudnn' (cuDNN flash attention) needs a GPU; the target platform (the "
+        f"mesh's devices, else the default backend) is {target_platform()!r}. Use 'xla', "
+        f"'chunked' or 'auto'.")
   return jax.nn.dot_product_attention(
       q, k, v, mask=_combined_mask(mask, segment_ids, kv_segment_ids), scale=scale,
       implementation=impl)
@@ -324,33 +350,74 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # 'splash': Pallas TPU kernel.
 
 
+SPLASH_LANES = 128  # splash blocks are multiples of this; lengths are padded up to one
+
+
 def _splash_block(n):
-  for block in (512, 256, 128):
-    if n % block == 0:
-      return block
-  raise ValueError(f"attention impl='splash' needs sequence lengths that are multiples of 128; "
-                   f"got {n}. Use 'auto', 'chunked' or 'xla'.")
+  """The largest of 512, 256, 128 dividing n (a multiple of 128)."""
+  return next(block for block in (512, 256, 128) if n % block == 0)
 
 
 def _splash(q, k, v, mask, segment_ids, kv_segment_ids, *, scale, interpret=False):
-  if jax.default_backend() != 'tpu' and not interpret:
+  """Splash attention of q [B, Lq, H, D], k, v [B, Lk, H, D]: under a mesh with more than one
+  device (and outside a shard_map), a shard_map over the batch and heads axes runs the kernel on
+  each device's examples and heads (whole sequences); otherwise the kernel runs directly."""
+  if target_platform() != 'tpu' and not interpret:
     raise ValueError(
-        f"attention impl='splash' (Pallas TPU splash attention) needs a TPU; the default backend "
-        f"is {jax.default_backend()!r}. Use 'xla', 'chunked' or 'auto'.")
+        f"attention impl='splash' (Pallas TPU splash attention) needs a TPU; the target platform "
+        f"(the mesh's devices, else the default backend) is {target_platform()!r}. Use 'xla', "
+        f"'chunked' or 'auto'.")
   if mask is not None:
     raise ValueError("attention impl='splash' takes segment ids, not a dense mask; use 'auto', "
                      "'chunked' or 'xla' for masked attention.")
+  local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  # Axes already manual (inside the context-parallel shard_map) are whole-device local here.
+  free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  if math.prod(mesh.shape[a] for a in free) <= 1:
+    return local(q, k, v, segment_ids, kv_segment_ids)
+  shape = dict(mesh.shape)
+  names = lambda name: tuple(a for a in _as_tuple(sharding.logical_to_spec((name,))[0])
+                             if a in free)
+  batch = _fit(q.shape[0], names('batch'), shape)
+  heads = _fit(q.shape[2], tuple(a for a in names('act_heads') if a not in (batch or ())), shape)
+  # Other axes (e.g. 'context' without context parallelism) are gathered: splash needs the
+  # whole sequence on each device.
+  qkv, seg = P(batch, None, heads, None), P(batch, None)
+  seg_spec = None if segment_ids is None else seg
+  # check_vma=False: the kernel's pallas_call declares no per-axis variance of its outputs.
+  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg_spec, seg_spec),
+                       out_specs=qkv, axis_names=set(free), check_vma=False)(
+                           q, k, v, segment_ids, kv_segment_ids)
+
+
+def _splash_local(q, k, v, segment_ids, kv_segment_ids, *, scale, interpret):
+  """The splash kernel on this device's arrays, lengths padded up to a multiple of 128."""
   from jax.experimental.pallas.ops.tpu import \
       splash_attention as splash  # pylint: disable=g-import-not-at-top
   _, lq, h, _ = q.shape
   lk = k.shape[1]
-  bq, bk = _splash_block(lq), _splash_block(lk)
+  pq, pk = -lq % SPLASH_LANES, -lk % SPLASH_LANES
+  if pq or pk:
+    # Padded keys (and queries) get an id no real query (or key) has: real queries never see
+    # them; padded queries attend to padded keys (no empty softmax row) and are sliced off.
+    if segment_ids is None:
+      segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+      kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    pad_id = jnp.maximum(segment_ids.max(), kv_segment_ids.max()) + 1
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+    segment_ids = jnp.concatenate(
+        [segment_ids, jnp.broadcast_to(pad_id, (q.shape[0], pq))], axis=1)
+    kv_segment_ids = jnp.concatenate(
+        [kv_segment_ids, jnp.broadcast_to(pad_id, (k.shape[0], pk))], axis=1)
+    q, k, v = pad(q, pq), pad(k, pk), pad(v, pk)
+  bq, bk = _splash_block(lq + pq), _splash_block(lk + pk)
   blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                              block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
                              block_kv_dq=bk)
-  kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((lq, lk))] * h),
-                                  block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+  kernel = splash.make_splash_mha(
+      splash.MultiHeadMask([splash.FullMask((lq + pq, lk + pk))] * h), block_sizes=blocks,
+      head_shards=1, q_seq_shards=1, interpret=interpret)
   # The kernel takes one example [heads, L, D] and does not scale the scores.
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   q, k, v = heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v)
@@ -359,7 +426,7 @@ def _splash(q, k, v, mask, segment_ids, kv_segment_ids, *, scale, interpret=Fals
   else:
     out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks)))(
         q, k, v, segment_ids, kv_segment_ids)
-  return heads_first(out)
+  return heads_first(out)[:, :lq]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +457,7 @@ def _fit(size, axes, mesh_shape):
 
 
 def _context_parallel(q, k, v, mask, segment_ids, kv_segment_ids, *, axes, strategy, kv_sharded,
-                      local, scale, block_q, block_kv):
+                      local, scale, block_q, block_kv, check_vma=True):
   mesh = jax.sharding.get_abstract_mesh()
   shape = dict(mesh.shape)
   n = math.prod(shape[a] for a in axes)
@@ -414,8 +481,11 @@ def _context_parallel(q, k, v, mask, segment_ids, kv_segment_ids, *, axes, strat
   def body(q, k, v, mask, qseg, kseg):
     if not kv_sharded:
       # Cross-attention: the keys are whole on every device. Marking them as varying over the
-      # context axes makes their gradient the sum over the query shards (pcast's transpose).
-      k, v, kseg = (x if x is None else jax.lax.pcast(x, axes, to='varying') for x in (k, v, kseg))
+      # context axes makes their gradient the sum over the query shards (pcast's transpose;
+      # unchecked, shard_map's transpose sums over the axes their spec leaves out).
+      if check_vma:
+        k, v, kseg = (x if x is None else jax.lax.pcast(x, axes, to='varying')
+                      for x in (k, v, kseg))
       return local(q, k, v, mask, qseg, kseg)
     if strategy == 'ring':
       return _ring(q, k, v, mask, qseg, kseg, axes=axes, n=n, scale=scale, block_q=block_q,
@@ -425,7 +495,8 @@ def _context_parallel(q, k, v, mask, segment_ids, kv_segment_ids, *, axes, strat
   in_specs = (qkv_spec(seq), qkv_spec(kv_seq), qkv_spec(kv_seq), mask_spec,
               None if segment_ids is None else seg_spec(seq),
               None if kv_segment_ids is None else seg_spec(kv_seq))
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec(seq))(
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec(seq),
+                       check_vma=check_vma)(
       q, k, v, mask, segment_ids, kv_segment_ids)
 
 
