@@ -95,7 +95,7 @@ def main(argv):
   config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
                                                       use_ema=f.use_ema)
   logging.info('Sampling %d prompts from step %d (%s).', len(f.prompt), step, options)
-  frozen = frozen_lib.Frozen(config)
+  frozen = frozen_lib.Frozen(config, mesh)
   generate = sampling.make_generate(graphdef, config, frozen=frozen,
                                     edit_strength=f.edit_strength, **options)
   video = None

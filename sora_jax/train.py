@@ -58,7 +58,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   distributed.check_batch_rows(batch_sharding, mesh.shape['data'] * mesh.shape['fsdp'])
 
   # Frozen parts (autoencoder, pretrained text encoder) turn batches into what the model trains on.
-  frozen = frozen_lib.Frozen(config)
+  frozen = frozen_lib.Frozen(config, mesh)
 
   # ---- Model, optimizer and state, born sharded; or restored onto this mesh.
   tx, schedule = state_lib.make_optimizer(config)

@@ -7,14 +7,19 @@ import subprocess
 import sys
 
 import av
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from sora_jax import train
 from sora_jax.common import video_io
+from sora_jax.config import validation
 from sora_jax.evaluation import suite
 from sora_jax.inference import restore, sampling
+from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint
+from sora_jax.training import state as state_lib
 
 
 def read_metrics(workdir):
@@ -122,3 +127,48 @@ def test_evaluate_reports_loss_and_adherence(trained, tmp_path):
     assert adherence['num_videos'] == n
     assert set(adherence['rates']) == {'color', 'shape', 'direction', 'stable', 'all'}
     assert all(os.path.exists(v['path']) for v in adherence['videos'])
+
+
+def _spy_reads(monkeypatch):
+  """The names of the arrays Orbax reads from a checkpoint (its 'state' item), in a list."""
+  names, deserialize = [], ocp.type_handlers.ArrayHandler.deserialize
+
+  async def spy(self, infos, args=None):
+    names.extend(info.name for info in infos)
+    return await deserialize(self, infos, args)
+  monkeypatch.setattr(ocp.type_handlers.ArrayHandler, 'deserialize', spy)
+  return names
+
+
+def test_restore_reads_only_the_used_parameters_fsdp_sharded(trained, monkeypatch):
+  """Sampling, evaluation and init_from read one parameter tree (not the optimizer moments or the
+  other copy), FSDP-sharded over all devices, with the values a full restore gives."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  _, workdir = trained
+  reads = _spy_reads(monkeypatch)
+  config, mesh, _, ema, step = restore.load(workdir)
+  assert step == 6 and reads and {n.split('.')[0] for n in reads} == {'ema'}
+  reads.clear()
+  _, _, _, params, _ = restore.load(workdir, use_ema=False)
+  assert reads and {n.split('.')[0] for n in reads} == {'params'}
+  # On all 8 devices, the 'embed' axes split over fsdp.
+  assert dict(mesh.shape) == dict(data=1, fsdp=8, tensor=1, context=1)
+  big = max(jax.tree.leaves(ema), key=lambda x: x.size)
+  assert 'fsdp' in jax.tree.leaves(tuple(big.sharding.spec))
+  assert big.addressable_shards[0].data.size * 8 == big.size
+  # The same values as a full restore of the train state.
+  _, abstract, _ = state_lib.shardings(config, mesh)
+  full = checkpoint.restore(checkpoint.manager(workdir, read_only=True), abstract)
+  for key, restored in (('ema', ema), ('params', params)):
+    for a, b in zip(jax.tree.leaves(full[key]), jax.tree.leaves(restored), strict=True):
+      np.testing.assert_array_equal(a, b)
+  # init_from a sora_jax workdir: the EMA alone, onto the new run's shardings.
+  config = tiny_config()
+  config.init_from = workdir
+  mesh = sharding.make_mesh(validation.validate(config, jax.device_count()))
+  _, state, state_sh = state_lib.init(config, mesh)
+  reads.clear()
+  state = state_lib.init_from(config, state, state_sh)
+  assert reads and {n.split('.')[0] for n in reads} == {'ema'}
+  for a, b in zip(jax.tree.leaves(full['ema']), jax.tree.leaves(state['params']), strict=True):
+    np.testing.assert_array_equal(a, b)

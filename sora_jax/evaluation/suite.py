@@ -108,7 +108,7 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
     upscaler = upscale.Upscaler(upscale_workdir, noise=upscale_noise)
     upscaler.check_input(config.data.num_frames, config.data.height, config.data.width)
     upscaler.load()  # outside the base run's mesh context: restoring builds its own
-  frozen = frozen_lib.Frozen(config)
+  frozen = frozen_lib.Frozen(config, mesh)
   options = sampling.settings(config, num_steps=num_steps, guidance_scale=guidance_scale,
                               sampler=sampler, negative_prompt=negative_prompt,
                               guidance_schedule=guidance_schedule,

@@ -1,14 +1,18 @@
 """The frozen parts around a trained diffusion model: a video autoencoder and a pretrained text encoder.
 
-`Frozen(config)` loads what the config names:
+`Frozen(config, mesh)` loads what the config names onto `mesh`:
   - `config.autoencoder`: the model diffuses in this VAE's latent space. Training encodes each batch
     (the posterior mean, normalised per channel); sampling decodes the generated latents.
   - `config.text.encoder='umt5'`: captions become UMT5 embeddings before the train step, so the DiT
     takes embeddings instead of byte tokens (the byte encoder is part of the trained model instead).
 Their weights are arguments of their own jitted functions, never part of the train state (no optimizer
 moments, no EMA, no checkpoint bloat), and never baked into a compiled program as constants.
+They are placed once, FSDP-sharded by their logical axis names (umT5-XXL is 11 GB in bf16: on one
+device, or moved onto the mesh at every call, it does not fit beside the DiT), and the jitted
+functions take them and the batches with explicit shardings.
 """
 
+import contextlib
 import json
 import os
 
@@ -16,34 +20,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from data_pipelines import pipeline
 from sora_jax.common import tokenizers
 from sora_jax.config import geometry
 from sora_jax.inference import restore
 from sora_jax.interop import umt5
+from sora_jax.parallel import sharding
 from sora_jax.training import factory
 
 
 class Frozen:
 
-  def __init__(self, config):
+  def __init__(self, config, mesh=None):
+    """`mesh`: where the encoders' weights live and batches are split (the train step's or the
+    sampler's mesh; default `restore.inference_mesh()`, all devices on fsdp)."""
     self.config = config
-    self.vae = self.vae_params = None
+    self.mesh = restore.inference_mesh() if mesh is None else mesh
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = NamedSharding(self.mesh, P())
+    self._rows = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    self.vae = self.vae_params = vae_sh = None
     if config.autoencoder:
       self.vae, self.vae_params, self.latent_mean, self.latent_std = load_autoencoder(
-          config.autoencoder)
-    self.text_encoder = self.text_params = self.tokenizer = None
+          config.autoencoder, self.mesh)
+      vae_sh = jax.tree.map(lambda x: x.sharding, self.vae_params)
+    self.text_encoder = self.text_params = self.tokenizer = text_sh = None
     if config.text.encoder == 'umt5':
-      module = umt5.load_umt5_module(config.text.path, dtype=jnp.dtype(config.model.dtype))
-      self.text_encoder, self.text_params = nnx.split(module)
+      with _on_host():  # read into host memory, then each device gets only its slice
+        module = umt5.load_umt5_module(config.text.path, dtype=jnp.dtype(config.model.dtype))
+        self.text_encoder, params = nnx.split(module)
+      text_sh = restore.fitted_shardings(params, self.mesh)
+      self.text_params = restore.place(params, text_sh)
       self.tokenizer = tokenizers.load_umt5_tokenizer(config.text.path)
-    self._encode_video = jax.jit(self._encode_video_impl)
-    self._encode_mean = jax.jit(self._encode_mean_impl)
-    self._normalize = jax.jit(self._normalize_impl)
-    self._decode_video = jax.jit(self._decode_video_impl)
-    self._encode_text = jax.jit(self._encode_text_impl)
-    self._cached_text = jax.jit(self._cached_text_impl)
+    self._encode_video = self._jit(self._encode_video_impl, vae_sh)
+    self._encode_mean = self._jit(self._encode_mean_impl, vae_sh)
+    self._normalize = self._jit(lambda _, mean: self._normalize_impl(mean), None)
+    self._decode_video = self._jit(self._decode_video_impl, vae_sh)
+    self._encode_text = self._jit(self._encode_text_impl, text_sh)
+    self._cached_text = self._jit(lambda _, e, m: self._cached_text_impl(e, m), None)
+
+  def _jit(self, impl, params_sh):
+    """impl(params, *batch) jitted with explicit shardings: the params where they were placed, the
+    batch arrays and outputs split over data x fsdp, or replicated when their rows do not divide
+    (one caption, a last partial batch). One compiled program per placement."""
+    compiled = {}
+
+    def call(params, *batch):
+      split = all(x.shape[0] % self._rows == 0 for x in batch)
+      sh = self.batch_sharding if split else self.replicated
+      if split not in compiled:
+        compiled[split] = jax.jit(impl, in_shardings=(params_sh, *(sh,) * len(batch)),
+                                  out_shardings=sh)
+      return compiled[split](params, *jax.device_put(batch, sh))
+    return call
 
   # ---- captions
   def tokenize(self, captions):
@@ -90,14 +122,14 @@ class Frozen:
       if self.vae is None:
         raise ValueError('The batch holds cached latents (data prepared with --cache_latents) but'
                          ' config.autoencoder is empty: set it to the autoencoder they came from.')
-      batch['video'] = self._normalize(batch.pop('latents'))
+      batch['video'] = self._normalize(None, batch.pop('latents'))
     elif self.vae is not None:
       batch['video'] = self._encode_video(self.vae_params, batch['video'])
     if 'text_embeddings' in batch:
       if self.text_encoder is None:
         raise ValueError('The batch holds cached caption embeddings (data prepared with'
                          " --cache_text) but config.text.encoder is not 'umt5'.")
-      batch['tokens'], batch['mask'] = self._cached_text(batch.pop('text_embeddings'),
+      batch['tokens'], batch['mask'] = self._cached_text(None, batch.pop('text_embeddings'),
                                                          batch.pop('text_mask'))
     elif self.text_encoder is not None:
       batch['tokens'], batch['mask'] = self.caption_inputs(batch['tokens'], batch['mask'])
@@ -135,23 +167,37 @@ class Frozen:
     return jnp.clip(nnx.merge(self.vae, params).decode(z), -1.0, 1.0)
 
 
-def load_autoencoder(path: str):
+def load_autoencoder(path: str, mesh=None):
   """(graphdef, params, latent mean [z], latent std [z]) of a sora_jax 'vae' workdir or a diffusers
-  AutoencoderKLWan folder.
+  AutoencoderKLWan folder; with `mesh`, the params are FSDP-sharded on it by their logical axes.
 
   Latents are normalised per channel so the diffusion model sees roughly unit-variance inputs: Wan
   ships its statistics (latents_mean / latents_std); for our own VAE they are measured once on its
   training data and cached in the workdir (latent_stats.json).
   """
   if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
-    vae_config, _, graphdef, params, _ = restore.load(path)
+    vae_config, _, graphdef, params, _ = restore.load(path, mesh=mesh)
     mean, std = _latent_stats(path, vae_config, graphdef, params)
     return graphdef, params, mean, std
   from sora_jax.interop import wan_vae  # pylint: disable=g-import-not-at-top
-  model = wan_vae.load_wan_vae(path).model
-  mean, std = model.latent_stats()
-  graphdef, params = nnx.split(model)
-  return graphdef, params, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  with _on_host():
+    model = wan_vae.load_wan_vae(path).model
+    mean, std = model.latent_stats()
+    graphdef, params = nnx.split(model)
+  if mesh is not None:
+    params = restore.place(params, restore.fitted_shardings(params, mesh))
+  # Through numpy: the statistics may sit on the host CPU backend, the programs on accelerators.
+  mean, std = (jnp.asarray(np.asarray(x), jnp.float32) for x in (mean, std))
+  return graphdef, params, mean, std
+
+
+def _on_host():
+  """Arrays made inside go to host memory (the CPU backend) when there is one beside the
+  accelerators; else to the default device, as before."""
+  try:
+    return jax.default_device(jax.devices('cpu')[0])
+  except RuntimeError:
+    return contextlib.nullcontext()
 
 
 def _is_workdir(path):

@@ -1,11 +1,18 @@
-"""Loading a trained run (its saved config and a checkpoint) for sampling and evaluation."""
+"""Loading a trained run (its saved config and a checkpoint) for sampling and evaluation.
+
+Only the parameter tree that is used (the EMA, or the raw params) is read, straight into FSDP
+shardings: no optimizer moments, no second copy, no whole model on any one device.
+"""
 
 import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from sora_jax.config import geometry, schema
+from sora_jax.config import schema
 from sora_jax.parallel import sharding
-from sora_jax.training import checkpoint
-from sora_jax.training import state as state_lib
+from sora_jax.training import checkpoint, factory
 
 
 def find_step(workdir: str, step: int | None = None) -> int:
@@ -13,13 +20,66 @@ def find_step(workdir: str, step: int | None = None) -> int:
   return checkpoint.resolve_step(checkpoint.manager(workdir, read_only=True), step)
 
 
-def load(workdir: str, *, step: int | None = None, use_ema: bool = True):
-  """(config, mesh, graphdef, params, step) for the run in `workdir`, on all local devices."""
+def inference_mesh():
+  """Every device on the fsdp axis (data = tensor = context = 1).
+
+  Not the saved config's mesh: that was sized (and its tensor / context axes checked against the
+  model's heads and lengths) for the training device count. FSDP over all devices fits any count,
+  splits every 'embed' dimension of the weights N ways, and keeps the batch split over data x fsdp
+  = all devices, as the data-parallel mesh inference used before did.
+  """
+  return sharding.make_mesh(dict(data=1, fsdp=jax.device_count(), tensor=1, context=1))
+
+
+def fitted_shardings(abstract_state, mesh):
+  """NamedShardings of an nnx.State from its parameters' logical axes (sharding.state_shardings),
+  with every mesh axis that does not divide its dimension dropped, so that dimension is replicated
+  instead of failing to place (e.g. a 96-channel conv kernel on a 64-way fsdp axis)."""
+  named = sharding.state_shardings(abstract_state, mesh)
+
+  def fit(x, s):
+    spec = []
+    for dim, axes in zip(x.shape, tuple(s.spec) + (None,) * (len(x.shape) - len(s.spec))):
+      kept, size = [], 1
+      for a in (axes,) if isinstance(axes, str) else (axes or ()):
+        if dim % (size * mesh.shape[a]) == 0:
+          kept.append(a)
+          size *= mesh.shape[a]
+      spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(fit, abstract_state, named)
+
+
+def place(tree, shardings):
+  """Host-side arrays -> global arrays on `shardings`; each device receives only its own slice (no
+  full copy on any accelerator, and it works across processes)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def abstract_params(config, mesh):
+  """(graphdef, abstract parameters carrying their `fitted_shardings`) of the config's model; no
+  optimizer state is built."""
+  graphdef, abstract = nnx.eval_shape(
+      lambda: nnx.split(factory.build(config, nnx.Rngs(config.seed)), nnx.Param))
+  shardings = fitted_shardings(abstract, mesh)
+  return graphdef, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load(workdir: str, *, step: int | None = None, use_ema: bool = True, mesh=None):
+  """(config, mesh, graphdef, params, step) for the run in `workdir`: the EMA (or, without
+  `use_ema`, the raw params) alone, FSDP-sharded over `mesh` (default: `inference_mesh()`)."""
   config = schema.load_config(workdir)
-  # Inference needs no FSDP/tensor split at this scale: data-parallel over every device.
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.context = -1, 1, 1, 1
-  mesh = sharding.make_mesh(geometry.resolve_mesh_shape(config, jax.device_count()))
-  graphdef, abstract, _ = state_lib.shardings(config, mesh)
+  mesh = inference_mesh() if mesh is None else mesh
+  # The config says which mesh its parameters are on (code reading config.mesh sees this one).
+  config.mesh.data, config.mesh.fsdp = mesh.shape['data'], mesh.shape['fsdp']
+  config.mesh.tensor, config.mesh.context = mesh.shape['tensor'], mesh.shape['context']
+  config.mesh.dcn_data = config.mesh.dcn_fsdp = 1
+  graphdef, abstract = abstract_params(config, mesh)
   mngr = checkpoint.manager(workdir, read_only=True)
-  state = checkpoint.restore(mngr, abstract, step=step)
-  return config, mesh, graphdef, state['ema' if use_ema else 'params'], int(state['step'])
+  params, step = checkpoint.restore_params(mngr, abstract, 'ema' if use_ema else 'params', step)
+  return config, mesh, graphdef, params, step

@@ -150,7 +150,7 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
   video: model-space frames [T, H, W, C] shared by all prompts, or [N, T, H, W, C] one per prompt;
   given [T]: their given-frame mask (see make_generate). lowres [N, T, h, w, C]: one low-resolution
   video per prompt (upscaler runs). decode=False: the model-space float videos [N, T, H, W, C]."""
-  frozen = frozen or frozen_lib.Frozen(config)
+  frozen = frozen or frozen_lib.Frozen(config, mesh)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
   data_sharding = sharding.batch_sharding(mesh)
@@ -244,7 +244,7 @@ def generate_long(generate, params, prompts, *, config, mesh, seed: int, batch_s
   """Videos longer than the training length by sliding windows (`long_windows`): uint8
   [N, num_frames, H, W, 3] (num_frames in model frames; latent frames with an autoencoder, decoded
   window by window, each window's overlap frames dropped after decoding)."""
-  frozen = frozen or frozen_lib.Frozen(config)
+  frozen = frozen or frozen_lib.Frozen(config, mesh)
   windows = long_windows(generate, params, prompts, config=config, mesh=mesh, seed=seed,
                          batch_size=batch_size, num_frames=num_frames, overlap=overlap,
                          frozen=frozen, video=video, given=given, direction=direction)

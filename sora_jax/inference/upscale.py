@@ -60,7 +60,7 @@ class Upscaler:
                                                        use_ema=self.use_ema)
       if self.noise is not None:
         config.upscale.sample_noise = self.noise
-      frozen = frozen_lib.Frozen(config)
+      frozen = frozen_lib.Frozen(config, mesh)
       generate = sampling.make_generate(graphdef, config, frozen=frozen, **self.options)
       self._loaded = (config, mesh, params, frozen, generate)
     return self._loaded

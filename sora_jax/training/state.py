@@ -62,11 +62,13 @@ def init_from(config, state, state_sh):
   WanTransformer3DModel folder (model.family='wan'; the byte text encoder, if any, keeps its init),
   or a sora_jax workdir with the same architecture (its latest checkpoint's EMA parameters)."""
   path = config.init_from
-  graphdef, abstract, _ = shardings(config, _mesh_of(state_sh))
   if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
-    mngr = checkpoint.manager(path, read_only=True)
-    params = checkpoint.restore(mngr, abstract)['ema']
+    # Only the EMA is read (a partial restore: no optimizer moments), onto this state's shardings.
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state['params'], state_sh['params'])
+    params, _ = checkpoint.restore_params(checkpoint.manager(path, read_only=True), abstract)
   elif config.model.family == 'wan':
+    graphdef, _, _ = shardings(config, _mesh_of(state_sh))
     from sora_jax.interop import \
         wan_transformer  # pylint: disable=g-import-not-at-top
     model = nnx.merge(graphdef, state['params'])
