@@ -30,7 +30,7 @@ LAYERS = {
             'inference', 'evaluation'),
 }
 CLIS = ('sora_jax.train', 'sora_jax.sample', 'sora_jax.evaluate', 'sora_jax.prepare',
-        'sora_jax.cli')
+        'sora_jax.compile', 'sora_jax.cli')
 
 
 def layer_of(module: str) -> str:
@@ -130,7 +130,8 @@ def test_no_upward_imports():
 def test_checks_catch_a_cycle_and_an_upward_import():
   g = graph()
   g['sora_jax.config.geometry'] = g['sora_jax.config.geometry'] | {'sora_jax.config.validation'}
-  assert ['sora_jax.config.geometry', 'sora_jax.config.validation'] in cycles(g)
+  # Within one component (config.buckets imports geometry, so the cycle may hold it too).
+  assert any({'sora_jax.config.geometry', 'sora_jax.config.validation'} <= set(c) for c in cycles(g))
   g['sora_jax.models.dit'] = g['sora_jax.models.dit'] | {'sora_jax.training.state'}
   assert 'sora_jax.models.dit (models) imports sora_jax.training.state (training)' in \
       upward_imports(g)

@@ -40,23 +40,26 @@ def logical_to_spec(names, rules=RULES) -> P:
   return P(*spmd.from_sharding_rules(tuple(names), rules))
 
 
-def make_mesh(shape: dict[str, int], devices=None, dcn: dict[str, int] | None = None) -> Mesh:
+def make_mesh(shape: dict[str, int], devices=None, dcn: dict[str, int] | None = None, *,
+              physical: bool = False) -> Mesh:
   """Mesh over `devices` (default: all) with axis sizes `shape`.
 
   Device order follows the physical topology (mesh_utils: ICI rings on TPU, NVLink islands on GPU) so
   the innermost axes (tensor, context) get the fastest links. `dcn` (multi-slice TPU pods / several
   GPU hosts): how many of each axis' size spans slices over the data-centre network, e.g.
-  {'data': 4} for 4 slices doing data parallelism between them.
+  {'data': 4} for 4 slices doing data parallelism between them. `physical`: arrange the given
+  `devices` (e.g. a target topology's, for ahead-of-time compilation) by their coordinates too.
   """
   sizes = tuple(shape[a] for a in MESH_AXES)
   dcn_sizes = tuple((dcn or {}).get(a, 1) for a in MESH_AXES)
-  if devices is not None:  # an explicit device list keeps its order (tests, sub-meshes)
+  if devices is not None and not physical:  # an explicit list keeps its order (tests, sub-meshes)
     grid = np.asarray(devices).reshape(sizes)
   elif any(d > 1 for d in dcn_sizes):
     ici = tuple(n // d for n, d in zip(sizes, dcn_sizes))
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn_sizes, allow_split_physical_axes=True)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn_sizes, devices=devices,
+                                                allow_split_physical_axes=True)
   else:
-    grid = mesh_utils.create_device_mesh(sizes, allow_split_physical_axes=True)
+    grid = mesh_utils.create_device_mesh(sizes, devices=devices, allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -1,0 +1,62 @@
+"""The jitted train step and the abstract batches it takes, one per bucket: compiled at start-up by
+sora_jax/train.py (so no host stalls mid-run when the random plan first reaches a bucket) and for a
+target topology by `python -m sora_jax.compile`, from the same functions.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import geometry
+from sora_jax.parallel import sharding
+from sora_jax.training import factory, update
+
+
+def caption_spec(config, batch_size: int, text_dtype=jnp.float32):
+  """(tokens, mask) as the train step takes them: byte tokens, or a frozen encoder's embeddings
+  (`text_dtype`: what the encoder returns)."""
+  length = config.text.max_length
+  mask = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)
+  if config.text.encoder == 'umt5':
+    return jax.ShapeDtypeStruct((batch_size, length, factory.text_width(config)), text_dtype), mask
+  return jax.ShapeDtypeStruct((batch_size, length), jnp.int32), mask
+
+
+def video_spec(config, bucket: buckets_lib.Bucket, pixel_dtype=jnp.float32):
+  """The bucket's clips as the train step takes them: latents (float32) with an autoencoder, else
+  pixels in `pixel_dtype`."""
+  shape = bucket.shape
+  if config.autoencoder:
+    shape = geometry.latent_shape(shape, geometry.autoencoder_geometry(config.autoencoder))
+  dtype = jnp.float32 if config.autoencoder else pixel_dtype
+  return jax.ShapeDtypeStruct((bucket.batch_size, *shape, factory.channels(config)), dtype)
+
+
+def batch_spec(config, bucket, *, text_dtype=jnp.float32, pixel_dtype=jnp.float32) -> dict:
+  """The abstract train-step batch of one bucket (one clip per row; not for packed sequences)."""
+  if config.data.packing:
+    raise ValueError('config.data.packing: the packed batch layout is not compiled ahead of time;'
+                     ' its shapes come from the packer at run time.')
+  tokens, mask = caption_spec(config, bucket.batch_size, text_dtype)
+  batch = dict(video=video_spec(config, bucket, pixel_dtype))
+  if config.model.family != 'vae':
+    batch.update(tokens=tokens, mask=mask)
+  return batch
+
+
+def jit_train_step(graphdef, config, tx, schedule, null_caption, state_sh, mesh):
+  """The train step jitted as the loop runs it: explicit shardings, the state donated."""
+  batch_sh = sharding.batch_sharding(mesh)
+  return jax.jit(update.make_train_step(graphdef, config, tx, schedule, null_caption),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                 donate_argnums=(0,))
+
+
+def lower_buckets(step, abstract_state, config, mesh, *, batch_multiple=1, **spec_kwargs):
+  """[(bucket, lowered train step)] for every bucket of the config (inside the mesh context, as the
+  loop traces it)."""
+  out = []
+  with jax.set_mesh(mesh):
+    for bucket in buckets_lib.make(config, batch_multiple):
+      out.append((bucket, step.lower(abstract_state, batch_spec(config, bucket, **spec_kwargs))))
+  return out
