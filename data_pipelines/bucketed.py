@@ -150,7 +150,7 @@ class BatchPlan:
 
 
 class LoadBatch(grain.transforms.Map):
-  """Plan -> this process's rows of the batch: video in [-1, 1], tokens, mask; plus '_paths' and
+  """Plan -> this process's rows of the batch: video (uint8), tokens, mask; plus '_paths' and
   '_skipped' (path, reason) for the main process's bookkeeping (CountSkips).
 
   load_fn(example, bucket, rng) -> (clip, caption): clip is uint8 pixels [frames, height, width, 3],
@@ -186,7 +186,7 @@ class LoadBatch(grain.transforms.Map):
     if len({clip.dtype == np.uint8 for clip in clips}) > 1:
       raise ValueError(f'Batch mixes pixel clips and cached latents ({paths}).')
     if clips[0].dtype == np.uint8:
-      batch['video'] = np.stack(clips).astype(np.float32) / 127.5 - 1.0
+      batch['video'] = np.stack(clips)  # uint8: the train step maps it to [-1, 1] on device
     else:
       batch['latents'] = np.stack(clips)
     if len({isinstance(c, str) for c in captions}) > 1:

@@ -11,8 +11,9 @@ Which mode each config uses:
     little padding instead of one compiled shape per bucket.
 
 A packed sequence holds, with N = packing_length, S = packing_segments, P = patch_dim, L = text length:
-  'patches'      float32 [N, P]  clean patch tokens in [-1, 1] (dit.patchify order within each clip), 0 at
-                                 padding
+  'patches'      [N, P]          clean patch tokens (dit.patchify order within each clip), 0 at padding:
+                                 the clips' dtype, uint8 pixels from the pipelines (the train step maps
+                                 real tokens to [-1, 1] on device), or floats in [-1, 1]
   'positions'    int32 [N, 3]    (t, h, w) patch coordinates of each token within its own clip
   'segment_ids'  int32 [N]       0 = padding, k = the k-th clip of the sequence (1..S); a clip's tokens
                                  are contiguous
@@ -165,7 +166,7 @@ class PatchifyClip(grain.transforms.Map):
   def map(self, example):
     patches, positions = patchify_clip(example['video'], self.patch_size)
     return {
-        'patches': patches.astype(np.float32),
+        'patches': patches,  # the clip's dtype: uint8 pixels stay uint8 (update.model_inputs)
         'coords': positions,
         'caption': np.asarray(example['tokens'], np.int32)[None],
         'caption_mask': np.asarray(example['mask'], bool)[None],

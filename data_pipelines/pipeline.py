@@ -14,14 +14,15 @@ import grain
 import numpy as np
 from absl import logging
 
-from data_pipelines import bucketed, packing, prepare, records, shapes
+from data_pipelines import bucketed, manifest, packing, prepare, records, shapes
 from sora_jax.common import tokenizers
 from sora_jax.config import buckets as buckets_lib
 from sora_jax.config import geometry
 
 
 class ToModelInputs(grain.transforms.Map):
-  """uint8 video -> float32 in [-1, 1]; caption -> tokens and mask (`Tokenizer`)."""
+  """Caption -> tokens and mask (`Tokenizer`); the video stays uint8: the train step maps it to
+  [-1, 1] on device (training/update.py:model_inputs), a quarter of the host memory and transfer."""
 
   def __init__(self, tokenize: tokenizers.Tokenizer):
     self.tokenize = tokenize
@@ -29,7 +30,7 @@ class ToModelInputs(grain.transforms.Map):
   def map(self, record):
     tokens, mask = self.tokenize([record['caption']])
     return {
-        'video': record['video'].astype(np.float32) / 127.5 - 1.0,
+        'video': record['video'],
         'tokens': tokens[0],
         'mask': mask[0],
     }
@@ -99,6 +100,34 @@ def _prefetch(ds, config):
         num_workers=config.data.worker_count,
         per_worker_buffer_size=config.data.prefetch_buffer_size))
   return ds
+
+
+def data_captions(config, n: int) -> list[str]:
+  """The first `n` usable captions of the user data, in its own order (manifest rows, prepared
+  records, tfds examples): deterministic and cheap (nothing probed or decoded but n records), so
+  every preview of a run shows the same prompts, ones the data actually trains on."""
+  d = config.data
+  if d.manifest:
+    rows = manifest.read_manifest(d.manifest)
+    captions = (r.caption for r in rows if not r.error and isinstance(r.caption, str))
+  elif d.prepared:
+    with open(os.path.join(d.prepared, 'index.json')) as f:
+      index = json.load(f)
+    source = records.data_source([os.path.join(d.prepared, s) for s in index['shards']])
+    captions = (records.decode(source[i])['caption'] for i in range(len(source)))
+  else:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    source = tfds.data_source(d.tfds_name, split='train', data_dir=d.tfds_data_dir or None,
+                              download=False)
+    captions = (source[i]['caption'] for i in range(len(source)))
+  out = []
+  for c in captions:
+    c = c.decode('utf-8') if isinstance(c, bytes) else str(c)
+    if c.strip():
+      out.append(c)
+    if len(out) == n:
+      break
+  return out
 
 
 def user_examples(config, table, skips: bucketed.SkipLog):
@@ -225,7 +254,13 @@ def packed_train_iterator(config, *, process_index: int = 0, process_count: int 
 
 
 def eval_batches(config, split: str, num_videos: int, batch_size: int, seed_offset: int = 1000):
-  """A fixed, finite list of batches from a seed disjoint from training's."""
+  """A fixed, finite list of batches from a seed disjoint from training's; video float32 in
+  [-1, 1] (small and numpy-side: what evaluation, previews and latent statistics compute on)."""
   ds = grain.MapDataset.source(source(config, split, config.seed + seed_offset))[:num_videos]
   ds = ds.map(ToModelInputs(tokenizers.Tokenizer(config))).batch(batch_size, drop_remainder=True)
-  return [ds[i] for i in range(len(ds))]
+  return [dict(ds[i], video=to_float(ds[i]['video'])) for i in range(len(ds))]
+
+
+def to_float(video: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1] on the host (evaluation; training does it on device)."""
+  return video.astype(np.float32) / 127.5 - 1.0

@@ -105,8 +105,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   with jax.set_mesh(mesh):
     while step < config.total_steps:
       local = next(data_iter)
+      # Video stays uint8 up to here (a quarter of the bytes); the step maps it to [-1, 1].
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in local.items()}
+      if config.autoencoder and 'video' in batch:  # encode_batch takes pixels in [-1, 1]
+        batch['video'] = update.normalize_pixels(batch['video'])
       batch = frozen.encode_batch(batch, batch_sharding)
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)

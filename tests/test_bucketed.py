@@ -72,6 +72,66 @@ def test_bucket_choice_and_batch_sizes():
   assert sizes == [2, 2, 2, 2, 8]
 
 
+def _wan_like_vae(folder):
+  """A config.json with Wan 2.1's VAE geometry: 4x temporal (first frame alone), 8x spatial."""
+  folder.mkdir()
+  (folder / 'config.json').write_text(json.dumps(
+      {'temperal_downsample': [False, True, True], 'dim_mult': [1, 2, 4, 4], 'z_dim': 16}))
+  return str(folder)
+
+
+def test_token_budgets_count_the_latent_tokens_the_dit_sees(tmp_path):
+  c = _config('unused')
+  c.autoencoder = _wan_like_vae(tmp_path / 'vae')
+  c.model.patch_size = (1, 2, 2)
+  c.data.buckets = ((17, 64, 64), (1, 64, 64))
+  # 17x64x64 pixels -> 5x8x8 latents -> 80 tokens; an image -> 1x8x8 -> 16 tokens.
+  assert [buckets_lib.model_tokens(c, s) for s in c.data.buckets] == [80, 16]
+  c.data.tokens_per_batch = 160
+  assert [b.batch_size for b in buckets_lib.make(c, batch_multiple=2)] == [2, 10]
+  # Without the autoencoder the same buckets are pixel patches.
+  c.autoencoder = ''
+  assert buckets_lib.model_tokens(c, (17, 64, 64)) == 17 * 32 * 32
+
+
+def test_each_bucket_trains_with_the_sampler_shift_of_its_shape(monkeypatch):
+  """Shapes are static, so each bucket's step bakes in its own resolution-dependent shift: the one
+  sampling uses for that shape."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sora_jax.diffusion import flow  # pylint: disable=g-import-not-at-top
+  from sora_jax.inference import sampling  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from sora_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.training import update  # pylint: disable=g-import-not-at-top
+  c = bucketed_config(((4, 16, 16), (8, 16, 24)), (2, 4, 4))  # 32 and 96 tokens
+  c.diffusion.shift, c.diffusion.shift_base_tokens = 2.0, 32
+  mesh = sharding.make_mesh(validation.validate(c, 1), jax.devices()[:1])
+  tx, schedule = state_lib.make_optimizer(c)
+  graphdef, state, _ = state_lib.init(c, mesh)
+  shifts = []
+  sample_timesteps, sampling_schedule = flow.sample_timesteps, flow.sampling_schedule
+
+  def spy_train(rng, batch, **kw):
+    shifts.append(('train', kw['shift']))
+    return sample_timesteps(rng, batch, **kw)
+
+  def spy_sample(num_steps, shift=1.0):
+    shifts.append(('sample', shift))
+    return sampling_schedule(num_steps, shift)
+
+  monkeypatch.setattr(flow, 'sample_timesteps', spy_train)
+  monkeypatch.setattr(flow, 'sampling_schedule', spy_sample)
+  step = jax.jit(update.make_train_step(graphdef, c, tx, schedule))
+  tokens, mask = np.zeros((2, c.text.max_length), np.int32), np.ones((2, c.text.max_length), bool)
+  for shape in c.data.buckets:
+    step(state, {'video': np.zeros((2, *shape, 3), np.uint8), 'tokens': tokens, 'mask': mask})
+    c.data.num_frames, c.data.height, c.data.width = shape  # sample this shape
+    sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=1.0)
+  assert [k for k, _ in shifts] == ['train', 'sample'] * 2
+  assert shifts[0][1] == shifts[1][1] == pytest.approx(2.0)  # 32 tokens: the base shift
+  assert shifts[2][1] == shifts[3][1] == pytest.approx(2.0 * 3 ** 0.5)  # 96 tokens
+
+
 def test_bad_bucket_configs_are_rejected_before_compiling(tmp_path):
   manifest = tmp_path / 'm.csv'
   manifest.write_text('path,caption\n')
@@ -127,7 +187,7 @@ def test_batches_have_static_bucket_shapes_and_resume_exactly(media):
   seen_shapes = {b['video'].shape for b in batches}
   assert seen_shapes <= allowed and len(seen_shapes) >= 3
   for b in batches:
-    assert b['video'].dtype == np.float32 and -1 <= b['video'].min() and b['video'].max() <= 1
+    assert b['video'].dtype == np.uint8  # normalised on device, in the train step
     assert b['tokens'].shape == (b['video'].shape[0], c.text.max_length)
     assert set(b) == {'video', 'tokens', 'mask'}
   # Resume: a fresh iterator set to the state after 5 batches yields batches 5.. exactly.
@@ -170,7 +230,7 @@ def test_decode_failures_are_replaced_counted_and_logged():
   assert ('/x/1.mp4', 'undecodable') in skips.skipped
   assert skips.seen == 4 + len(skips.skipped) and sum(skips.sources.values()) == 4
   # Row 1 was replaced by a decodable example of the same bucket, never by a failing one.
-  assert out['video'][1, 0, 0, 0, 0] not in (1 * 40 / 127.5 - 1, 4 * 40 / 127.5 - 1)
+  assert out['video'].dtype == np.uint8 and out['video'][1, 0, 0, 0, 0] not in (1 * 40, 4 * 40)
 
 
 def test_training_on_a_manifest_counts_skips(media, tmp_path):
@@ -186,6 +246,24 @@ def test_training_on_a_manifest_counts_skips(media, tmp_path):
   assert [r['step'] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r['loss']) for r in rows)
   assert rows[-1]['skipped_examples'] == 14  # broken rows + 8 images with no 1-frame bucket
+  # Previews show the data's own first captions, not the shapes prompts.
+  with open(tmp_path / 'samples' / 'step_3' / 'samples.json') as f:
+    prompts = [s['prompt'] for s in json.load(f)['samples']]
+  assert prompts == ['clip landscape.mp4', 'clip portrait.mp4']
+
+
+def test_preview_prompts_are_configured_else_the_data_captions(media):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.evaluation import previews  # pylint: disable=g-import-not-at-top
+  _, manifest, _, _ = media
+  c = _config(manifest)
+  # The first usable captions of the manifest (bad rows' captions are still captions; '' is not).
+  assert previews.preview_prompts(c) == ['clip landscape.mp4', 'clip portrait.mp4']
+  c.sample.prompts = ('a cat on a sofa', 'waves at dusk', 'a busy street')
+  assert previews.preview_prompts(c) == list(c.sample.prompts)
+  shapes_run = tiny_config()
+  assert previews.preview_prompts(shapes_run) == previews.sample_prompts(2)
+  assert all(p.startswith('a ') for p in previews.preview_prompts(shapes_run))
 
 
 def test_example_videos_index_into_the_readme_buckets(tmp_path):

@@ -18,6 +18,7 @@ from data_pipelines import bucketed, pipeline, prepare, records
 from sora_jax import prepare as cli_prepare
 from sora_jax import train
 from sora_jax.inference import frozen as frozen_lib
+from sora_jax.training import update
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 WAN_VAE = os.path.join(FIXTURES, 'wan_vae_tiny')  # 4x temporal, 8x spatial, 4 latent channels
@@ -117,7 +118,10 @@ def test_cached_batches_equal_encoding_on_the_fly(folders, encoders):
     assert set(cached_batch) == {'latents', 'text_embeddings', 'text_mask'}
     assert cached_batch['latents'].dtype == np.float16
     assert cached_batch['text_embeddings'].shape == (2, 16, 32)
-    want = encoders.encode_batch(pixel_batch)  # VAE and umT5 on the fly
+    assert pixel_batch['video'].dtype == np.uint8
+    # VAE and umT5 on the fly, on pixels in [-1, 1] as train.py gives them to encode_batch.
+    want = encoders.encode_batch(dict(pixel_batch,
+                                      video=update.normalize_pixels(pixel_batch['video'])))
     got = encoders.encode_batch(cached_batch)
     assert set(got) == set(want) == {'video', 'tokens', 'mask'}
     assert got['video'].shape == want['video'].shape and got['video'].dtype == np.float32

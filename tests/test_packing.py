@@ -175,7 +175,12 @@ def test_packed_train_step_loss_is_mean_token_loss_of_clips_alone(config):
   null_tokens, null_mask = tokenizers.tokenize([''], config.text.max_length)
   d = config.diffusion
   t = flow.sample_timesteps(t_rng, 2 * 3, logit_mean=d.logit_mean, logit_std=d.logit_std,
-                            shift=geometry.timestep_shift(config)).reshape(2, 3)
+                            shift=1.0).reshape(2, 3)  # unshifted
+  # Each segment's shift is the sampler's for its own clip shape (token count).
+  shifts = [[geometry.timestep_shift(config, clips[i].shape[:3]) if i >= 0 else 1.0
+             for i in row] for row in p['clip_index']]
+  assert len({s for row in shifts for s in row}) > 2  # the clips' sizes differ
+  t = flow.shift_timesteps(t, np.asarray(shifts, np.float32))
   noise = np.asarray(jax.random.normal(noise_rng, p['patches'].shape))
   unpacked, _ = _fns(graphdef)
   errors = []

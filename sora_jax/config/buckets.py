@@ -2,8 +2,9 @@
 
 A bucket is (frames, height, width) from `config.data.buckets` (empty: the single bucket
 (data.num_frames, data.height, data.width)). Its global batch size comes from a token budget,
-`config.data.tokens_per_batch` (0: every bucket uses `config.batch_size`), rounded down to a multiple
-of the data-parallel size so each batch splits evenly over the mesh and the processes. Images go to
+`config.data.tokens_per_batch` (0: every bucket uses `config.batch_size`) of the tokens the DiT sees
+(`model_tokens`: latent patches with config.autoencoder), rounded down to a multiple of the
+data-parallel size so each batch splits evenly over the mesh and the processes. Images go to
 1-frame buckets, videos to the others: nearest aspect ratio first, then the longest clip that fits.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from sora_jax.config import geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +39,14 @@ def shapes(config) -> list[tuple[int, int, int]]:
 
 
 def tokens(shape, patch_size) -> int:
-  """DiT tokens of one clip of `shape` (frames, height, width) in pixel space."""
-  return math.prod(s // p for s, p in zip(shape, patch_size))
+  """Transformer tokens of one clip of `shape` (frames, height, width) as the model sees it."""
+  return geometry.patch_tokens(shape, patch_size)
+
+
+def model_tokens(config, shape) -> int:
+  """Tokens the DiT sees for one clip of pixel `shape`: its latents' patches with config.autoencoder
+  (Wan's VAE: 1 + (F - 1) // 4 frames, 8x smaller frames), its own patches without."""
+  return tokens(geometry.model_shape(config, shape), config.model.patch_size)
 
 
 def make(config, batch_multiple: int = 1) -> list[Bucket]:
@@ -46,7 +55,7 @@ def make(config, batch_multiple: int = 1) -> list[Bucket]:
   out = []
   for shape in shapes(config):
     if budget:
-      per_clip = tokens(shape, config.model.patch_size)
+      per_clip = model_tokens(config, shape)  # what a step costs, not the pixels decoded
       batch = max(batch_multiple, budget // per_clip // batch_multiple * batch_multiple)
     else:
       batch = config.batch_size

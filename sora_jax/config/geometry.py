@@ -127,20 +127,35 @@ def latent_shape(clip, ae_geometry) -> tuple[int, int, int]:
   return (1 + (t - 1) // ae_geometry['temporal'], h // ae_geometry['spatial'], w // ae_geometry['spatial'])
 
 
+def model_shape(config, clip) -> tuple[int, int, int]:
+  """(frames, height, width) the diffusion model sees for a pixel clip: itself, or (with
+  config.autoencoder) its latents."""
+  if not config.autoencoder:
+    return tuple(int(n) for n in clip)
+  return latent_shape(clip, autoencoder_geometry(config.autoencoder))
+
+
 def model_clip_shape(config) -> tuple[int, int, int]:
   """(frames, height, width) the diffusion model sees for the default clip: pixels, or latents."""
-  clip = (config.data.num_frames, config.data.height, config.data.width)
-  return latent_shape(clip, autoencoder_geometry(config.autoencoder)) if config.autoencoder else clip
+  return model_shape(config, (config.data.num_frames, config.data.height, config.data.width))
 
 
-def shift_for_tokens(num_tokens: int, base_shift: float, base_tokens: int) -> float:
+def patch_tokens(shape, patch_size) -> int:
+  """Transformer tokens of one clip of model-space `shape` (frames, height, width)."""
+  return math.prod(int(n) // int(p) for n, p in zip(shape, patch_size))
+
+
+def shift_for_tokens(num_tokens, base_shift: float, base_tokens: int):
   """Resolution-dependent shift: more tokens carry more redundant signal, so spend more time at high
-  noise. Grows as sqrt(tokens / base) (SD3's sqrt(m/n) rule), equal to `base_shift` at `base_tokens`."""
+  noise. Grows as sqrt(tokens / base) (SD3's sqrt(m/n) rule), equal to `base_shift` at `base_tokens`.
+  `num_tokens` may be an array (packed sequences: one count per segment, on device)."""
   return float(base_shift) * (num_tokens / base_tokens) ** 0.5
 
 
-def timestep_shift(config) -> float:
-  """The flow-time shift for the default clip's token count (in latent space with an autoencoder)."""
-  clip = model_clip_shape(config)
-  tokens = math.prod(n // p for n, p in zip(clip, config.model.patch_size))
-  return shift_for_tokens(tokens, config.diffusion.shift, config.diffusion.shift_base_tokens)
+def timestep_shift(config, shape=None) -> float:
+  """The flow-time shift of a clip of model-space `shape` (frames, height, width: latents with an
+  autoencoder; default: the default clip). The one formula for training (each batch's static shape,
+  at trace time: every bucket gets its own) and sampling (the shape it generates)."""
+  shape = model_clip_shape(config) if shape is None else shape
+  return shift_for_tokens(patch_tokens(shape, config.model.patch_size), config.diffusion.shift,
+                          config.diffusion.shift_base_tokens)

@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (frames, height, width) buckets, e.g. ((16, 64, 64), (16, 48, 80), (1, 64, 64)); empty: one bucket
   # (num_frames, height, width). 1-frame buckets hold images.
   c.data.buckets = ()
-  c.data.tokens_per_batch = 0  # per-bucket global batch = this // tokens per clip (0: batch_size)
+  c.data.tokens_per_batch = 0  # per-bucket global batch = this // model tokens per clip (0: batch_size)
   c.data.random_crop = True  # else centre crop
   c.data.max_skip_fraction = 0.1  # more skipped examples than this is an error, not a dataset
   c.data.probe_threads = 8  # threads probing a manifest's files at start-up
@@ -178,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 4.0
   c.sample.sampler = 'euler'  # 'euler' | 'heun' | 'dpm++2m' (sora_jax/diffusion/samplers.py)
   c.sample.negative_prompt = ''  # the unconditional half of CFG sees this caption
+  c.sample.prompts = ()  # training previews; empty: shapes prompts, or the data's first captions
   c.sample.guidance_schedule = 'constant'  # 'constant' | 'linear' | 'interval'
   c.sample.guidance_interval = (0.0, 1.0)  # flow-time interval for 'interval'
 

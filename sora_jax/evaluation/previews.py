@@ -1,7 +1,7 @@
 """What a run shows of itself while it trains (every config.sample_every_steps, and at the end): one
 preview per objective, so the train loop knows none of them.
 
-  text-to-video / frame-conditioned: videos of fixed seen and held-out prompts;
+  text-to-video / frame-conditioned: videos of fixed prompts (preview_prompts);
   upscaler: bilinear | upscaled | real clips side by side;
   autoencoder: fixed clips above their reconstructions.
 """
@@ -25,8 +25,21 @@ def make(graphdef, config, mesh, frozen):
   return make_preview(graphdef, config, mesh, frozen)
 
 
+def preview_prompts(config) -> list[str]:
+  """What training previews show: config.sample.prompts when set; else, for user data (manifest,
+  prepared, tfds), its first num_train_samples captions (prompts in the data's own language and
+  domain, the same at every step: the shapes prompts mean nothing to a fine-tune on real videos);
+  else the shapes prompts."""
+  prompts = [str(p) for p in config.sample.get('prompts', ())]  # absent in older workdirs
+  if prompts:
+    return prompts
+  if pipeline.uses_user_data(config):
+    return pipeline.data_captions(config, config.num_train_samples)
+  return sample_prompts(config.num_train_samples)
+
+
 def sample_prompts(n: int) -> list[str]:
-  """A fixed mix of seen and held-out prompts."""
+  """A fixed mix of seen and held-out shapes prompts."""
   seen = [shapes.caption(c, s, d) for (c, s), d in
           zip(shapes.pairs('train'), shapes.DIRECTIONS * 8)]
   held = [shapes.caption(c, s, d) for (c, s), d in zip(shapes.pairs('heldout'), shapes.DIRECTIONS)]
@@ -41,7 +54,7 @@ def reconstruct(graphdef, params, video):
 
 def _generated(graphdef, config, mesh, frozen):
   generate = sampling.make_generate(graphdef, config, frozen=frozen, **sampling.settings(config))
-  prompts = sample_prompts(config.num_train_samples)
+  prompts = preview_prompts(config)
 
   def preview(params):
     return sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh,

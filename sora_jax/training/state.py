@@ -18,11 +18,24 @@ def make_optimizer(config):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
       decay_steps=config.total_steps, end_value=o.learning_rate * o.end_lr_fraction)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
   tx = optax.chain(
       optax.clip_by_global_norm(o.grad_clip),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
   return tx, schedule
+
+
+# Parameter names that weight decay applies to: the weight matrices / filters of linear, conv and
+# embedding layers. Not by ndim: scanned layers stack every bias and norm scale into 2-D.
+DECAYED = ('kernel', 'embedding')
+
+
+def decays(path) -> bool:
+  """Whether the parameter at a tree path (of an nnx.State of Params) is weight-decayed: its own
+  name (the last string key, before Variable's '.value') is in DECAYED. Biases, norm scales /
+  gammas, Wan's scale_shift_table and learned positions keep their magnitude."""
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+  return bool(names) and names[-1] in DECAYED
 
 
 def _init(config, tx):

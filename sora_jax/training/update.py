@@ -22,6 +22,36 @@ def objective(config):
   return text_to_video
 
 
+def to_model_range(video):
+  """uint8 pixels -> float32 in [-1, 1]; floats (latents, already-normalised pixels) pass. The
+  pipelines keep video uint8 so the host holds and sends a quarter of the bytes; this runs on device,
+  inside the jitted step.
+
+  Centred first: 0 and 255 map to exactly -1 and 1 and the map is symmetric. XLA divides by a
+  constant as a multiply by its reciprocal, so this is within 6e-8 of the host's old
+  x / 127.5 - 1 (which XLA would compute as 1.0000001 at 255), not bit-equal to it."""
+  if video.dtype != jnp.uint8:
+    return video
+  return (video.astype(jnp.float32) - 127.5) / 127.5
+
+
+def model_inputs(batch):
+  """A batch as the objectives take it: 'video' (clips) or packed 'patches' in [-1, 1]. Packed
+  padding stays 0 (as the packer wrote it, not -1), so padding tokens are what they always were."""
+  batch = dict(batch)
+  if 'video' in batch:
+    batch['video'] = to_model_range(batch['video'])
+  if 'patches' in batch and batch['patches'].dtype == jnp.uint8:
+    real = (batch['segment_ids'] > 0)[..., None]
+    batch['patches'] = jnp.where(real, to_model_range(batch['patches']), 0.0)
+  return batch
+
+
+# For frozen.Frozen.encode_batch, whose contract is pixels in [-1, 1]: train.py normalises on device
+# before encoding (latent runs), so host batches stay uint8 there too.
+normalize_pixels = jax.jit(to_model_range)
+
+
 def make_train_step(graphdef, config, tx, schedule, null_caption=None):
   """(state, batch) -> (state, metrics); pure, jitted by the caller.
 
@@ -32,6 +62,7 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
   loss_fn = objective(config).make_loss(graphdef, config, null_caption)
 
   def train_step(state, batch):
+    batch = model_inputs(batch)  # uint8 from the host; static dtype, so no cost for floats
     rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
     rngs = dict(t=t_rng, noise=noise_rng, drop=drop_rng)
     (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], batch, rngs)

@@ -19,7 +19,7 @@ def make_loss(graphdef, config, null_caption):
   def loss(params, batch, rngs):
     x0 = batch['video']
     b = x0.shape[0]
-    t = text_to_video.flow_times(rngs['t'], config, b, x0.shape[1])
+    t = text_to_video.flow_times(rngs['t'], config, x0.shape)
     given, image = given_frames.sample_given(jax.random.fold_in(rngs['t'], 2), config, b,
                                              x0.shape[1])
     if not config.autoencoder:

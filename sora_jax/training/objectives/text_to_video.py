@@ -18,14 +18,19 @@ from sora_jax.diffusion import flow
 from sora_jax.models import dit
 
 
-def flow_times(rng, config, batch: int, num_frames: int):
-  """Flow times [B], or [B, T] where frame_noise_prob gave a clip one time per temporal patch.
+def flow_times(rng, config, shape):
+  """Flow times [B], or [B, T] where frame_noise_prob gave a clip one time per temporal patch, for a
+  batch of model-space `shape` [B, T, H, W, C].
+
+  The shift is the sampler's for this clip shape (geometry.timestep_shift): shapes are static, so
+  each bucket's compiled step bakes in its own resolution-dependent shift.
 
   Why per frame: with some frames nearly clean and others noisy, where the object goes next is a
   first-order question, so the caption's motion words get a strong gradient; t stays shared (as
   sampled) for the other clips, which is what the sampler uses."""
   d = config.diffusion
-  shift = geometry.timestep_shift(config)
+  batch, num_frames = shape[0], shape[1]
+  shift = geometry.timestep_shift(config, shape[1:4])
   t = flow.sample_timesteps(rng, batch, logit_mean=d.logit_mean, logit_std=d.logit_std, shift=shift)
   if d.frame_noise_prob <= 0:
     return t
@@ -50,13 +55,22 @@ def drop_captions(rng, prob: float, tokens, mask, null_caption):
   return _dropped(drop, null_tokens, tokens), _dropped(drop, null_mask, mask)
 
 
+def segment_shifts(config, segment_ids, num_segments: int):
+  """[B, S] timestep shifts of packed segments, each the sampler's for its clip's token count
+  (counted on device: a segment's size is data, not shape). Empty slots count as one token."""
+  d = config.diffusion
+  counts = (segment_ids[:, None, :] == jnp.arange(1, num_segments + 1)[None, :, None]).sum(-1)
+  return geometry.shift_for_tokens(jnp.maximum(counts, 1).astype(jnp.float32), d.shift,
+                                   d.shift_base_tokens)
+
+
 def make_loss(graphdef, config, null_caption):
   """null_caption: (tokens, mask) [1, ...] of the empty caption as the model takes captions."""
   d = config.diffusion
 
   def clip_loss(params, batch, rngs):
     x0 = batch['video']
-    t = flow_times(rngs['t'], config, x0.shape[0], x0.shape[1])
+    t = flow_times(rngs['t'], config, x0.shape)
     noise = jax.random.normal(rngs['noise'], x0.shape, x0.dtype)
     tokens, mask = drop_captions(rngs['drop'], config.text.dropout_prob, batch['tokens'],
                                  batch['mask'], null_caption)
@@ -66,8 +80,9 @@ def make_loss(graphdef, config, null_caption):
   def packed_loss(params, batch, rngs):
     x0, segment_ids = batch['patches'], batch['segment_ids']
     b, s = batch['tokens'].shape[:2]
+    shift = segment_shifts(config, segment_ids, s).reshape(b * s)
     t = flow.sample_timesteps(rngs['t'], b * s, logit_mean=d.logit_mean, logit_std=d.logit_std,
-                              shift=geometry.timestep_shift(config)).reshape(b, s)
+                              shift=shift).reshape(b, s)
     noise = jax.random.normal(rngs['noise'], x0.shape, x0.dtype)
     t_token = dit.per_token(t, dit.segment_index(segment_ids))
     flat = lambda x: x.reshape(b * s, *x.shape[2:])

@@ -14,7 +14,7 @@ def make_loss(graphdef, config, null_caption):
 
   def loss(params, batch, rngs):
     x0 = batch['video']
-    t = text_to_video.flow_times(rngs['t'], config, x0.shape[0], x0.shape[1])
+    t = text_to_video.flow_times(rngs['t'], config, x0.shape)
     noise = jax.random.normal(rngs['noise'], x0.shape, x0.dtype)
     tokens, mask = text_to_video.drop_captions(rngs['drop'], config.text.dropout_prob,
                                                batch['tokens'], batch['mask'], null_caption)
