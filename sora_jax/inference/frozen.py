@@ -96,9 +96,7 @@ class Frozen:
     return self.caption_inputs(jnp.asarray(tokens), jnp.asarray(mask))
 
   def _encode_text_impl(self, params, tokens, mask):
-    embeddings = nnx.merge(self.text_encoder, params)(tokens, mask)
-    # Padded positions carry zeros (what the Wan pipeline feeds its DiT).
-    return embeddings * mask[..., None].astype(embeddings.dtype), mask
+    return encode_text(self.text_encoder, params, tokens, mask)
 
   def _cached_text_impl(self, embeddings, mask):
     mask = mask.astype(bool)
@@ -154,13 +152,62 @@ class Frozen:
     return self._decode_video(self.vae_params, latents)
 
   def _encode_video_impl(self, params, video):
-    return self._normalize_impl(self._encode_mean_impl(params, video))
+    return encode_video(self.vae, params, video, self.latent_mean, self.latent_std)
 
   def _encode_mean_impl(self, params, video):
     return nnx.merge(self.vae, params).encode(video)[0]
 
   def _normalize_impl(self, mean):
     return (mean.astype(jnp.float32) - self.latent_mean) / self.latent_std
+
+
+def encode_text(graphdef, params, tokens, mask):
+  """Caption tokens -> the text encoder's embeddings, padded positions zeroed (what the Wan
+  pipeline feeds its DiT)."""
+  embeddings = nnx.merge(graphdef, params)(tokens, mask)
+  return embeddings * mask[..., None].astype(embeddings.dtype), mask
+
+
+def encode_video(graphdef, params, video, mean, std):
+  """Pixels -> the autoencoder's posterior mean, normalised per channel."""
+  z = nnx.merge(graphdef, params).encode(video)[0]
+  return (z.astype(jnp.float32) - mean) / std
+
+
+def abstract_encode_steps(config, mesh, bucket):
+  """[(name, jitted step, abstract arguments)] of the frozen encoders for one batch of `bucket`
+  as training runs them, from their architectures alone (no weights: ahead-of-time compilation)."""
+  from sora_jax.interop import wan_vae  # pylint: disable=g-import-not-at-top
+  batch_sh = sharding.batch_sharding(mesh)
+  b = bucket.batch_size
+  spec = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  out = []
+  if config.text.encoder == 'umt5':
+    graphdef, params = nnx.split(umt5.abstract_umt5_module(
+        config.text.path, dtype=jnp.dtype(config.model.dtype)))
+    params_sh = restore.fitted_shardings(params, mesh)
+    length = config.text.max_length
+    step = jax.jit(lambda p, t, m, g=graphdef: encode_text(g, p, t, m),
+                   in_shardings=(params_sh, batch_sh, batch_sh), out_shardings=batch_sh)
+    out.append((f'text encoder (umT5) batch {b}x{length}', step,
+                (spec(params, params_sh), jax.ShapeDtypeStruct((b, length), jnp.int32),
+                 jax.ShapeDtypeStruct((b, length), jnp.bool_))))
+  if config.autoencoder:
+    if os.path.isfile(os.path.join(config.autoencoder, 'config.json')) and _is_workdir(
+        config.autoencoder):
+      raise ValueError('Ahead-of-time compilation of a sora_jax autoencoder workdir is not'
+                       ' supported; point config.autoencoder at a diffusers AutoencoderKLWan folder.')
+    graphdef, params = nnx.split(wan_vae.abstract_wan_vae(config.autoencoder))
+    params_sh = restore.fitted_shardings(params, mesh)
+    z = geometry.autoencoder_geometry(config.autoencoder)['z_dim']
+    stats = jnp.zeros((z,), jnp.float32)  # values do not matter to the compiler
+    step = jax.jit(lambda p, v, g=graphdef: encode_video(g, p, v, stats, stats + 1.0),
+                   in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
+    out.append((f'autoencoder encode batch {b}x{"x".join(map(str, bucket.shape))}', step,
+                (spec(params, params_sh),
+                 jax.ShapeDtypeStruct((b, *bucket.shape, 3), jnp.float32))))
+  return out
 
   def _decode_video_impl(self, params, latents):
     z = latents * self.latent_std + self.latent_mean

@@ -113,16 +113,21 @@ def _hf_names(config: umt5.UMT5Config):
   return names
 
 
+def abstract_umt5_module(path, dtype=jnp.float32, *, scan_layers=True) -> umt5.UMT5Encoder:
+  """The encoder `path`'s config.json describes, with shapes but no weights (nnx.eval_shape)."""
+  config = load_umt5_config(path)
+  with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
+    return nnx.eval_shape(lambda: umt5.UMT5Encoder(
+        config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers))
+
+
 def load_umt5_module(path, dtype=jnp.float32, *, scan_layers=True) -> umt5.UMT5Encoder:
   """UMT5Encoder with a checkpoint's weights. `dtype`: compute dtype, and the storage dtype of the
   embedding and matmul weights (bf16 halves umt5-xxl's 23 GB); norm scales and biases stay float32."""
   folder = find_model_dir(path)
   config = load_umt5_config(folder)
   files = safetensors_io.weight_files(folder, 'model.safetensors')
-  with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
-    abstract = nnx.eval_shape(lambda: umt5.UMT5Encoder(
-        config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = nnx.split(abstract_umt5_module(folder, dtype, scan_layers=scan_layers))
   targets = dict(nnx.to_flat_state(state))
 
   names = _hf_names(config)

@@ -191,9 +191,13 @@ class WanVAE:
 def load_wan_vae(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32, mesh=None) -> WanVAE:
   """Builds CausalVAE from `path`'s config.json (abstractly, no random init) and loads its weights.
   `dtype`: compute dtype; `param_dtype`: storage dtype of the parameters."""
-  config = load_config(path)
-  kwargs = vae_lib.config_from_dict(config)
+  abstract = abstract_wan_vae(path, dtype, param_dtype=param_dtype)
+  return WanVAE(load_vae_params(path, abstract, mesh=mesh), load_config(path))
+
+
+def abstract_wan_vae(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32):
+  """The CausalVAE `path`'s config.json describes, with shapes but no weights (nnx.eval_shape)."""
+  kwargs = vae_lib.config_from_dict(load_config(path))
   with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
-    abstract = nnx.eval_shape(lambda: vae_lib.CausalVAE(
+    return nnx.eval_shape(lambda: vae_lib.CausalVAE(
         **kwargs, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-  return WanVAE(load_vae_params(path, abstract, mesh=mesh), config)
