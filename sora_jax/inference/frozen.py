@@ -160,6 +160,10 @@ class Frozen:
   def _normalize_impl(self, mean):
     return (mean.astype(jnp.float32) - self.latent_mean) / self.latent_std
 
+  def _decode_video_impl(self, params, latents):
+    z = latents * self.latent_std + self.latent_mean
+    return jnp.clip(nnx.merge(self.vae, params).decode(z), -1.0, 1.0)
+
 
 def encode_text(graphdef, params, tokens, mask):
   """Caption tokens -> the text encoder's embeddings, padded positions zeroed (what the Wan
@@ -208,10 +212,6 @@ def abstract_encode_steps(config, mesh, bucket):
                 (spec(params, params_sh),
                  jax.ShapeDtypeStruct((b, *bucket.shape, 3), jnp.float32))))
   return out
-
-  def _decode_video_impl(self, params, latents):
-    z = latents * self.latent_std + self.latent_mean
-    return jnp.clip(nnx.merge(self.vae, params).decode(z), -1.0, 1.0)
 
 
 def load_autoencoder(path: str, mesh=None):
