@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 
 from sora_jax.diffusion import flow, samplers
+from sora_jax.parallel import topologies
 
 
 class UserError(Exception):
@@ -77,6 +78,7 @@ def _parse_flags(argv, required):
 def run(main, define_flags, required=()):
   """absl's app.run for a program: flags defined here (so modules import cleanly), flag errors and
   UserErrors from `main` as one line."""
+  topologies.skip_absent_tpu()
   define_flags()
 
   def checked_main(argv):

@@ -87,7 +87,7 @@ def _depth(config) -> int:
 
 def _analyse(name, lower, *, model_flops, chip, per_layer=None, depth=None, extra=None):
   """Compile `lower()` and collect the report entry; an out-of-memory compile is a result too."""
-  entry = dict(name=name, model_flops=float(model_flops), hbm_capacity=int(chip.hbm_bytes))
+  entry = dict(name=name, model_flops=model_flops, hbm_capacity=int(chip.hbm_bytes))
   entry.update(extra or {})
   try:
     exe = lower().compile()
@@ -99,6 +99,7 @@ def _analyse(name, lower, *, model_flops, chip, per_layer=None, depth=None, extr
                  estimated_step_s=None, estimated_mfu=None)
     return entry
   entry.update(compiled_lib.memory(exe))
+  entry['mosaic_kernels'] = exe.as_text().count('tpu_custom_call')  # splash attention, if chosen
   entry['fits'] = entry['hbm_bytes_per_chip'] <= chip.hbm_bytes
   entry['over_bytes'] = max(0, entry['hbm_bytes_per_chip'] - chip.hbm_bytes)
   if per_layer is not None:  # (cost, collectives) of the 1- and 2-layer unrolled programs
@@ -107,6 +108,9 @@ def _analyse(name, lower, *, model_flops, chip, per_layer=None, depth=None, extr
     coll = {k: int(compiled_lib.per_layer(k1[k], k2[k], depth)) for k in k1}
   else:
     cost, coll = compiled_lib.cost(exe), compiled_lib.collective_bytes(exe.as_text())
+  if model_flops is None:  # no analytic count: XLA's
+    model_flops = entry['model_flops'] = cost['flops']
+  entry['model_flops'] = float(model_flops)
   entry.update(compiled_flops=cost['flops'], bytes_accessed=cost['bytes_accessed'],
                collective_bytes=coll)
   entry.update(compiled_lib.roofline(
@@ -226,11 +230,11 @@ def encode_programs(config, mesh, chip):
   out = []
   for name, fn, args in frozen_lib.abstract_encode_steps(config, mesh, bucket):
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(args[0]))
-    # umT5: 2 FLOPs per parameter and token; the VAE's convolutions: XLA's count (no loops).
-    flops = (2.0 * params * math.prod(args[1].shape) if name.startswith('text') else
-             compiled_lib.cost(_lower_in(mesh, fn, *args).compile())['flops'] * mesh.devices.size)
+    # umT5: 2 FLOPs per parameter and token; the VAE's convolutions: XLA's count (None).
+    flops = (2.0 * params * math.prod(args[1].shape) / mesh.devices.size
+             if name.startswith('text') else None)
     out.append(_analyse(name, lambda fn=fn, args=args: _lower_in(mesh, fn, *args),
-                        model_flops=flops / mesh.devices.size, chip=chip,
+                        model_flops=flops, chip=chip,
                         extra=dict(program='encode', bucket=list(bucket.shape), batch_size=batch)))
   return out
 

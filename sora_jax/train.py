@@ -12,8 +12,10 @@ launch/ (local.sh, tpu_pod.sh, slurm.sbatch, gke_xpk.md) and sora_jax/parallel/d
 import functools
 import os
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
@@ -28,7 +30,7 @@ from sora_jax.inference import frozen as frozen_lib
 from sora_jax.parallel import distributed, sharding
 from sora_jax.training import checkpoint, metrics
 from sora_jax.training import state as state_lib
-from sora_jax.training import update
+from sora_jax.training import steps, update
 
 
 def define_flags():
@@ -82,9 +84,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   # ---- The update step: explicit shardings, donated state, no host sync.
   is_vae = config.model.family == 'vae'
   null_caption = None if is_vae else frozen.null_caption()
-  train_step = jax.jit(update.make_train_step(graphdef, config, tx, schedule, null_caption),
-                       in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
-                       donate_argnums=(0,))
+  jitted = steps.jit_train_step(graphdef, config, tx, schedule, null_caption, state_sh, mesh)
+  started = time.perf_counter()
+  text_dtype = null_caption[0].dtype if config.text.encoder == 'umt5' else jnp.float32
+  train_step = steps.BucketSteps(jitted, state, config, mesh, text_dtype=text_dtype)
+  logging.info('Compiled the train step of %d bucket(s) in %.1f s.', len(train_step.compiled),
+               time.perf_counter() - started)
   preview = previews.make(graphdef, config, mesh, frozen)
 
   def write_samples(step):
@@ -164,6 +169,7 @@ def main(argv):
     distributed.initialize_from_flags()  # before anything touches a device
     check_config(flags.FLAGS.config, jax.device_count())
   jax.config.update('jax_threefry_partitionable', True)
+  steps.enable_compilation_cache(flags.FLAGS.config.compilation_cache_dir)
   checkpoint.quiet_orbax_logs()
   state = train(flags.FLAGS.config, flags.FLAGS.workdir)
   if int(state['step']) < flags.FLAGS.config.total_steps:  # preempted; saved

@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.autoencoder = ''
   c.num_train_samples = 4  # videos written by periodic sampling
   c.peak_tflops_per_device = 0.0  # for the logged MFU; 0: from the device kind (unknown on CPU)
+  # XLA's persistent compilation cache (restarts, resumes and other hosts load compiled programs
+  # instead of compiling again); '' turns it off.
+  c.compilation_cache_dir = '~/.cache/sora_jax/xla'
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes

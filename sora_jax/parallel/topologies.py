@@ -87,6 +87,9 @@ def devices(target: Slice, num_slices: int = 1):
   # Compiling touches no TPU: let several processes (tests, a second compile) load libtpu at once
   # instead of failing on its lock file.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  if not tpu_present():  # no Cloud TPU metadata to ask: name a single host, or libtpu complains
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.name)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   megacore = CORES_PER_CHIP[target.generation] == 2
   desc = topologies.get_topology_desc(
@@ -102,3 +105,22 @@ def devices(target: Slice, num_slices: int = 1):
 
 def hosts(target: Slice, num_slices: int = 1) -> int:
   return num_slices * max(1, math.ceil(target.chips / 4))
+
+
+def tpu_present() -> bool:
+  """Whether this machine has TPU chips (jax's own PCI probe)."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def skip_absent_tpu():
+  """With libtpu installed (the `tpu` / `test` extras) on a machine without TPU chips, JAX would
+  try the TPU backend at start-up and print libtpu's initialisation errors; use the other platforms
+  instead. An explicit JAX_PLATFORMS is kept. Call before JAX initialises its backends."""
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None or tpu_present():
+    return
+  gpu = any(importlib.util.find_spec(m) for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
+  os.environ['JAX_PLATFORMS'] = 'cuda,cpu' if gpu else 'cpu'

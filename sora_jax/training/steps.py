@@ -3,6 +3,8 @@ sora_jax/train.py (so no host stalls mid-run when the random plan first reaches 
 target topology by `python -m sora_jax.compile`, from the same functions.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -22,9 +24,9 @@ def caption_spec(config, batch_size: int, text_dtype=jnp.float32):
   return jax.ShapeDtypeStruct((batch_size, length), jnp.int32), mask
 
 
-def video_spec(config, bucket: buckets_lib.Bucket, pixel_dtype=jnp.float32):
+def video_spec(config, bucket: buckets_lib.Bucket, pixel_dtype=jnp.uint8):
   """The bucket's clips as the train step takes them: latents (float32) with an autoencoder, else
-  pixels in `pixel_dtype`."""
+  pixels as the pipelines deliver them (uint8, normalised inside the step)."""
   shape = bucket.shape
   if config.autoencoder:
     shape = geometry.latent_shape(shape, geometry.autoencoder_geometry(config.autoencoder))
@@ -32,7 +34,7 @@ def video_spec(config, bucket: buckets_lib.Bucket, pixel_dtype=jnp.float32):
   return jax.ShapeDtypeStruct((bucket.batch_size, *shape, factory.channels(config)), dtype)
 
 
-def batch_spec(config, bucket, *, text_dtype=jnp.float32, pixel_dtype=jnp.float32) -> dict:
+def batch_spec(config, bucket, *, text_dtype=jnp.float32, pixel_dtype=jnp.uint8) -> dict:
   """The abstract train-step batch of one bucket (one clip per row; not for packed sequences)."""
   if config.data.packing:
     raise ValueError('config.data.packing: the packed batch layout is not compiled ahead of time;'
@@ -60,3 +62,37 @@ def lower_buckets(step, abstract_state, config, mesh, *, batch_multiple=1, **spe
     for bucket in buckets_lib.make(config, batch_multiple):
       out.append((bucket, step.lower(abstract_state, batch_spec(config, bucket, **spec_kwargs))))
   return out
+
+
+def _key(batch) -> tuple:
+  return tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name) for k, v in batch.items()))
+
+
+class BucketSteps:
+  """The train step compiled for every bucket before the first step (a run, and every resume after a
+  preemption, pays all compilations up front, once, instead of stalling every host whenever the
+  random plan first reaches a bucket). A batch of another layout (packed sequences, cached caption
+  embeddings of another dtype) goes through the jitted step as before."""
+
+  def __init__(self, step, state, config, mesh, *, text_dtype=jnp.float32):
+    self.step = step
+    self.compiled = {}
+    if config.data.packing:
+      return
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
+    for bucket, lowered in lower_buckets(step, abstract, config, mesh, batch_multiple=data_parallel,
+                                         text_dtype=text_dtype):
+      self.compiled[_key(batch_spec(config, bucket, text_dtype=text_dtype))] = lowered.compile()
+
+  def __call__(self, state, batch):
+    return self.compiled.get(_key(batch), self.step)(state, batch)
+
+
+def enable_compilation_cache(path: str):
+  """XLA's persistent compilation cache in `path` ('' leaves it off): a restarted or resumed run,
+  and every host of a pod, loads its programs instead of compiling them again."""
+  if path and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # the environment's wins
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
