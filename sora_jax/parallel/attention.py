@@ -392,12 +392,16 @@ def _splash(q, k, v, mask, segment_ids, kv_segment_ids, *, scale, interpret=Fals
 
 
 def _splash_local(q, k, v, segment_ids, kv_segment_ids, *, scale, interpret):
-  """The splash kernel on this device's arrays, lengths padded up to a multiple of 128."""
+  """The splash kernel on this device's arrays, lengths padded up to a multiple of 128 (512 beyond
+  512 tokens)."""
   from jax.experimental.pallas.ops.tpu import \
       splash_attention as splash  # pylint: disable=g-import-not-at-top
   _, lq, h, _ = q.shape
   lk = k.shape[1]
-  pq, pk = -lq % SPLASH_LANES, -lk % SPLASH_LANES
+  # Long sequences pad to whole 512-blocks: with 128-blocks the kernel's block-mask tables
+  # ((L / block)^2 entries) overflow the TPU's 1 MiB SMEM near 75k tokens (Wan 14B at 720p).
+  mult = lambda n: SPLASH_LANES if n <= 4 * SPLASH_LANES else 4 * SPLASH_LANES
+  pq, pk = -lq % mult(lq), -lk % mult(lk)
   if pq or pk:
     # Padded keys (and queries) get an id no real query (or key) has: real queries never see
     # them; padded queries attend to padded keys (no empty softmax row) and are sliced off.

@@ -1,0 +1,126 @@
+"""Ahead-of-time compilation for TPU slices from this CPU host (python -m sora_jax.compile)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from sora_jax import compile as compile_cli
+from sora_jax.parallel import sharding, topologies
+
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_slice_names():
+  s = topologies.parse('v5p-8')
+  assert (s.chips, s.topology, s.chip.hbm_bytes) == (4, 'v5:2x2x1', 95 * 2**30)
+  assert (topologies.parse('v6e-256').chips, topologies.parse('v4-32').topology) == (256, 'v4:2x2x4')
+  assert topologies.parse('v5e-16').topology == 'v5e:4x4'
+  for bad in ('v5p-6', 'v7-8', 'h100', 'v5p'):
+    with pytest.raises(ValueError, match='unknown TPU slice; known: v4-8'):
+      topologies.parse(bad)
+
+
+def test_missing_libtpu_is_one_clear_error(monkeypatch):
+  real = topologies.importlib.util.find_spec
+  monkeypatch.setattr(topologies.importlib.util, 'find_spec',
+                      lambda name: None if name == 'libtpu' else real(name))
+  with pytest.raises(ValueError, match=r'needs libtpu: pip install -e "\.\[tpu\]"'):
+    topologies.check_libtpu()
+
+
+def _small_config():
+  """A DiT whose attention fits splash (head_dim 128), on 8 chips as fsdp 2 x tensor 2 x context 2."""
+  c = tiny_config()
+  c.model.width, c.model.num_heads, c.model.depth = 512, 4, 2
+  c.data.num_frames, c.data.height, c.data.width = 4, 32, 32  # 2 x 8 x 8 = 128 tokens
+  c.data.buckets = ((4, 32, 32), (2, 32, 48))  # two buckets: two train programs
+  c.batch_size = 2
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = 1, 2, 2, 2
+  c.model.context_parallel = 'all_to_all'
+  return c
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one chip holds of sharded abstract arrays, from their shardings."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def test_train_and_sample_steps_compile_for_a_tpu_slice():
+  pytest.importorskip('libtpu')
+  config = _small_config()
+  target = topologies.parse('v5p-16')  # 8 chips
+  mesh = compile_cli.target_mesh(config, target, 1)
+  assert dict(mesh.shape) == dict(data=1, fsdp=2, tensor=2, context=2)
+  assert mesh.devices.flat[0].platform == 'tpu'
+  entries = compile_cli.compile_all(config, mesh, target, ('train', 'sample'), count_flops=True)
+  assert [e['name'] for e in entries] == ['train 4x32x32 batch 2', 'train 2x32x48 batch 2',
+                                          'sample step batch 2 (CFG: 4 model rows)']
+  from sora_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, abstract, _ = state_lib.shardings(config, mesh)
+  state_bytes = _shard_bytes(abstract)
+  total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
+  assert state_bytes < total / 4  # params, EMA and moments really are split over the chips
+  for e in entries:
+    assert e['fits'] and 0 < e['hbm_bytes_per_chip'] < 2**30, e
+    # Splash attention (Mosaic kernels) inside the all-to-all context parallelism.
+    assert e['mosaic_kernels'] >= (3 if e['program'] == 'train' else 1), e
+    assert e['model_flops'] > 0 and e['compiled_flops'] > 0 and 0 < e['estimated_mfu'] <= 1, e
+    assert e['estimated_step_s'] > 0
+    # Parameters sharded over fsdp x context (and tensor) are all-gathered; Ulysses all-to-alls.
+    assert e['collective_bytes']['all-gather'] > 0 and e['collective_bytes']['all-to-all'] > 0
+  for e in entries[:2]:
+    # The donated train state is the program's argument (and aliased output), chip by chip: exactly
+    # what the sharding plan puts on one chip, plus this chip's rows of the batch.
+    assert state_bytes <= e['argument_bytes'] < state_bytes + 2**20, (e, state_bytes)
+    assert e['alias_bytes'] >= state_bytes
+    assert e['collective_bytes']['reduce-scatter'] + e['collective_bytes']['all-reduce'] > 0
+  # Remat / backward: the compiled train step does more than the forward-only sampling step per row.
+  assert entries[0]['compiled_flops'] > entries[2]['compiled_flops'] / 2
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS='')  # as a user runs it: the CLI picks the platforms
+  return subprocess.run([sys.executable, '-m', 'sora_jax.compile', *args], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_cli_refuses_bad_topologies_and_meshes_in_one_line():
+  pytest.importorskip('libtpu')
+  demo = 'configs/demo.py'
+  r = _run(f'--config={demo}', '--topology=v5p-7')
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+      "sora_jax.compile: error: --topology='v5p-7': unknown TPU slice"), r.stderr[-2000:]
+  r = _run(f'--config={demo}', '--topology=v5p-8', '--config.mesh.fsdp=3')
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('sora_jax.compile: error: config.mesh') and '(on 1 x v5p-8: 4 chips)' in last
+  r = _run(f'--config={demo}', '--topology=v5p-8', '--num_slices=2')
+  assert r.returncode == 2 and 'dcn_data * dcn_fsdp = 1 must equal it' in r.stderr
+
+
+def test_cli_compiles_the_demo_and_writes_its_report(tmp_path):
+  pytest.importorskip('libtpu')
+  report = tmp_path / 'demo.json'
+  r = _run('--config=configs/demo.py', '--topology=v5e-16', '--count_flops=false',
+           '--config.mesh.data=-1', f'--report={report}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'v5e-16 (16 chips of 16.0 GiB HBM)' in r.stdout
+  assert 'libtpu' not in r.stderr.lower() or 'error' not in r.stderr.lower()
+  got = json.loads(report.read_text())
+  assert got['topology'] == 'v5e-16' and got['chips'] == 16
+  names = [p['name'] for p in got['programs']]
+  assert names[0].startswith('train 12x32x32') and names[1].startswith('sample step')
+  for p in got['programs']:
+    for key in ('name', 'fits', 'hbm_bytes_per_chip', 'argument_bytes', 'output_bytes',
+                'temp_bytes', 'model_flops', 'estimated_step_s', 'estimated_mfu'):
+      assert key in p, key
+    assert p['fits']
