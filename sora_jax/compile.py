@@ -41,7 +41,7 @@ PROGRAMS = ('train', 'sample', 'encode')
 
 def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
-  flags.DEFINE_string('topology', None, f'TPU slice, e.g. v5p-8, v5p-64, v6e-8, v6e-256, v5e-16,'
+  flags.DEFINE_string('topology', None, 'TPU slice, e.g. v5p-8, v5p-64, v6e-8, v6e-256, v5e-16,'
                       ' v4-32.')
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-centre network (multi-slice:'
                        ' config.mesh.dcn_data * dcn_fsdp must equal it).')

@@ -166,15 +166,12 @@ def test_auto_selection_and_clear_errors():
       attention.attention(*_qkv(16), context_parallel='all_to_all')
 
 
-def _tpu_devices(topology='v5p:2x2x1'):
-  """The devices of a TPU topology, to compile for (not run on) from this host; a skip without
-  libtpu."""
+def _tpu_devices(name='v5p-8'):
+  """The devices of a TPU slice, to compile for (not run on) from this host; a skip without
+  libtpu (the `test` extra installs it)."""
   pytest.importorskip('libtpu')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  try:
-    return topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'no description of TPU topology {topology!r}: {e}')
+  from sora_jax.parallel import topologies  # pylint: disable=g-import-not-at-top
+  return topologies.devices(topologies.parse(name))
 
 
 def _tpu_mesh(**axes):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sora_jax import compile as compile_cli
-from sora_jax.parallel import sharding, topologies
+from sora_jax.parallel import topologies
 
 from conftest import tiny_config
 

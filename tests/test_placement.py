@@ -12,7 +12,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from sora_jax.inference import frozen as frozen_lib
-from sora_jax.inference import restore
 from sora_jax.interop import umt5, wan_vae
 from sora_jax.parallel import sharding
 
@@ -105,6 +104,6 @@ def test_indivisible_dimensions_are_replicated():
   abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(
       3, 12, rngs=nnx.Rngs(0),
       kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, 'embed')))))
-  split = lambda mesh: _split_over(restore.fitted_shardings(abstract, mesh)['kernel'].spec)
+  split = lambda mesh: _split_over(sharding.state_shardings(abstract, mesh)['kernel'].spec)
   assert split(_mesh(1, 6)) == [set(), {'fsdp'}]
   assert split(_mesh(1, 8)) == [set(), set()]

@@ -52,7 +52,7 @@ class Frozen:
       with _on_host():  # read into host memory, then each device gets only its slice
         module = umt5.load_umt5_module(config.text.path, dtype=jnp.dtype(config.model.dtype))
         self.text_encoder, params = nnx.split(module)
-      text_sh = restore.fitted_shardings(params, self.mesh)
+      text_sh = sharding.state_shardings(params, self.mesh)
       self.text_params = restore.place(params, text_sh)
       self.tokenizer = tokenizers.load_umt5_tokenizer(config.text.path)
     self._encode_video = self._jit(self._encode_video_impl, vae_sh)
@@ -190,7 +190,7 @@ def abstract_encode_steps(config, mesh, bucket):
   if config.text.encoder == 'umt5':
     graphdef, params = nnx.split(umt5.abstract_umt5_module(
         config.text.path, dtype=jnp.dtype(config.model.dtype)))
-    params_sh = restore.fitted_shardings(params, mesh)
+    params_sh = sharding.state_shardings(params, mesh)
     length = config.text.max_length
     step = jax.jit(lambda p, t, m, g=graphdef: encode_text(g, p, t, m),
                    in_shardings=(params_sh, batch_sh, batch_sh), out_shardings=batch_sh)
@@ -203,7 +203,7 @@ def abstract_encode_steps(config, mesh, bucket):
       raise ValueError('Ahead-of-time compilation of a sora_jax autoencoder workdir is not'
                        ' supported; point config.autoencoder at a diffusers AutoencoderKLWan folder.')
     graphdef, params = nnx.split(wan_vae.abstract_wan_vae(config.autoencoder))
-    params_sh = restore.fitted_shardings(params, mesh)
+    params_sh = sharding.state_shardings(params, mesh)
     z = geometry.autoencoder_geometry(config.autoencoder)['z_dim']
     stats = jnp.zeros((z,), jnp.float32)  # values do not matter to the compiler
     step = jax.jit(lambda p, v, g=graphdef: encode_video(g, p, v, stats, stats + 1.0),
@@ -232,7 +232,7 @@ def load_autoencoder(path: str, mesh=None):
     mean, std = model.latent_stats()
     graphdef, params = nnx.split(model)
   if mesh is not None:
-    params = restore.place(params, restore.fitted_shardings(params, mesh))
+    params = restore.place(params, sharding.state_shardings(params, mesh))
   # Through numpy: the statistics may sit on the host CPU backend, the programs on accelerators.
   mean, std = (jnp.asarray(np.asarray(x), jnp.float32) for x in (mean, std))
   return graphdef, params, mean, std

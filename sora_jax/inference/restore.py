@@ -7,8 +7,6 @@ shardings: no optimizer moments, no second copy, no whole model on any one devic
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sora_jax.config import schema
 from sora_jax.parallel import sharding
@@ -31,26 +29,6 @@ def inference_mesh():
   return sharding.make_mesh(dict(data=1, fsdp=jax.device_count(), tensor=1, context=1))
 
 
-def fitted_shardings(abstract_state, mesh):
-  """NamedShardings of an nnx.State from its parameters' logical axes (sharding.state_shardings),
-  with every mesh axis that does not divide its dimension dropped, so that dimension is replicated
-  instead of failing to place (e.g. a 96-channel conv kernel on a 64-way fsdp axis)."""
-  named = sharding.state_shardings(abstract_state, mesh)
-
-  def fit(x, s):
-    spec = []
-    for dim, axes in zip(x.shape, tuple(s.spec) + (None,) * (len(x.shape) - len(s.spec))):
-      kept, size = [], 1
-      for a in (axes,) if isinstance(axes, str) else (axes or ()):
-        if dim % (size * mesh.shape[a]) == 0:
-          kept.append(a)
-          size *= mesh.shape[a]
-      spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
-    return NamedSharding(mesh, P(*spec))
-
-  return jax.tree.map(fit, abstract_state, named)
-
-
 def place(tree, shardings):
   """Host-side arrays -> global arrays on `shardings`; each device receives only its own slice (no
   full copy on any accelerator, and it works across processes)."""
@@ -61,11 +39,11 @@ def place(tree, shardings):
 
 
 def abstract_params(config, mesh):
-  """(graphdef, abstract parameters carrying their `fitted_shardings`) of the config's model; no
+  """(graphdef, abstract parameters carrying their shardings) of the config's model; no
   optimizer state is built."""
   graphdef, abstract = nnx.eval_shape(
       lambda: nnx.split(factory.build(config, nnx.Rngs(config.seed)), nnx.Param))
-  shardings = fitted_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh)
   return graphdef, jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 

@@ -64,9 +64,24 @@ def make_mesh(shape: dict[str, int], devices=None, dcn: dict[str, int] | None = 
 
 
 def state_shardings(abstract_state, mesh: Mesh):
-  """NamedShardings for an nnx.State from its parameters' logical-axis metadata."""
+  """NamedShardings for an nnx.State from its parameters' logical-axis metadata; a mesh axis that
+  does not divide its dimension is dropped there (that dimension replicated, e.g. a 96-channel conv
+  kernel on a 64-way fsdp axis) instead of failing to place."""
   with nnx.logical_axis_rules(RULES):
-    return nnx.get_named_sharding(abstract_state, mesh)
+    named = nnx.get_named_sharding(abstract_state, mesh)
+
+  def fit(x, s):
+    spec = []
+    for dim, axes in zip(x.shape, tuple(s.spec) + (None,) * (len(x.shape) - len(s.spec))):
+      kept, size = [], 1
+      for a in (axes,) if isinstance(axes, str) else (axes or ()):
+        if dim % (size * mesh.shape[a]) == 0:
+          kept.append(a)
+          size *= mesh.shape[a]
+      spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(fit, abstract_state, named)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
