@@ -123,4 +123,7 @@ def skip_absent_tpu():
   if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None or tpu_present():
     return
   gpu = any(importlib.util.find_spec(m) for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
-  os.environ['JAX_PLATFORMS'] = 'cuda,cpu' if gpu else 'cpu'
+  platforms = 'cuda,cpu' if gpu else 'cpu'
+  os.environ['JAX_PLATFORMS'] = platforms  # subprocesses
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', platforms)  # this process: JAX read the variable at import
