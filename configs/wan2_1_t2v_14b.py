@@ -16,4 +16,7 @@ def get_config(path: str = ''):
   config = schema.config_file(__file__, 'wan2_1_t2v_1_3b.py').get_config(path)
   w = config.model.wan
   w.num_attention_heads, w.attention_head_dim, w.ffn_dim, w.num_layers = 40, 128, 13824, 40
+  # Float32 weights, EMA and second moment, bfloat16 first moment: 14 bytes per parameter, so the
+  # 14B state takes 50 GB of each v5p chip on v5p-8 (float32 moments: 57 GB, and 720p no longer fits).
+  config.optim.mu_dtype = 'bfloat16'
   return config

@@ -175,6 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.999
+  # Adam's first moment in this dtype ('': the parameters', float32); 'bfloat16' saves 2 bytes per
+  # parameter (what lets Wan 14B train at 720p on 4 v5p chips).
+  c.optim.mu_dtype = ''
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 30

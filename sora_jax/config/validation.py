@@ -211,6 +211,9 @@ def validate(config, num_devices: int) -> dict[str, int]:
     raise ValueError(f'config.text.dropout_prob={config.text.dropout_prob} not in [0, 1).')
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} not in [0, 1).')
+  if config.optim.mu_dtype not in ('', 'float32', 'bfloat16'):
+    raise ValueError(f"config.optim.mu_dtype={config.optim.mu_dtype!r}: expected '', 'float32' or"
+                     " 'bfloat16'.")
   if config.optim.warmup_steps >= config.total_steps:
     raise ValueError(
         f'config.optim.warmup_steps={config.optim.warmup_steps} must be below'

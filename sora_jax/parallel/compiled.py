@@ -66,6 +66,8 @@ def roofline(*, flops: float, bytes_accessed: float, collective: float, model_fl
 
 
 _OOM = re.compile(r'Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm')
+# Another wording of the same error (the compiler's early check, before buffer assignment).
+_OOM_TEMP = re.compile(r'HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)')
 _UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
@@ -73,7 +75,7 @@ def out_of_memory(error: Exception) -> dict | None:
   """{'hbm_bytes_per_chip', 'hbm_capacity', 'largest'} from XLA:TPU's out-of-memory compile error
   (None if `error` is another one)."""
   text = str(error)
-  m = _OOM.search(text)
+  m = _OOM.search(text) or _OOM_TEMP.search(text)
   if not m:
     return None
   used = float(m.group(1)) * _UNITS[m.group(2)]

@@ -21,7 +21,8 @@ def make_optimizer(config):
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
   tx = optax.chain(
       optax.clip_by_global_norm(o.grad_clip),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask,
+                  mu_dtype=o.mu_dtype or None))
   return tx, schedule
 
 
