@@ -27,6 +27,9 @@ setup(
         # libtpu (from the package registry): run on TPU, and compile for TPU topologies from any
         # machine (python -m sora_jax.compile).
         'tpu': ['jax[tpu]>=0.10,<0.11'],
+        # The CUDA compiler alone (no GPU, no CUDA libraries): python -m sora_jax.compile for
+        # --topology=h100-8 / h200-8 from any machine. On a GPU machine install jax[cuda12].
+        'cuda-compile': ['jax-cuda12-plugin>=0.10,<0.11', 'jax-cuda12-pjrt>=0.10,<0.11'],
         'test': ['pytest>=8', 'jax[tpu]>=0.10,<0.11'],  # tests compile for a TPU topology on CPU
     },
 )

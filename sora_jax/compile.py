@@ -42,7 +42,7 @@ PROGRAMS = ('train', 'sample', 'encode')
 def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
   flags.DEFINE_string('topology', None, 'TPU slice, e.g. v5p-8, v5p-64, v6e-8, v6e-256, v5e-16,'
-                      ' v4-32.')
+                      ' v4-32; or a GPU node: h100-8, h200-8.')
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-centre network (multi-slice:'
                        ' config.mesh.dcn_data * dcn_fsdp must equal it).')
   flags.DEFINE_string('report', None, 'Write the report here as JSON.')
@@ -275,7 +275,7 @@ def main(argv):
   f = flags.FLAGS
   with cli.user_errors():
     target = topologies.parse(f.topology)
-    topologies.check_libtpu()
+    topologies.check_compiler(target)
     unknown = sorted(set(f.programs) - set(PROGRAMS))
     if unknown:
       raise ValueError(f'--programs: unknown {unknown}; choose from {PROGRAMS}.')

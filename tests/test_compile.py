@@ -124,3 +124,15 @@ def test_cli_compiles_the_demo_and_writes_its_report(tmp_path):
                 'temp_bytes', 'model_flops', 'estimated_step_s', 'estimated_mfu'):
       assert key in p, key
     assert p['fits']
+
+
+@pytest.mark.slow  # needs the cuda-compile extra (the CUDA PJRT plugin, ~180 MB), not in CI
+def test_cli_compiles_for_a_gpu_node_without_a_gpu(tmp_path):
+  pytest.importorskip('jax_cuda12_plugin')
+  report = tmp_path / 'h100.json'
+  r = _run('--config=configs/demo.py', '--topology=h100-8', '--count_flops=false',
+           '--config.mesh.data=-1', f'--report={report}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(report.read_text())
+  assert got['chips'] == 8 and all(p['fits'] for p in got['programs'])
+  assert got['programs'][0]['argument_bytes'] > 0

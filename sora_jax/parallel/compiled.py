@@ -33,7 +33,7 @@ def cost(compiled) -> dict:
   """XLA's cost analysis (per chip). A loop body (scanned layers, blockwise attention) counts once,
   not once per iteration."""
   c = compiled.cost_analysis()
-  c = c[0] if isinstance(c, (list, tuple)) else c
+  c = (c[0] if isinstance(c, (list, tuple)) else c) or {}  # None: no analysis (GPU AOT)
   return dict(flops=float(c.get('flops', 0.0)), bytes_accessed=float(c.get('bytes accessed', 0.0)))
 
 
