@@ -24,7 +24,7 @@ def test_slice_names():
   assert (topologies.parse('v6e-256').chips, topologies.parse('v4-32').topology) == (256, 'v4:2x2x4')
   assert topologies.parse('v5e-16').topology == 'v5e:4x4'
   for bad in ('v5p-6', 'v7-8', 'h100', 'v5p'):
-    with pytest.raises(ValueError, match='unknown TPU slice; known: v4-8'):
+    with pytest.raises(ValueError, match='unknown TPU slice or GPU node; known: h100-8, h200-8'):
       topologies.parse(bad)
 
 

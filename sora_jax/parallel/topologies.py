@@ -78,7 +78,8 @@ def parse(name: str) -> Slice:
   shapes = _SHAPES_2D if gen in ('v5e', 'v6e') else _SHAPES_3D
   if gen not in CORES_PER_CHIP or not count.isdigit() or int(count) % CORES_PER_CHIP[gen] or (
       int(count) // CORES_PER_CHIP[gen] not in shapes):
-    raise ValueError(f'--topology={name!r}: unknown TPU slice; known: {", ".join(names())}.')
+    raise ValueError(f'--topology={name!r}: unknown TPU slice or GPU node; known: '
+                     f'{", ".join(names())}.')
   chips = int(count) // CORES_PER_CHIP[gen]
   return Slice(name, gen, chips, f'{_TOPOLOGY_PREFIX[gen]}:{shapes[chips]}')
 
