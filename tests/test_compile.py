@@ -136,3 +136,16 @@ def test_cli_compiles_for_a_gpu_node_without_a_gpu(tmp_path):
   got = json.loads(report.read_text())
   assert got['chips'] == 8 and all(p['fits'] for p in got['programs'])
   assert got['programs'][0]['argument_bytes'] > 0
+
+
+@pytest.mark.slow  # ~10 minutes on 2 CPU cores: the real 1.3B architecture at 480p x 81 frames
+def test_wan_1_3b_fits_v5p_8(tmp_path):
+  pytest.importorskip('libtpu')
+  report = tmp_path / 'wan13b.json'
+  r = _run('--config=configs/wan2_1_t2v_1_3b.py', '--topology=v5p-8', '--programs=train',
+           '--count_flops=false', f'--report={report}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  (train,) = json.loads(report.read_text())['programs']
+  # 1.42B parameters x 16 bytes (weights, EMA, two moments) over 4 chips = 5.3 GiB of arguments.
+  assert train['fits'] and 5.0 * 2**30 < train['argument_bytes'] < 6.0 * 2**30, train
+  assert train['hbm_bytes_per_chip'] < 20 * 2**30 and train['mosaic_kernels'] >= 3, train
