@@ -113,7 +113,7 @@ def _analyse(name, lower, *, model_flops, chip, per_layer=None, depth=None, extr
   else:
     cost, coll = compiled_lib.cost(exe), compiled_lib.collective_bytes(exe.as_text())
   if model_flops is None:  # no analytic count: XLA's
-    model_flops = entry['model_flops'] = cost['flops']
+    model_flops = cost['flops']
   entry['model_flops'] = float(model_flops)
   entry.update(compiled_flops=cost['flops'], bytes_accessed=cost['bytes_accessed'],
                collective_bytes=coll)

@@ -93,6 +93,14 @@ def _run(*args):
                         text=True, cwd=ROOT, env=env, timeout=600)
 
 
+def _report(tmp_path, *args):
+  """Runs the CLI with `args` and a --report; (completed process, the report's JSON)."""
+  report = tmp_path / 'report.json'
+  r = _run(*args, f'--report={report}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r, json.loads(report.read_text())
+
+
 def test_cli_refuses_bad_topologies_and_meshes_in_one_line():
   pytest.importorskip('libtpu')
   demo = 'configs/demo.py'
@@ -109,13 +117,10 @@ def test_cli_refuses_bad_topologies_and_meshes_in_one_line():
 
 def test_cli_compiles_the_demo_and_writes_its_report(tmp_path):
   pytest.importorskip('libtpu')
-  report = tmp_path / 'demo.json'
-  r = _run('--config=configs/demo.py', '--topology=v5e-16', '--count_flops=false',
-           '--config.mesh.data=-1', f'--report={report}')
-  assert r.returncode == 0, r.stderr[-3000:]
+  r, got = _report(tmp_path, '--config=configs/demo.py', '--topology=v5e-16',
+                   '--count_flops=false', '--config.mesh.data=-1')
   assert 'v5e-16 (16 chips of 16.0 GiB HBM)' in r.stdout
   assert 'libtpu' not in r.stderr.lower() or 'error' not in r.stderr.lower()
-  got = json.loads(report.read_text())
   assert got['topology'] == 'v5e-16' and got['chips'] == 16
   names = [p['name'] for p in got['programs']]
   assert names[0].startswith('train 12x32x32') and names[1].startswith('sample step')
@@ -129,11 +134,8 @@ def test_cli_compiles_the_demo_and_writes_its_report(tmp_path):
 @pytest.mark.slow  # needs the cuda-compile extra (the CUDA PJRT plugin, ~180 MB), not in CI
 def test_cli_compiles_for_a_gpu_node_without_a_gpu(tmp_path):
   pytest.importorskip('jax_cuda12_plugin')
-  report = tmp_path / 'h100.json'
-  r = _run('--config=configs/demo.py', '--topology=h100-8', '--count_flops=false',
-           '--config.mesh.data=-1', f'--report={report}')
-  assert r.returncode == 0, r.stderr[-3000:]
-  got = json.loads(report.read_text())
+  _, got = _report(tmp_path, '--config=configs/demo.py', '--topology=h100-8', '--count_flops=false',
+                   '--config.mesh.data=-1')
   assert got['chips'] == 8 and all(p['fits'] for p in got['programs'])
   assert got['programs'][0]['argument_bytes'] > 0
 
@@ -141,11 +143,9 @@ def test_cli_compiles_for_a_gpu_node_without_a_gpu(tmp_path):
 @pytest.mark.slow  # ~10 minutes on 2 CPU cores: the real 1.3B architecture at 480p x 81 frames
 def test_wan_1_3b_fits_v5p_8(tmp_path):
   pytest.importorskip('libtpu')
-  report = tmp_path / 'wan13b.json'
-  r = _run('--config=configs/wan2_1_t2v_1_3b.py', '--topology=v5p-8', '--programs=train',
-           '--count_flops=false', f'--report={report}')
-  assert r.returncode == 0, r.stderr[-3000:]
-  (train,) = json.loads(report.read_text())['programs']
+  _, got = _report(tmp_path, '--config=configs/wan2_1_t2v_1_3b.py', '--topology=v5p-8',
+                   '--programs=train', '--count_flops=false')
+  (train,) = got['programs']
   # 1.42B parameters x 16 bytes (weights, EMA, two moments) over 4 chips = 5.3 GiB of arguments.
   assert train['fits'] and 5.0 * 2**30 < train['argument_bytes'] < 6.0 * 2**30, train
   assert train['hbm_bytes_per_chip'] < 20 * 2**30 and train['mosaic_kernels'] >= 3, train

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import os
 
 
@@ -150,10 +149,6 @@ def devices(target: Slice, num_slices: int = 1):
     raise RuntimeError(f'{target.name}: libtpu gave {len(found)} devices, expected'
                        f' {target.chips * num_slices}.')
   return found
-
-
-def hosts(target: Slice, num_slices: int = 1) -> int:
-  return num_slices * max(1, math.ceil(target.chips / 4))
 
 
 def tpu_present() -> bool:

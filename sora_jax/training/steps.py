@@ -54,16 +54,6 @@ def jit_train_step(graphdef, config, tx, schedule, null_caption, state_sh, mesh)
                  donate_argnums=(0,))
 
 
-def lower_buckets(step, abstract_state, config, mesh, *, batch_multiple=1, **spec_kwargs):
-  """[(bucket, lowered train step)] for every bucket of the config (inside the mesh context, as the
-  loop traces it)."""
-  out = []
-  with jax.set_mesh(mesh):
-    for bucket in buckets_lib.make(config, batch_multiple):
-      out.append((bucket, step.lower(abstract_state, batch_spec(config, bucket, **spec_kwargs))))
-  return out
-
-
 def _key(batch) -> tuple:
   return tuple(sorted((k, tuple(v.shape), jnp.dtype(v.dtype).name) for k, v in batch.items()))
 
@@ -82,9 +72,10 @@ class BucketSteps:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
-    for bucket, lowered in lower_buckets(step, abstract, config, mesh, batch_multiple=data_parallel,
-                                         text_dtype=text_dtype):
-      self.compiled[_key(batch_spec(config, bucket, text_dtype=text_dtype))] = lowered.compile()
+    with jax.set_mesh(mesh):  # traced as the loop traces it
+      for bucket in buckets_lib.make(config, data_parallel):
+        spec = batch_spec(config, bucket, text_dtype=text_dtype)
+        self.compiled[_key(spec)] = step.lower(abstract, spec).compile()
 
   def __call__(self, state, batch):
     return self.compiled.get(_key(batch), self.step)(state, batch)
