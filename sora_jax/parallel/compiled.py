@@ -19,14 +19,26 @@ _SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([0-9,]*)\]')
 
 
 def memory(compiled) -> dict:
-  """Per-chip bytes of a compiled program: arguments, outputs, temporaries, and their total (donated
-  arguments that alias outputs counted once)."""
+  """Per-chip bytes of a compiled program: arguments, outputs, temporaries, and the peak.
+
+  `hbm_bytes_per_chip` is the compiler's simulated peak of live buffers (arguments included) where it
+  gives one (XLA:TPU): the figure its own out-of-memory check compares with HBM. The sum of XLA's
+  argument, output and temp sizes over-counts it, since `temp_size_in_bytes` adds up temporaries
+  that are never live at once (Wan 14B at 720p on v5p-8: a 112.5 GiB sum, a 89.1 GiB peak; on a
+  16 GiB v5e chip a 6-layer cut of it fails to compile at 18.2 GiB used, as its peak predicts and
+  not its 24.9 GiB sum: docs/compile/README.md). Without a peak (CPU, GPU ahead-of-time) the sum is
+  the bound. `temp_bytes`: the temporaries live at the peak (peak - arguments); XLA's own figure
+  is kept as `xla_temp_bytes`."""
   m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  upper = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
            - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+  peak = int(getattr(m, 'peak_memory_in_bytes', 0) or 0)
+  total = peak if peak else upper
+  temp = total - m.argument_size_in_bytes if peak else m.temp_size_in_bytes
   return dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-              temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
-              hbm_bytes_per_chip=int(total))
+              temp_bytes=int(temp), xla_temp_bytes=int(m.temp_size_in_bytes),
+              alias_bytes=int(m.alias_size_in_bytes), hbm_bytes_per_chip=int(total),
+              memory_source='compiler peak' if peak else 'sum of arguments, outputs, temporaries')
 
 
 def cost(compiled) -> dict:
