@@ -71,6 +71,11 @@ def test_train_and_sample_steps_compile_for_a_tpu_slice():
   assert state_bytes < total / 4  # params, EMA and moments really are split over the chips
   for e in entries:
     assert e['fits'] and 0 < e['hbm_bytes_per_chip'] < 2**30, e
+    # The compiler's peak of live buffers: at least the arguments, at most XLA's summed sizes.
+    upper = e['argument_bytes'] + e['output_bytes'] + e['xla_temp_bytes'] - e['alias_bytes']
+    assert e['memory_source'] == 'compiler peak', e
+    assert e['argument_bytes'] < e['hbm_bytes_per_chip'] <= upper, e
+    assert e['temp_bytes'] == e['hbm_bytes_per_chip'] - e['argument_bytes'], e
     # Splash attention (Mosaic kernels) inside the all-to-all context parallelism.
     assert e['mosaic_kernels'] >= (3 if e['program'] == 'train' else 1), e
     assert e['model_flops'] > 0 and e['compiled_flops'] > 0 and 0 < e['estimated_mfu'] <= 1, e
