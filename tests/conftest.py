@@ -60,3 +60,21 @@ def bucketed_config(buckets, patch_size, **data):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+def _listing(folder):
+  return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
+                for d, _, files in os.walk(folder) for f in files)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """(config, workdir) of one `tiny_config` training run (6 steps; checkpoints 2, 4, 6; samples at
+  step 6), trained once per session for every test that only reads a trained workdir. Tests must not
+  write into it (copy it first): its file listing is checked unchanged at the end."""
+  from sora_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  train.train(tiny_config(), workdir)
+  before = _listing(workdir)
+  yield tiny_config(), workdir
+  assert _listing(workdir) == before, 'a test wrote into the shared tiny_run workdir'

@@ -1,31 +1,26 @@
 """A user's mistake at a program ends in one line on stderr and exit status 2: no traceback, no --help."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-from sora_jax import train
+sys.path.insert(0, os.path.dirname(__file__))
+import programs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
-  config.total_steps, config.optim.warmup_steps, config.sample_every_steps = 2, 1, 0
-  workdir = str(tmp_path_factory.mktemp('run'))
-  train.train(config, workdir)
-  return workdir
+@pytest.fixture
+def run_dir(tiny_run):
+  return tiny_run[1]  # a trained workdir: checkpoints 2, 4, 6 (shared; nothing here writes to it)
 
 
 def user_error(program, *args, cwd=None) -> str:
-  """Runs `python -m sora_jax.PROGRAM ARGS`, expecting a one-line user error; returns its message."""
-  out = subprocess.run([sys.executable, '-m', f'sora_jax.{program}', *args], capture_output=True,
-                       text=True, timeout=120, cwd=cwd or ROOT)
+  """Runs `python -m sora_jax.PROGRAM ARGS` (a process of its own: tests/programs.py), expecting a
+  one-line user error; returns its message."""
+  out = programs.run(f'sora_jax.{program}', *args, cwd=cwd or ROOT, timeout=120)
   assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
   assert 'Traceback' not in out.stderr and 'flags:' not in out.stderr, out.stderr[-3000:]
   errors = [l for l in out.stderr.splitlines() if l.startswith(f'sora_jax.{program}: error: ')]
@@ -68,7 +63,7 @@ def test_sample_and_evaluate_refusals(run_dir, tmp_path):
   assert 'trained without conditioning' in sample(f'--image={tmp_path}/x.png')
   assert sample('--edit_strength=1.5') == '--edit_strength=1.5 must be in (0, 1].'
   assert sample('--checkpoint_step=7') == (
-      f'No checkpoint for step 7 in {run_dir}/checkpoints; have [2].')
+      f'No checkpoint for step 7 in {run_dir}/checkpoints; have [2, 4, 6].')
   assert 'two numbers' in sample('--guidance_interval=0.1')
   evaluate = lambda *a: user_error('evaluate', f'--workdir={run_dir}', f'--output={tmp_path}/e.json',
                                    *a)

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import av
@@ -21,19 +20,18 @@ from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint
 from sora_jax.training import state as state_lib
 
+sys.path.insert(0, os.path.dirname(__file__))
+import programs  # noqa: E402
+
 
 def read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
-  workdir = str(tmp_path_factory.mktemp('run'))
-  train.train(config, workdir)
-  return config, workdir
+@pytest.fixture
+def trained(tiny_run):
+  return tiny_run  # (tiny_config(), its trained workdir): conftest.py, shared with other modules
 
 
 def test_training_writes_metrics_checkpoints_and_samples(trained):
@@ -82,10 +80,9 @@ def test_loss_decreases(tmp_path):
 def test_sample_cli_writes_playable_h264(trained, tmp_path):
   _, workdir = trained
   prompts = ['a red circle moving left', 'a blue square moving up', 'a green triangle moving down']
-  out = subprocess.run(
-      [sys.executable, '-m', 'sora_jax.sample', f'--workdir={workdir}', '--output_dir',
-       str(tmp_path), '--num_steps=2', '--batch_size=2', '--seed=3',
-       *[f'--prompt={p}' for p in prompts]], capture_output=True, text=True, timeout=300)
+  out = programs.run(
+      'sora_jax.sample', f'--workdir={workdir}', '--output_dir', str(tmp_path), '--num_steps=2',
+      '--batch_size=2', '--seed=3', *[f'--prompt={p}' for p in prompts])
   assert out.returncode == 0, out.stderr[-3000:]
   with open(tmp_path / 'samples.json') as f:
     samples = json.load(f)['samples']

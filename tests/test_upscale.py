@@ -1,7 +1,7 @@
 """Cascaded super-resolution (sora_jax/inference/upscale.py): resampling, config checks, train -> chain."""
 
 import json
-import subprocess
+import os
 import sys
 
 import jax
@@ -15,6 +15,9 @@ from sora_jax.config import validation
 from sora_jax.diffusion import cascade
 from sora_jax.evaluation import suite
 from sora_jax.inference import upscale
+
+sys.path.insert(0, os.path.dirname(__file__))
+import programs  # noqa: E402
 
 
 def up_config():
@@ -65,15 +68,12 @@ def test_config_validation(change, message):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """A tiny base model at 16x16 and a tiny upscaler 16x16 -> 32x32, a few steps each."""
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  base = tiny_config()
-  base_dir = str(tmp_path_factory.mktemp('base'))
-  train.train(base, base_dir)
+def runs(tiny_run, tmp_path_factory):
+  """A tiny base model at 16x16 (conftest's shared tiny_run) and a tiny upscaler 16x16 -> 32x32, a
+  few steps each."""
   up_dir = str(tmp_path_factory.mktemp('up'))
   train.train(up_config(), up_dir)
-  return base_dir, up_dir
+  return tiny_run[1], up_dir
 
 
 def test_upscaler_trains_and_writes_comparison_samples(runs):
@@ -87,18 +87,17 @@ def test_upscaler_trains_and_writes_comparison_samples(runs):
 
 def test_sample_chains_the_upscaler(runs, tmp_path):
   base_dir, up_dir = runs
-  out = subprocess.run(
-      [sys.executable, '-m', 'sora_jax.sample', f'--workdir={base_dir}', f'--upscale_workdir={up_dir}',
-       f'--output_dir={tmp_path}', '--num_steps=2', '--prompt=a red circle moving left',
-       '--prompt=a blue square moving up'], capture_output=True, text=True, timeout=300)
+  out = programs.run(
+      'sora_jax.sample', f'--workdir={base_dir}', f'--upscale_workdir={up_dir}',
+      f'--output_dir={tmp_path}', '--num_steps=2', '--prompt=a red circle moving left',
+      '--prompt=a blue square moving up')
   assert out.returncode == 0, out.stderr[-3000:]
   samples = json.loads((tmp_path / 'samples.json').read_text())['samples']
   assert len(samples) == 2
   assert video_io.read_video(samples[0]['path']).shape == (4, 32, 32, 3)
   # A base model of the wrong size, and an upscaler given as --workdir, are refused before loading.
-  bad = subprocess.run(
-      [sys.executable, '-m', 'sora_jax.sample', f'--workdir={up_dir}', f'--upscale_workdir={up_dir}',
-       f'--output_dir={tmp_path}', '--prompt=x'], capture_output=True, text=True, timeout=120)
+  bad = programs.run('sora_jax.sample', f'--workdir={up_dir}', f'--upscale_workdir={up_dir}',
+                     f'--output_dir={tmp_path}', '--prompt=x', timeout=120)
   assert bad.returncode != 0 and 'is an upscaler' in bad.stderr
 
 
