@@ -35,7 +35,7 @@ def test_mesh_resolution(config, mesh, devices, expected):
     (lambda c: c.model.update(dict(num_heads=5)), 1, 'config.model.width'),
     (lambda c: c.model.update(dict(remat='some')), 1, 'config.model.remat'),
     (lambda c: c.update(dict(total_steps=0)), 1, 'config.total_steps'),
-    (lambda c: c.optim.update(dict(warmup_steps=100)), 1, 'config.optim.warmup_steps'),
+    (lambda c: c.optim.update(dict(warmup_steps=-1)), 1, 'config.optim.warmup_steps=-1'),
     (lambda c: c.data.update(dict(bounce=1.5)), 1, 'config.data.bounce=1.5'),
     (lambda c: c.data.update(dict(bounce=0.5, stop=0.7)), 1, 'config.data.rest = 1.2 exceeds 1'),
     (lambda c: c.data.update(dict(stop=0.5, rest=0.6)), 1, 'config.data.rest = 1.1 exceeds 1'),
@@ -47,6 +47,34 @@ def test_invalid_configs_name_the_key(config, edit, devices, message):
   edit(config)
   with pytest.raises(ValueError, match=message.replace('.', r'\.').replace('(', r'\(')):
     validation.validate(config, devices)
+
+
+def test_a_warm_up_longer_than_the_run_is_shortened_with_a_warning(config, caplog):
+  """A 20-step smoke run of a config tuned for 100 warm-up steps trains: it warms up for a tenth of
+  the run (before: refused, `warmup_steps must be below total_steps`)."""
+  from sora_jax.training import state  # pylint: disable=g-import-not-at-top
+  config.total_steps, config.optim.warmup_steps, config.optim.learning_rate = 20, 100, 1e-3
+  with caplog.at_level('WARNING'):
+    validation.validate(config, 1)
+  warned = [r.getMessage() for r in caplog.records if 'warmup_steps' in r.getMessage()]
+  assert len(warned) == 1 and 'config.optim.warmup_steps=100' in warned[0], caplog.text
+  assert 'config.total_steps=20' in warned[0] and 'warming up for 2 steps' in warned[0]
+  assert validation.warmup_steps(config) == 2
+  _, schedule = state.make_optimizer(config)
+  # Linear from 0 to the peak over the 2 steps actually used, then the cosine decay to the end.
+  assert [float(schedule(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 5e-4, 1e-3])
+  assert float(schedule(20)) == pytest.approx(1e-3 * config.optim.end_lr_fraction)
+  # A warm-up that fits is used as given, without a warning.
+  config.optim.warmup_steps = 19
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    validation.validate(config, 1)
+  assert validation.warmup_steps(config) == 19 and 'warmup_steps' not in caplog.text
+  _, schedule = state.make_optimizer(config)
+  assert float(schedule(19)) == pytest.approx(1e-3) and float(schedule(10)) < 1e-3
+  # A one-step run: no warm-up at all.
+  config.total_steps = 1
+  assert validation.warmup_steps(config) == 0
 
 
 def _train_cli(*overrides, tmp_path):

@@ -6,6 +6,7 @@ import math
 import os
 
 import ml_collections
+from absl import logging
 
 from sora_jax.config import buckets as buckets_lib
 from sora_jax.config import geometry, schema
@@ -214,11 +215,26 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.optim.mu_dtype not in ('', 'float32', 'bfloat16'):
     raise ValueError(f"config.optim.mu_dtype={config.optim.mu_dtype!r}: expected '', 'float32' or"
                      " 'bfloat16'.")
-  if config.optim.warmup_steps >= config.total_steps:
-    raise ValueError(
-        f'config.optim.warmup_steps={config.optim.warmup_steps} must be below'
-        f' config.total_steps={config.total_steps}.')
+  warmup = config.optim.warmup_steps
+  if not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f'config.optim.warmup_steps={warmup!r} must be an int >= 0.')
+  if warmup_steps(config) != warmup:
+    logging.warning('config.optim.warmup_steps=%d does not end before config.total_steps=%d:'
+                    ' warming up for %d steps (a tenth of the run) instead.', warmup,
+                    config.total_steps, warmup_steps(config))
   return mesh
+
+
+def warmup_steps(config) -> int:
+  """The warm-up the learning-rate schedule uses (training/state.py make_optimizer).
+
+  config.optim.warmup_steps, unless the run ends before it does: then a tenth of the run. A config
+  tuned for a long run (the demo: 100 of 3000 steps) then still starts a short smoke run
+  (--config.total_steps=20) that reaches its peak learning rate, instead of being refused; validate()
+  logs the change.
+  """
+  warmup, total = config.optim.warmup_steps, config.total_steps
+  return warmup if warmup < total else total // 10
 
 
 def check_upscale(config) -> None:

@@ -8,15 +8,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sora_jax.config import validation
 from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint, factory
 
 
 def make_optimizer(config):
-  """AdamW with linear warm-up + cosine decay and global-norm clipping; no decay on norms/biases."""
+  """AdamW with linear warm-up + cosine decay and global-norm clipping; no decay on norms/biases.
+  The warm-up is validation.warmup_steps: config.optim.warmup_steps, shortened for a shorter run."""
   o = config.optim
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=validation.warmup_steps(config),
       decay_steps=config.total_steps, end_value=o.learning_rate * o.end_lr_fraction)
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
   tx = optax.chain(
