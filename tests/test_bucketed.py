@@ -107,7 +107,7 @@ def test_each_bucket_trains_with_the_sampler_shift_of_its_shape(monkeypatch):
   c.diffusion.shift, c.diffusion.shift_base_tokens = 2.0, 32
   mesh = sharding.make_mesh(validation.validate(c, 1), jax.devices()[:1])
   tx, schedule = state_lib.make_optimizer(c)
-  graphdef, state, _ = state_lib.init(c, mesh)
+  graphdef, state, _ = state_lib.shardings(c, mesh)  # abstract: the shift is fixed when tracing
   shifts = []
   sample_timesteps, sampling_schedule = flow.sample_timesteps, flow.sampling_schedule
 
@@ -124,7 +124,8 @@ def test_each_bucket_trains_with_the_sampler_shift_of_its_shape(monkeypatch):
   step = jax.jit(update.make_train_step(graphdef, c, tx, schedule))
   tokens, mask = np.zeros((2, c.text.max_length), np.int32), np.ones((2, c.text.max_length), bool)
   for shape in c.data.buckets:
-    step(state, {'video': np.zeros((2, *shape, 3), np.uint8), 'tokens': tokens, 'mask': mask})
+    # Tracing each bucket's step (what jit does before compiling it) is where its shift is baked in.
+    step.trace(state, {'video': np.zeros((2, *shape, 3), np.uint8), 'tokens': tokens, 'mask': mask})
     c.data.num_frames, c.data.height, c.data.width = shape  # sample this shape
     sampling.make_generate(graphdef, c, num_steps=2, guidance_scale=1.0)
   assert [k for k, _ in shifts] == ['train', 'sample'] * 2
