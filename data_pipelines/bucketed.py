@@ -6,8 +6,10 @@ Design, chosen for exact resume and process-count independence:
   2. Plan: a pure function of (seed, epoch) shuffles the examples, groups them by bucket into global
      batches of the bucket's batch size and shuffles the batches. Element i of the plan is global batch
      i, so the whole data order depends only on the seed, and a Grain iterator's state is one integer.
+     Every row trains every epoch, however few a bucket holds: a bucket's last batch is topped up
+     with its own rows again (BatchPlan says why this policy).
   3. Load: each process decodes only its own rows of global batch i (random clip start and crop drawn
-     from (seed, i, example)), so `jax.make_array_from_process_local_data` assembles the global batch.
+     from (seed, i, example, slot in the batch)), so `jax.make_array_from_process_local_data` assembles the global batch.
      An example that fails to decode here is replaced by another of the same bucket, counted and logged,
      so every batch keeps its static shape and no step is lost.
 """
@@ -43,14 +45,21 @@ class Example:
   record: int = -1  # index into prepared shards / a TFDS split; -1 for decoded-on-the-fly files
 
 
+class TooManySkips(ValueError):
+  """More than config.data.max_skip_fraction of the examples were skipped: the data, not the code,
+  is at fault (data_pipelines.inspect reports it instead of failing with a traceback)."""
+
+
 class SkipLog:
-  """Skipped examples by reason, with their paths; fails the run past `max_fraction`."""
+  """Skipped examples by reason, with their paths; fails the run past `max_fraction`. Also the rest
+  of a run's data bookkeeping: the paths decoded and, once indexed, the usable rows per bucket."""
 
   def __init__(self, max_fraction: float):
     self.max_fraction = max_fraction
     self.skipped: list[tuple[str, str]] = []
     self.seen = 0
     self.sources = collections.Counter()  # paths that produced an example (decode time)
+    self.bucket_rows: list[int] | None = None  # examples per bucket of the table (BatchPlan)
 
   @property
   def counts(self) -> collections.Counter:
@@ -62,7 +71,7 @@ class SkipLog:
 
   def check(self, stage: str):
     if self.seen and len(self.skipped) / self.seen > self.max_fraction:
-      raise ValueError(
+      raise TooManySkips(
           f'{stage}: {len(self.skipped)} of {self.seen} examples skipped'
           f' ({dict(self.counts)}), more than config.data.max_skip_fraction={self.max_fraction}.'
           f' First skipped: {self.skipped[:5]}')
@@ -86,6 +95,8 @@ def index_manifest(path: str, table: list[buckets_lib.Bucket], *, fps: float, sk
       examples.append(result)
   logging.info('Indexed %s: %d examples, %d skipped %s.', path, len(examples), len(skips.skipped),
                dict(skips.counts))
+  # Before the check: a report on data with too many skips still shows what the rest would train.
+  skips.bucket_rows = np.bincount([e.bucket for e in examples], minlength=len(table)).tolist()
   skips.check(f'Manifest {path}')
   return examples
 
@@ -114,18 +125,29 @@ def _index_row(row: manifest_lib.Row, *, table, fps) -> Example | str:
 
 
 class BatchPlan:
-  """Random-access source of global batch plans: element i = {'index', 'bucket', 'ids'}."""
+  """Random-access source of global batch plans: element i = {'index', 'bucket', 'ids'}.
+
+  Small buckets: a bucket of n examples and batch B gets ceil(n / B) batches an epoch, the last one
+  topped up by wrapping around the bucket's own (shuffled) rows, so every row trains every epoch,
+  even in a bucket holding fewer rows than one batch (a fine-tuning set's few photos, next to a
+  token budget's batch of 96 images). Not smaller batches: batch sizes come from the config alone
+  (config/buckets.py make) because every bucket's step is compiled before the data is read
+  (training/steps.py BucketSteps), one program per shape. Not padding with a loss mask either: a
+  repeat is not wasted, it draws its own clip start and crop (LoadBatch) and, in the step, its own
+  timestep and noise; the cost is that a tiny bucket's rows weigh more per step than a full one's.
+  """
 
   def __init__(self, example_buckets, table: list[buckets_lib.Bucket], seed: int):
     self.example_buckets = np.asarray(example_buckets, np.int64)
     self.batch_sizes = np.array([b.batch_size for b in table])
     self.seed = seed
-    counts = np.bincount(self.example_buckets, minlength=len(table))
-    self.per_epoch = int((counts // self.batch_sizes).sum())
+    self.rows_per_bucket = np.bincount(self.example_buckets, minlength=len(table)).tolist()
+    self.batches_per_bucket = [-(-n // size) for n, size in zip(self.rows_per_bucket,
+                                                                 self.batch_sizes.tolist())]
+    self.per_epoch = sum(self.batches_per_bucket)
     if not self.per_epoch:
-      raise ValueError(
-          f'No bucket has enough examples for one batch: examples per bucket {counts.tolist()},'
-          f' batch sizes {self.batch_sizes.tolist()} (config.data.buckets, tokens_per_batch).')
+      raise ValueError('No examples to train on: the data is empty, or every row was skipped (see'
+                       ' the log of skipped rows).')
 
   def __len__(self):
     return self.per_epoch * _EPOCHS
@@ -142,7 +164,9 @@ class BatchPlan:
     plan = []
     for b, size in enumerate(self.batch_sizes):
       members = order[self.example_buckets[order] == b]
-      plan += [(b, members[k * size:(k + 1) * size]) for k in range(len(members) // size)]
+      n = -(-len(members) // size)
+      filled = np.resize(members, n * size)  # cycles: the last batch repeats this epoch's first rows
+      plan += [(b, filled[k * size:(k + 1) * size]) for k in range(n)]
     return [plan[k] for k in rng.permutation(len(plan))]
 
 
@@ -174,10 +198,12 @@ class LoadBatch(grain.transforms.Map):
   def map(self, plan):
     bucket = self.table[plan['bucket']]
     n = bucket.batch_size // self.process_count
-    rows = plan['ids'][self.process_index * n:(self.process_index + 1) * n]
+    first = self.process_index * n
+    rows = plan['ids'][first:first + n]
     clips, captions, paths, skipped = [], [], [], []
-    for row in rows:
-      rng = np.random.default_rng([self.seed, plan['index'], int(row)])
+    for slot, row in enumerate(rows, first):
+      # Keyed by the global slot too: a row repeated in a batch (BatchPlan) gets its own clip and crop.
+      rng = np.random.default_rng([self.seed, plan['index'], int(row), slot])
       clip, caption, path = self._load_or_replace(int(row), bucket, rng, skipped)
       clips.append(clip)
       captions.append(caption)

@@ -214,9 +214,16 @@ def _user_data_dataset(config, process_index, process_count, data_parallel, skip
   skips = skips if skips is not None else bucketed.SkipLog(config.data.max_skip_fraction)
   examples, load_fn = user_examples(config, table, skips)
   plan = bucketed.BatchPlan([e.bucket for e in examples], table, config.seed)
+  skips.bucket_rows = plan.rows_per_bucket
   logging.info('Buckets (frames, height, width: global batch, examples): %s; %d batches per epoch.',
-               [(b.shape, b.batch_size, sum(e.bucket == i for e in examples))
-                for i, b in enumerate(table)], plan.per_epoch)
+               [(b.shape, b.batch_size, n) for b, n in zip(table, plan.rows_per_bucket)],
+               plan.per_epoch)
+  for b, n in zip(table, plan.rows_per_bucket):
+    if 0 < n < b.batch_size:
+      logging.warning('Bucket %s holds %d examples for a batch of %d: each of its batches repeats'
+                      ' them (each with its own clip, crop and noise; a smaller'
+                      ' config.data.tokens_per_batch or batch_size repeats fewer).', b.shape, n,
+                      b.batch_size)
   ds = grain.MapDataset.source(plan).map(bucketed.LoadBatch(
       examples, table, load_fn=load_fn, seed=config.seed, max_length=config.text.max_length,
       tokenize=tokenizers.Tokenizer(config), process_index=process_index, process_count=process_count))

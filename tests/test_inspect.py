@@ -65,3 +65,46 @@ def test_manifest(tmp_path, manifest):
   # A config the job would reject is rejected here too, naming the key.
   run = _inspect(*config, '--config.data.buckets=((4,32,36),)', '--num_batches=1')
   assert run.returncode != 0 and 'config.data.buckets' in run.stderr
+
+
+def test_buckets_smaller_than_their_batch_are_batched_and_reported(tmp_path, manifest):
+  """The demo's batch of 16 and 2 + 2 usable rows: before, `No bucket has enough examples`."""
+  path, sources, _ = manifest
+  report, stdout = _report(
+      tmp_path, '--config=configs/demo.py', f'--config.data.manifest={path}',
+      '--config.data.buckets=((4,32,32),(4,32,48))', '--config.data.max_skip_fraction=0.5',
+      '--config.data.probe_threads=2', '--num_batches=2')
+  assert report['buckets'] == [
+      {'shape': [4, 32, 32], 'batch_size': 16, 'rows': 2, 'batches_per_epoch': 1,
+       'repeated_rows_per_epoch': 14},
+      {'shape': [4, 32, 48], 'batch_size': 16, 'rows': 2, 'batches_per_epoch': 1,
+       'repeated_rows_per_epoch': 14}]
+  # One epoch is these 2 batches: every usable row is in them.
+  assert sorted(report['batch_shapes']) == [[16, 4, 32, 32, 3], [16, 4, 32, 48, 3]]
+  assert set(report['sources_seen']) == sources
+  assert '[4, 32, 32]: batch 16, 2 rows, 1 batch per epoch (14 repeated rows)' in stdout
+
+
+def test_too_many_skips_still_writes_the_report(tmp_path, manifest):
+  """3 of 7 rows skipped, over max_skip_fraction=0.1: the report is written, then one line, no
+  traceback."""
+  path, _, bad = manifest
+  report_path = tmp_path / 'report.json'
+  run = _inspect('--config=configs/demo.py', f'--config.data.manifest={path}',
+                 '--config.data.buckets=((4,32,32),(4,32,48))', '--config.batch_size=2',
+                 '--config.data.max_skip_fraction=0.1', '--config.data.probe_threads=2',
+                 '--num_batches=2', f'--report={report_path}')
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr
+  last = run.stderr.strip().splitlines()[-1]
+  assert '3 of 7 examples skipped' in last and 'config.data.max_skip_fraction=0.1' in last
+  assert str(report_path) in last
+  with open(report_path) as f:
+    report = json.load(f)
+  assert report['skipped_counts'] == {'missing': 1, 'not_media': 1, 'empty_caption': 1}
+  assert sorted(s['reason'] for s in report['skipped']) == sorted(bad)
+  assert report['batch_shapes'] == [] and report['error'] in last
+  # What the usable rows would train, were the fraction raised.
+  assert [(b['shape'], b['batch_size'], b['rows']) for b in report['buckets']] == [
+      ([4, 32, 32], 2, 2), ([4, 32, 48], 2, 2)]
+  assert 'Skipped 3' in run.stdout

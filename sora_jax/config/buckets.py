@@ -6,6 +6,10 @@ A bucket is (frames, height, width) from `config.data.buckets` (empty: the singl
 (`model_tokens`: latent patches with config.autoencoder), rounded down to a multiple of the
 data-parallel size so each batch splits evenly over the mesh and the processes. Images go to
 1-frame buckets, videos to the others: nearest aspect ratio first, then the longest clip that fits.
+
+Batch sizes depend on the config alone, never on how many examples a bucket holds: every bucket's
+step is compiled before the data is read (training/steps.py BucketSteps). A bucket with fewer
+examples than its batch still trains: data_pipelines/bucketed.py BatchPlan repeats its rows.
 """
 
 from __future__ import annotations
