@@ -2,6 +2,7 @@
 offending key in its message. Pure Python: no JAX.
 """
 
+import functools
 import math
 import os
 
@@ -219,10 +220,14 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if not isinstance(warmup, int) or warmup < 0:
     raise ValueError(f'config.optim.warmup_steps={warmup!r} must be an int >= 0.')
   if warmup_steps(config) != warmup:
-    logging.warning('config.optim.warmup_steps=%d does not end before config.total_steps=%d:'
-                    ' warming up for %d steps (a tenth of the run) instead.', warmup,
-                    config.total_steps, warmup_steps(config))
+    _warn_short_run(warmup, config.total_steps, warmup_steps(config))
   return mesh
+
+
+@functools.cache  # once per process: sora_jax.train validates the same config twice
+def _warn_short_run(warmup: int, total: int, used: int):
+  logging.warning('config.optim.warmup_steps=%d does not end before config.total_steps=%d:'
+                  ' warming up for %d steps (a tenth of the run) instead.', warmup, total, used)
 
 
 def warmup_steps(config) -> int:
