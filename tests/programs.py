@@ -7,8 +7,8 @@ sys.argv[0] its file and sys.path[0] the working directory), in its own working 
 absl flags, JAX backend and devices, file descriptors 1 and 2, and exit status. An uncaught exception
 prints its traceback to stderr and exits 1, as the interpreter does. What differs from a cold start is
 only that the modules the server imported are already in sys.modules. The environment is the test
-process's, as for subprocess.run without env=; tests that change the environment (JAX_PLATFORMS,
-XLA_FLAGS: read when JAX is imported) use subprocess.run.
+process's, or `env` (as for subprocess.run): each distinct environment gets its own server, started
+with it, since JAX reads some variables (JAX_PLATFORMS, XLA_FLAGS) when it is imported.
 
   result = programs.run('sora_jax.sample', '--workdir=...', cwd=ROOT)  # a CompletedProcess
 """
@@ -21,31 +21,33 @@ import sys
 import tempfile
 import threading
 
-_SERVER = None
+_SERVERS = {}  # environment -> server process
 _LOCK = threading.Lock()
 PRELOAD = ('jax', 'jax.numpy', 'flax.nnx', 'optax', 'orbax.checkpoint', 'grain', 'av', 'absl.app',
            'ml_collections.config_flags', 'sora_jax.cli', 'sora_jax.train', 'sora_jax.sample',
-           'sora_jax.evaluate', 'sora_jax.prepare', 'data_pipelines.inspect')
+           'sora_jax.evaluate', 'sora_jax.prepare', 'sora_jax.compile', 'data_pipelines.inspect')
 
 
-def run(module, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-  """`python -m MODULE ARGS` in `cwd` (default: this process's), as a CompletedProcess with text
-  stdout and stderr."""
-  global _SERVER
+def run(module, *args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` in `cwd` (default: this process's) with environment `env` (default:
+  this process's), as a CompletedProcess with text stdout and stderr."""
+  key = tuple(sorted((env if env is not None else os.environ).items()))
   with _LOCK:
-    if _SERVER is None or _SERVER.poll() is not None:
-      _SERVER = subprocess.Popen([sys.executable, __file__, *PRELOAD], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
-      atexit.register(_SERVER.kill)
+    server = _SERVERS.get(key)
+    if server is None or server.poll() is not None:
+      server = _SERVERS[key] = subprocess.Popen(
+          [sys.executable, __file__, *PRELOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+          text=True, env=dict(key))
+      atexit.register(server.kill)
     with tempfile.TemporaryDirectory(prefix='program_') as d:
       out, err = os.path.join(d, 'stdout'), os.path.join(d, 'stderr')
       request = {'module': module, 'args': [str(a) for a in args],
                  'cwd': str(cwd or os.getcwd()), 'stdout': out, 'stderr': err, 'timeout': timeout}
-      _SERVER.stdin.write(json.dumps(request) + '\n')
-      _SERVER.stdin.flush()
-      reply = _SERVER.stdout.readline()
+      server.stdin.write(json.dumps(request) + '\n')
+      server.stdin.flush()
+      reply = server.stdout.readline()
       if not reply:
-        raise RuntimeError(f'the program server died (exit {_SERVER.wait()})')
+        raise RuntimeError(f'the program server died (exit {server.wait()})')
       returncode = json.loads(reply)['returncode']
       with open(out) as f_out, open(err) as f_err:
         stdout, stderr = f_out.read(), f_err.read()
