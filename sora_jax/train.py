@@ -69,7 +69,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
     # Grain's iterator state is per process: written by another process count, re-derive it.
     same_layout = checkpoint.saved_process_count(mngr) == jax.process_count()
-    state = checkpoint.restore(mngr, abstract, data_iter if same_layout else None)
+    state = checkpoint.restore(mngr, state_lib.checkpointed(abstract),
+                               data_iter if same_layout else None)
+    if 'frozen' in abstract:  # LoRA: the base again, checked against the adapters' record
+      state_lib.check_base(config, checkpoint.saved_base(mngr))
+      state['frozen'] = state_lib.load_base(config, abstract['frozen'], state_sh['frozen'])
     if not same_layout:
       distributed.seek(data_iter, int(state['step']))
     logging.info('Resumed from step %d.', int(state['step']))
@@ -78,8 +82,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     if config.init_from:
       state = state_lib.init_from(config, state, state_sh)
       logging.info('Initialised the parameters from %s.', config.init_from)
-  num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  num_params = sum(x.size for x in jax.tree.leaves(state_lib.model_params(state)))
   logging.info('Model: %.2fM parameters.', num_params / 1e6)
+  if 'frozen' in state:
+    logging.info('LoRA: %.3fM trainable adapter parameters (rank %d), the base frozen.',
+                 sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6, config.lora.rank)
+  base = state_lib.base_record(config) if 'frozen' in state else None
 
   # ---- The update step: explicit shardings, donated state, no host sync.
   is_vae = config.model.family == 'vae'
@@ -93,7 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   preview = previews.make(graphdef, config, mesh, frozen)
 
   def write_samples(step):
-    videos, prompts = preview(state['ema'])
+    videos, prompts = preview(state_lib.model_params(state, 'ema'))
     if jax.process_index() == 0:
       video_io.write_videos(videos, prompts, os.path.join(workdir, 'samples', f'step_{step}'),
                             fps=config.data.fps)
@@ -138,7 +146,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         writer.write(step, logged)
       preempted = preemption.reached(step)  # every step, on every process
       if preempted or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-        checkpoint.save(mngr, step, state, data_iter, force=preempted)
+        checkpoint.save(mngr, step, state_lib.checkpointed(state), data_iter, force=preempted,
+                        base=base)
       if preempted:
         logging.warning('Preempted: saved step %d; run the same command again to resume.', step)
         break

@@ -179,6 +179,17 @@ def base_config() -> ml_collections.ConfigDict:
   # parameter (what lets Wan 14B train at 720p on 4 v5p chips).
   c.optim.mu_dtype = ''
 
+  # LoRA fine-tuning (sora_jax/models/lora.py): rank 0 trains every parameter. With rank > 0 the
+  # base (config.init_from: a Wan folder or a sora_jax workdir) is frozen and only adapters on the
+  # linear layers matching `targets` train; optimizer state, EMA and checkpoints hold adapters only.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 0.0  # scale = alpha / rank; 0: alpha = rank (scale 1)
+  c.lora.targets = r'blocks/(attn1|attn2|self_attn|cross_attn|ffn|mlp)/[^/]+$'  # module paths (re)
+  c.lora.dropout = 0.0
+  c.lora.base_dtype = ''  # the frozen base's dtype ('': as trained, float32); 'bfloat16' halves it
+  c.lora.init_from = ''  # start the adapters from a LoRA file (ComfyUI, diffusers/PEFT or musubi)
+
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 30
   c.sample.guidance_scale = 4.0

@@ -5,6 +5,7 @@ offending key in its message. Pure Python: no JAX.
 import functools
 import math
 import os
+import re
 
 import ml_collections
 from absl import logging
@@ -152,6 +153,34 @@ def _check_transformer(config, mesh):
         f' config.mesh.tensor={mesh["tensor"]}.')
 
 
+def _check_lora(config):
+  lo = config.lora
+  if not isinstance(lo.rank, int) or lo.rank < 0:
+    raise ValueError(f'config.lora.rank={lo.rank!r} must be an int >= 0 (0: full fine-tuning).')
+  if lo.rank == 0:
+    if lo.init_from:
+      raise ValueError(f'config.lora.init_from={lo.init_from!r} needs config.lora.rank > 0.')
+    return
+  if config.model.family == 'vae':
+    raise ValueError('config.lora.rank > 0: LoRA applies to the transformer families, not the VAE.')
+  if not config.init_from:
+    raise ValueError('config.lora.rank > 0 trains adapters on a frozen base: set config.init_from'
+                     ' to a Wan diffusers folder or a sora_jax workdir.')
+  if lo.alpha < 0:
+    raise ValueError(f'config.lora.alpha={lo.alpha} must be >= 0 (0: alpha = rank).')
+  if lo.dropout:
+    raise ValueError(f'config.lora.dropout={lo.dropout}: LoRA dropout is not implemented; use 0.')
+  if lo.base_dtype not in ('', 'float32', 'bfloat16'):
+    raise ValueError(f"config.lora.base_dtype={lo.base_dtype!r}: expected '', 'float32' or"
+                     " 'bfloat16'.")
+  try:
+    re.compile(lo.targets)
+  except re.error as e:
+    raise ValueError(f'config.lora.targets={lo.targets!r} is not a regular expression: {e}') from None
+  if lo.init_from and not os.path.isfile(lo.init_from):
+    raise ValueError(f'config.lora.init_from={lo.init_from!r} is not a file (a LoRA .safetensors).')
+
+
 def validate(config, num_devices: int) -> dict[str, int]:
   """Rejects bad configs before compilation; returns the resolved mesh shape."""
   unknown = list(_unknown_keys(config, schema.base_config()))
@@ -194,6 +223,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
     raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
                      ' [0, 1].')
   check_upscale(config)
+  _check_lora(config)
   if m.family != 'vae':
     ae_geometry = geometry.autoencoder_geometry(config.autoencoder) if config.autoencoder else None
     check_condition(config, [geometry.latent_shape(s, ae_geometry)[0] if ae_geometry else s[0]

@@ -11,6 +11,7 @@ from flax import nnx
 from sora_jax.config import schema
 from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint, factory
+from sora_jax.training import state as state_lib
 
 
 def find_step(workdir: str, step: int | None = None) -> int:
@@ -59,5 +60,14 @@ def load(workdir: str, *, step: int | None = None, use_ema: bool = True, mesh=No
   config.mesh.dcn_data = config.mesh.dcn_fsdp = 1
   graphdef, abstract = abstract_params(config, mesh)
   mngr = checkpoint.manager(workdir, read_only=True)
-  params, step = checkpoint.restore_params(mngr, abstract, 'ema' if use_ema else 'params', step)
-  return config, mesh, graphdef, params, step
+  key = 'ema' if use_ema else 'params'
+  if not config.lora.rank:
+    params, step = checkpoint.restore_params(mngr, abstract, key, step)
+    return config, mesh, graphdef, params, step
+  # LoRA: the checkpoint holds the adapters; the base comes from config.init_from, checked first.
+  adapters, base = nnx.split_state(abstract, nnx.LoRAParam, nnx.Param)
+  step = checkpoint.resolve_step(mngr, step)
+  state_lib.check_base(config, checkpoint.saved_base(mngr, step))
+  adapters, step = checkpoint.restore_params(mngr, adapters, key, step)
+  base = state_lib.load_base(config, base, jax.tree.map(lambda a: a.sharding, base))
+  return config, mesh, graphdef, nnx.merge_state(base, adapters), step

@@ -2,7 +2,8 @@
 
 A checkpoint is a Composite of three items: 'state' (params, EMA, optimizer, step, RNG), 'dataset'
 (each process's Grain iterator state) and 'layout' ({'process_count'}: how many processes wrote
-'dataset', which decides whether a resume can take the iterator states as they are).
+'dataset', which decides whether a resume can take the iterator states as they are); a LoRA run's
+also 'base' (training/state.py `base_record`: which frozen base its adapters apply to).
 """
 
 import glob
@@ -45,14 +46,24 @@ def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.Checkp
       max_to_keep=None if config is None else config.keep_checkpoints,
       enable_async_checkpointing=True, read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options, item_names=('state', 'dataset', 'layout'))
+                               options=options, item_names=('state', 'dataset', 'layout', 'base'))
 
 
-def save(mngr, step: int, state, iterator, *, force: bool = False):
+def save(mngr, step: int, state, iterator, *, force: bool = False, base: dict | None = None):
   """Async save: returns once device buffers are copied, so the next step may donate them."""
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), dataset=grain.checkpoint.CheckpointSave(iterator),
-      layout=ocp.args.JsonSave({'process_count': jax.process_count()})), force=force)
+  items = dict(state=ocp.args.StandardSave(state), dataset=grain.checkpoint.CheckpointSave(iterator),
+               layout=ocp.args.JsonSave({'process_count': jax.process_count()}))
+  if base is not None:
+    items['base'] = ocp.args.JsonSave(base)
+  mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def saved_base(mngr, step: int | None = None) -> dict | None:
+  """The 'base' record of a LoRA run's checkpoint (None for a full fine-tuning run)."""
+  step = resolve_step(mngr, step)
+  if not os.path.isdir(os.path.join(str(mngr.directory), str(step), 'base')):
+    return None
+  return dict(mngr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))['base'])
 
 
 def resolve_step(mngr, step: int | None = None) -> int:

@@ -6,7 +6,7 @@ from flax import nnx
 
 from sora_jax.config import geometry
 from sora_jax.interop import umt5
-from sora_jax.models import dit, text, text_to_video, vae, wan
+from sora_jax.models import dit, lora, text, text_to_video, vae, wan
 
 
 def text_width(config) -> int:
@@ -26,11 +26,16 @@ def channels(config) -> int:
 def build(config, rngs: nnx.Rngs) -> nnx.Module:
   """The trainable model of `config.model.family`: TextToVideo ('dit', 'wan') or the VAE ('vae').
 
+  With config.lora.rank > 0 the model carries LoRA adapters (sora_jax/models/lora.py).
   Parameters are created unsharded (or abstractly) and placed by `jax.jit(out_shardings=...)` from
   their logical-axis metadata (parallel/sharding.py), so models also build outside a mesh context.
   """
   with nnx.use_eager_sharding(False):
-    return _build(config, rngs)
+    model = _build(config, rngs)
+    if config.lora.rank:  # adapters on the matching linear layers (config.lora.targets)
+      lora.add(model, rank=config.lora.rank, alpha=config.lora.alpha or config.lora.rank,
+               targets=config.lora.targets, rngs=rngs)
+    return model
 
 
 def _build(config, rngs):

@@ -1,5 +1,12 @@
-"""Train state: a plain dict {step, params, ema, opt_state, rng}, born sharded on the mesh."""
+"""Train state: a plain dict {step, params, ema, opt_state, rng}, born sharded on the mesh.
 
+LoRA runs (config.lora.rank > 0, sora_jax/models/lora.py) add 'frozen': the base model's parameters,
+which the step reads but never updates; 'params', 'ema' and 'opt_state' then hold the adapters only,
+and so do checkpoints (`checkpointed`): the base is loaded again from config.init_from on resume,
+after checking it against the record saved with the adapters (`base_record`).
+"""
+
+import hashlib
 import json
 import os
 
@@ -30,7 +37,7 @@ def make_optimizer(config):
 
 # Parameter names that weight decay applies to: the weight matrices / filters of linear, conv and
 # embedding layers. Not by ndim: scanned layers stack every bias and norm scale into 2-D.
-DECAYED = ('kernel', 'embedding')
+DECAYED = ('kernel', 'embedding', 'lora_a', 'lora_b')
 
 
 def decays(path) -> bool:
@@ -43,10 +50,34 @@ def decays(path) -> bool:
 
 def _init(config, tx):
   model = factory.build(config, nnx.Rngs(config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
+  if config.lora.rank:
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  else:
+    (graphdef, params), frozen = nnx.split(model, nnx.Param), None
   state = dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed + 1))
+  if frozen is not None:
+    state['frozen'] = _base_dtype(config, frozen)
   return graphdef, state
+
+
+def _base_dtype(config, frozen):
+  dtype = config.lora.base_dtype
+  return frozen if not dtype else jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+
+
+def model_params(state, key: str = 'params'):
+  """The whole model's parameters (for nnx.merge with the state's graphdef): state[key], joined with
+  the frozen base in a LoRA run."""
+  if 'frozen' not in state:
+    return state[key]
+  return nnx.merge_state(state['frozen'], state[key])
+
+
+def checkpointed(state):
+  """What a checkpoint holds: everything but the frozen base of a LoRA run."""
+  return {k: v for k, v in state.items() if k != 'frozen'}
 
 
 def shardings(config, mesh):
@@ -60,6 +91,8 @@ def shardings(config, mesh):
                                  transform_non_params=lambda _: replicated)
   state_sh = dict(step=replicated, params=param_sh, ema=param_sh, opt_state=opt_sh,
                   rng=replicated)
+  if 'frozen' in abstract:
+    state_sh['frozen'] = sharding.state_shardings(abstract['frozen'], mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   return graphdef, abstract, state_sh
@@ -76,24 +109,95 @@ def init(config, mesh):
 def init_from(config, state, state_sh):
   """A fresh state whose params (and EMA) come from `config.init_from`: a diffusers
   WanTransformer3DModel folder (model.family='wan'; the byte text encoder, if any, keeps its init),
-  or a sora_jax workdir with the same architecture (its latest checkpoint's EMA parameters)."""
+  or a sora_jax workdir with the same architecture (its latest checkpoint's EMA parameters).
+  In a LoRA run those weights are the frozen base, and the adapters keep their init (or come from
+  config.lora.init_from)."""
+  if 'frozen' in state:
+    state = dict(state, frozen=load_base(config, state['frozen'], state_sh['frozen']))
+    return state
+  params = _pretrained(config, state['params'], state_sh['params'])
+  return dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
+
+
+def load_base(config, frozen, frozen_sh):
+  """The frozen base of a LoRA run from config.init_from, on `frozen_sh`, in config.lora.base_dtype.
+  `frozen`: the current (initial or abstract) base parameters, whose paths the loaded ones take."""
+  if not config.init_from:
+    raise ValueError('config.lora.rank > 0 trains adapters on a pretrained base: set '
+                     'config.init_from (a diffusers Wan folder or a sora_jax workdir).')
+  as_trained = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, _trained_dtype(x.dtype)),
+                            frozen)
+  params = _pretrained(config, as_trained, frozen_sh, lora_base=True)
+  return jax.device_put(_base_dtype(config, params), frozen_sh)
+
+
+def _trained_dtype(dtype):
+  return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _pretrained(config, params, params_sh, lora_base=False):
+  """`params` (a parameter State, concrete or abstract) replaced by config.init_from's weights."""
   path = config.init_from
   if os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path):
-    # Only the EMA is read (a partial restore: no optimizer moments), onto this state's shardings.
+    # Only the EMA is read (a partial restore: no optimizer moments), onto these shardings.
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state['params'], state_sh['params'])
-    params, _ = checkpoint.restore_params(checkpoint.manager(path, read_only=True), abstract)
-  elif config.model.family == 'wan':
-    graphdef, _, _ = shardings(config, _mesh_of(state_sh))
+                            params, params_sh)
+    restored, _ = checkpoint.restore_params(checkpoint.manager(path, read_only=True), abstract)
+    return restored
+  if config.model.family == 'wan':
+    # The model as it is without adapters: the Wan name table covers exactly its parameters.
+    base_config = config.copy_and_resolve_references()
+    base_config.lora.rank = 0
+    graphdef = nnx.eval_shape(lambda: nnx.split(factory.build(base_config, nnx.Rngs(0)),
+                                                nnx.Param))[0]
     from sora_jax.interop import \
         wan_transformer  # pylint: disable=g-import-not-at-top
-    model = nnx.merge(graphdef, state['params'])
-    model.dit = wan_transformer.load_wan_params(path, model.dit, mesh=_mesh_of(state_sh))
-    params = jax.device_put(nnx.state(model, nnx.Param), state_sh['params'])
+    model = nnx.merge(graphdef, params)
+    model.dit = wan_transformer.load_wan_params(path, model.dit, mesh=_mesh_of(params_sh))
+    return jax.device_put(nnx.state(model, nnx.Param), params_sh)
+  raise ValueError(f'config.init_from={path!r}: neither a sora_jax workdir nor (for'
+                   ' model.family="wan") a diffusers WanTransformer3DModel folder.')
+
+
+def base_record(config) -> dict:
+  """What identifies the base a LoRA run adapts: config.init_from's path and a fingerprint of its
+  weights (safetensors headers, i.e. every tensor's name, dtype, shape and offset, plus the first and
+  last 64 KiB of each weights file; for a sora_jax workdir, its config and latest step). Saved with
+  every checkpoint; resuming, sampling or exporting with another base is refused (`check_base`)."""
+  path = os.path.abspath(config.init_from)
+  digest = hashlib.sha256()
+  if _is_workdir_path(path):
+    with open(os.path.join(path, 'config.json'), 'rb') as f:
+      digest.update(f.read())
+    digest.update(str(checkpoint.manager(path, read_only=True).latest_step()).encode())
   else:
-    raise ValueError(f'config.init_from={path!r}: neither a sora_jax workdir nor (for'
-                     ' model.family="wan") a diffusers WanTransformer3DModel folder.')
-  return dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
+    from sora_jax.interop import \
+        wan_transformer  # pylint: disable=g-import-not-at-top
+    for name in sorted(set(wan_transformer.weight_files(path).values())):
+      with open(name, 'rb') as f:
+        header_len = int.from_bytes(f.read(8), 'little')
+        digest.update(f.read(header_len))
+        digest.update(f.read(1 << 16))
+        f.seek(max(8 + header_len, os.path.getsize(name) - (1 << 16)))
+        digest.update(f.read())
+  return dict(init_from=path, fingerprint=digest.hexdigest()[:16])
+
+
+def check_base(config, saved: dict | None):
+  """Refuses a LoRA run's base whose fingerprint differs from the one its adapters were trained on."""
+  if not config.lora.rank or saved is None:
+    return
+  current = base_record(config)
+  if current['fingerprint'] != saved['fingerprint']:
+    raise ValueError(
+        f'These LoRA adapters were trained on the base at {saved["init_from"]} (fingerprint '
+        f'{saved["fingerprint"]}); config.init_from={config.init_from!r} holds other weights '
+        f'(fingerprint {current["fingerprint"]}). Point config.init_from at the base they were '
+        'trained on, or start a new run (another --workdir) for this base.')
+
+
+def _is_workdir_path(path):
+  return os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path)
 
 
 def _mesh_of(state_sh):

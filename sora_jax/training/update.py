@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from sora_jax.common import tokenizers
 from sora_jax.config import geometry
@@ -65,7 +66,11 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     batch = model_inputs(batch)  # uint8 from the host; static dtype, so no cost for floats
     rng, t_rng, noise_rng, drop_rng = jax.random.split(state['rng'], 4)
     rngs = dict(t=t_rng, noise=noise_rng, drop=drop_rng)
-    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], batch, rngs)
+    # LoRA: gradients of the adapters only; the frozen base joins them inside the loss.
+    frozen = state.get('frozen')
+    loss_of = loss_fn if frozen is None else (
+        lambda p, *a: loss_fn(nnx.merge_state(frozen, p), *a))
+    (loss, extra), grads = jax.value_and_grad(loss_of, has_aux=True)(state['params'], batch, rngs)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     # EMA decay warms up so that early (poor) weights fade fast in short runs.
@@ -73,6 +78,8 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema'], params)
     new_state = dict(step=step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng)
+    if frozen is not None:
+      new_state['frozen'] = frozen
     return new_state, dict(extra, loss=loss, grad_norm=optax.tree.norm(grads),
                            learning_rate=schedule(step))
 
