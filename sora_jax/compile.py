@@ -55,7 +55,7 @@ def target_mesh(config, target, num_slices: int):
   """The config's mesh over the target's devices; config errors as ValueError before compiling."""
   n = target.chips * num_slices
   try:
-    shape = validation.validate(config, n)
+    shape = validation.validate(config, n, weights=False)  # shapes only: no weights are read
   except ValueError as e:
     raise ValueError(f'{e} (on {num_slices} x {target.name}: {n} chips)') from e
   dcn = geometry.dcn_shape(config)
@@ -145,10 +145,10 @@ def train_programs(config, mesh, chip, *, count_flops=True):
     tx, schedule = state_lib.make_optimizer(cfg)
     graphdef, abstract, state_sh = state_lib.shardings(cfg, mesh)
     step = steps.jit_train_step(graphdef, cfg, tx, schedule, _null_caption(cfg), state_sh, mesh)
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
-    return step, abstract, num_params
+    return step, abstract
 
-  step, abstract, num_params = lowered(config)
+  step, abstract = lowered(config)
+  num_params, frozen_params = (_count(abstract.get(k, {})) for k in ('params', 'frozen'))
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   family = config.model.family
   probes = {}
@@ -157,7 +157,7 @@ def train_programs(config, mesh, chip, *, count_flops=True):
   out = []
   for bucket in buckets_lib.make(config, data_parallel):
     spec = steps.batch_spec(config, bucket, text_dtype=text_dtype)
-    flops = metrics.model_flops(config, num_params, spec) / n_chips
+    flops = metrics.model_flops(config, num_params, spec, frozen_params) / n_chips
 
     def lower(step=step, abstract=abstract, spec=spec):
       with jax.set_mesh(mesh):
@@ -173,8 +173,14 @@ def train_programs(config, mesh, chip, *, count_flops=True):
                         depth=_depth(config),
                         recompute=8 / 6 if config.model.remat != 'none' else 1.0,
                         extra=dict(program='train', bucket=list(bucket.shape),
-                                   batch_size=bucket.batch_size, num_params=num_params)))
+                                   batch_size=bucket.batch_size,
+                                   num_params=num_params + frozen_params,
+                                   trainable_params=num_params)))
   return out
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _lower_in(mesh, fn, *args):
@@ -196,19 +202,21 @@ def sample_program(config, mesh, chip, *, count_flops=True):
     batch_sh = sharding.batch_sharding(mesh)
 
     def velocity(params, x, t, tokens, mask):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, state_lib.model_params(params, 'ema'))
       both_tokens = jnp.concatenate([tokens, jnp.broadcast_to(neg[0], tokens.shape)])
       both_mask = jnp.concatenate([mask, jnp.broadcast_to(neg[1], mask.shape)])
       guided = flow.guided_velocity(lambda x2, t2: model(x2, t2, both_tokens, both_mask),
                                     cfg.sample.guidance_scale)
       return guided(x, t)
 
-    fn = jax.jit(velocity, in_shardings=(state_sh['params'],) + (batch_sh,) * 4,
+    # The EMA weights (and a LoRA run's frozen base, which they adapt).
+    keys = ('ema', 'frozen') if 'frozen' in abstract else ('ema',)
+    fn = jax.jit(velocity, in_shardings=({k: state_sh[k] for k in keys},) + (batch_sh,) * 4,
                  out_shardings=batch_sh)
     spec = steps.batch_spec(cfg, bucket, text_dtype=text_dtype)
-    args = (abstract['ema'], spec['video'], jax.ShapeDtypeStruct((batch,), jnp.float32),
-            spec['tokens'], spec['mask'])
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
+    args = ({k: abstract[k] for k in keys}, spec['video'],
+            jax.ShapeDtypeStruct((batch,), jnp.float32), spec['tokens'], spec['mask'])
+    num_params = sum(_count(abstract.get(k, {})) for k in ('params', 'frozen'))
     return fn, args, num_params, spec
 
   fn, args, num_params, spec = lowered(config)

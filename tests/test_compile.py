@@ -97,6 +97,38 @@ def test_train_and_sample_steps_compile_for_a_tpu_slice():
   assert entries[0]['compiled_flops'] > entries[1]['compiled_flops'] / 2
 
 
+
+def test_lora_train_and_sample_steps_compile_and_hold_adapter_state_only():
+  """A LoRA run's donated state on a chip: the bf16 frozen base plus adapters with their EMA and
+  Adam moments; the sample step takes the base and the EMA adapters."""
+  pytest.importorskip('libtpu')
+  config = _small_config()
+  config.lora.rank, config.lora.base_dtype = 8, 'bfloat16'
+  target = topologies.parse('v5p-16')
+  mesh = compile_cli.target_mesh(config, target, 1)
+  entries = compile_cli.compile_all(config, mesh, target, ('train', 'sample'), count_flops=False)
+  from sora_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, abstract, _ = state_lib.shardings(config, mesh)
+  assert {x.dtype for x in jax.tree.leaves(abstract['frozen'])} == {np.dtype('bfloat16')}
+  state_bytes = _shard_bytes(abstract)
+  train, sample = entries
+  assert state_bytes <= train['argument_bytes'] < state_bytes + 2**20, (train, state_bytes)
+  adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
+  frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['frozen']))
+  assert train['trainable_params'] == adapters and train['num_params'] == adapters + frozen
+  assert adapters < frozen / 10
+  # The frozen base costs 4 FLOPs per token (no weight gradient), the adapters 6.
+  from sora_jax.config import buckets as buckets_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.training import metrics, steps  # pylint: disable=g-import-not-at-top
+  spec = steps.batch_spec(config, buckets_lib.make(config, 2)[0])
+  chips = mesh.devices.size
+  assert train['model_flops'] == pytest.approx(
+      metrics.model_flops(config, adapters, spec, frozen_params=frozen) / chips)
+  assert train['model_flops'] < 0.8 * metrics.model_flops(config, adapters + frozen, spec) / chips
+  assert sample['fits'] and sample['argument_bytes'] >= _shard_bytes(
+      {k: abstract[k] for k in ('ema', 'frozen')})
+
+
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS='')  # as a user runs it: the CLI picks the platforms
   return programs.run('sora_jax.compile', *args, cwd=ROOT, env=env, timeout=600)

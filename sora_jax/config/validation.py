@@ -153,7 +153,7 @@ def _check_transformer(config, mesh):
         f' config.mesh.tensor={mesh["tensor"]}.')
 
 
-def _check_lora(config):
+def _check_lora(config, weights: bool):
   lo = config.lora
   if not isinstance(lo.rank, int) or lo.rank < 0:
     raise ValueError(f'config.lora.rank={lo.rank!r} must be an int >= 0 (0: full fine-tuning).')
@@ -163,7 +163,7 @@ def _check_lora(config):
     return
   if config.model.family == 'vae':
     raise ValueError('config.lora.rank > 0: LoRA applies to the transformer families, not the VAE.')
-  if not config.init_from:
+  if weights and not config.init_from:
     raise ValueError('config.lora.rank > 0 trains adapters on a frozen base: set config.init_from'
                      ' to a Wan diffusers folder or a sora_jax workdir.')
   if lo.alpha < 0:
@@ -181,8 +181,9 @@ def _check_lora(config):
     raise ValueError(f'config.lora.init_from={lo.init_from!r} is not a file (a LoRA .safetensors).')
 
 
-def validate(config, num_devices: int) -> dict[str, int]:
-  """Rejects bad configs before compilation; returns the resolved mesh shape."""
+def validate(config, num_devices: int, *, weights: bool = True) -> dict[str, int]:
+  """Rejects bad configs before compilation; returns the resolved mesh shape. `weights=False`
+  (compiling ahead of time from abstract shapes) does not ask for a LoRA run's base weights."""
   unknown = list(_unknown_keys(config, schema.base_config()))
   if unknown:
     raise ValueError(f'Unknown config key(s): {", ".join("config." + k for k in unknown)}.')
@@ -223,7 +224,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
     raise ValueError(f'config.diffusion.frame_noise_prob={config.diffusion.frame_noise_prob} not in'
                      ' [0, 1].')
   check_upscale(config)
-  _check_lora(config)
+  _check_lora(config, weights)
   if m.family != 'vae':
     ae_geometry = geometry.autoencoder_geometry(config.autoencoder) if config.autoencoder else None
     check_condition(config, [geometry.latent_shape(s, ae_geometry)[0] if ae_geometry else s[0]

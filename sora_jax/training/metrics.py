@@ -74,17 +74,20 @@ def peak_tflops(device=None, override: float = 0.0) -> float | None:
 
 
 def transformer_step_flops(num_params: int, tokens_per_sequence: int, sequences: int, *,
-                           depth: int, width: int) -> float:
+                           depth: int, width: int, frozen_params: int = 0) -> float:
   """Model FLOPs of one training step (forward + backward) of a transformer, the PaLM/MaxText way:
   6 * params * tokens for the matmuls plus 12 * depth * width * seq^2 per sequence for attention
   (QK^T and AV, forward and backward). Text/cross-attention and remat recomputation are not counted,
-  so MFU is the useful work only."""
+  so MFU is the useful work only. Frozen parameters (a LoRA run's base) cost 4 per token, not 6:
+  the backward pass needs their input gradients but not their weight gradients."""
   tokens = tokens_per_sequence * sequences
-  return 6.0 * num_params * tokens + 12.0 * depth * width * tokens_per_sequence ** 2 * sequences
+  return ((6.0 * num_params + 4.0 * frozen_params) * tokens
+          + 12.0 * depth * width * tokens_per_sequence ** 2 * sequences)
 
 
-def model_flops(config, num_params: int, batch) -> float:
-  """Model FLOPs of one train step on `batch` (0 for the autoencoder: convolutions, not counted)."""
+def model_flops(config, num_params: int, batch, frozen_params: int = 0) -> float:
+  """Model FLOPs of one train step on `batch` (0 for the autoencoder: convolutions, not counted);
+  `num_params` trained, `frozen_params` not (a LoRA run's base)."""
   m = config.model
   if m.family == 'vae':
     return 0.0
@@ -95,4 +98,5 @@ def model_flops(config, num_params: int, batch) -> float:
     tokens = math.prod(n // p for n, p in zip(batch['video'].shape[1:4], m.patch_size))
   depth, width = ((m.wan.num_layers, m.wan.num_attention_heads * m.wan.attention_head_dim)
                   if m.family == 'wan' else (m.depth, m.width))
-  return transformer_step_flops(num_params, tokens, sequences, depth=depth, width=width)
+  return transformer_step_flops(num_params, tokens, sequences, depth=depth, width=width,
+                                frozen_params=frozen_params)
