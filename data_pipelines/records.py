@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import struct
+import zipfile
 from collections.abc import Iterable, Sequence
 
 import grain
@@ -47,8 +50,14 @@ def encode(example: dict, *, compress: bool = False) -> bytes:
 
 def decode(data: bytes) -> dict:
   """Inverse of `encode`: arrays stay numpy, 'caption'/'path' -> str, 'bucket' -> int."""
-  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-    arrays = {k: npz[k] for k in npz.files}
+  try:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+      arrays = {}
+      for name in z.namelist():
+        with z.open(name) as f:
+          arrays[name.removesuffix('.npy')] = _read_npy(f)
+  except (zipfile.BadZipFile, EOFError, OSError) as e:
+    raise ValueError(f'not a record (a zip of .npy arrays): {e}') from None
   _to_arrays(arrays)  # same schema checks: catches corrupt or foreign records early
   example = {}
   for key, value in arrays.items():
@@ -59,6 +68,34 @@ def decode(data: bytes) -> dict:
     else:
       example[key] = value
   return example
+
+
+# np.load parses each .npy header with ast.literal_eval, which under CPython 3.11 fails at random in
+# threads (gh-106905: "SystemError: AST constructor recursion depth mismatch"); Grain decodes in
+# threads, so the header numpy writes ({'descr': ..., 'fortran_order': ..., 'shape': (...), }) is
+# read here with a regular expression instead.
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False),"
+                         r" 'shape': \(((?:\d+, ?)*\d*)\), \}\s*$")
+
+
+def _read_npy(f) -> np.ndarray:
+  if f.read(6) != b'\x93NUMPY':
+    raise ValueError('not a .npy array')
+  major, _ = f.read(2)
+  size = struct.unpack('<H' if major == 1 else '<I', f.read(2 if major == 1 else 4))[0]
+  header = f.read(size).decode('latin1' if major < 3 else 'utf8')
+  m = _NPY_HEADER.match(header)
+  if not m:
+    raise ValueError(f'unexpected .npy header {header.strip()!r}')
+  dtype = np.dtype(m.group(1))
+  shape = tuple(int(n) for n in m.group(3).replace(' ', '').split(',') if n)
+  if dtype.hasobject:
+    raise ValueError('object arrays are not records')
+  array = np.empty(shape, dtype, order='F' if m.group(2) == 'True' else 'C')
+  view = memoryview(array.reshape(-1, order='A')).cast('B') if array.size else memoryview(b'')
+  if f.readinto(view) != array.nbytes:
+    raise EOFError('truncated .npy array')
+  return array
 
 
 def _to_arrays(example: dict) -> dict[str, np.ndarray]:

@@ -91,3 +91,29 @@ def test_shards_read_back_in_order_through_grain(tmp_path):
   for g, want in zip(got, examples):
     _assert_same(g, want)
   _assert_same(ds[3], examples[3])  # random access
+
+
+def test_decode_never_parses_python_in_threads(monkeypatch):
+  """np.load reads .npy headers with ast.literal_eval, which CPython 3.11 breaks under threads
+  (gh-106905: 'AST constructor recursion depth mismatch', seen in Grain's read threads); decode
+  parses the headers itself, so a loader's threads never enter the ast module."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+
+  def fail(*_):
+    raise AssertionError('decode called ast.literal_eval')
+
+  monkeypatch.setattr(ast, 'literal_eval', fail)
+  data = [records.encode(_example(i, bucket=i), compress=i % 2 == 1) for i in range(8)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(records.decode, data * 50))
+  for i, g in enumerate(got):
+    _assert_same(g, _example(i % 8, bucket=i % 8))
+  assert got[0]['video'].flags.writeable
+
+
+def test_decode_rejects_truncated_and_garbage_records():
+  data = records.encode(_example(0))
+  for bad in (data[:len(data) // 2], b'garbage', data[:40] + b'\0' * (len(data) - 40)):
+    with pytest.raises(ValueError):
+      records.decode(bad)
