@@ -3,6 +3,7 @@
 Flag-free (the benchmark scripts define their absl flags at import), so any of them can import it.
 """
 
+import ast
 import time
 
 import jax
@@ -14,9 +15,22 @@ from sora_jax.training import state as state_lib
 from sora_jax.training import update
 
 
+def apply(config, overrides: str):
+  """`key=value;...` overrides (bare keys: config.model) applied to `config`."""
+  for item in filter(None, overrides.split(';')):
+    key, value = item.split('=', 1)
+    section, name = key.rsplit('.', 1) if '.' in key else ('model', key)
+    node = config
+    for part in section.split('.'):
+      node = node[part]
+    node[name] = ast.literal_eval(value)
+  return config
+
+
 def train_step(config, mesh=None):
   """(jitted step with explicit shardings and donation, state, batch sharding, mesh)."""
-  mesh = mesh or sharding.make_mesh(validation.validate(config, jax.device_count()))
+  # weights=False: a LoRA variant times adapters on the random init (no base weights read).
+  mesh = mesh or sharding.make_mesh(validation.validate(config, jax.device_count(), weights=False))
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, state, state_sh = state_lib.init(config, mesh)
   batch_sh = sharding.batch_sharding(mesh)

@@ -6,7 +6,6 @@ Variants are separated by '|'; each is `key=value;...` for config.model keys (or
 `data.num_frames=16` for other sections).
 """
 
-import ast
 import math
 import os
 import sys
@@ -23,24 +22,13 @@ flags.DEFINE_string('variants', '', "Variants separated by '|', each ';'-separat
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant (after one warm-up step).')
 
 
-def apply(config, overrides: str):
-  for item in filter(None, overrides.split(';')):
-    key, value = item.split('=', 1)
-    section, name = key.rsplit('.', 1) if '.' in key else ('model', key)
-    node = config
-    for part in section.split('.'):
-      node = node[part]
-    node[name] = ast.literal_eval(value)
-  return config
-
-
 def main(argv):
   del argv
   base = flags.FLAGS.config
   print(f'{"variant":48s} {"tokens":>6s} {"params":>8s} {"compile s":>9s} {"s/step":>7s}'
         f' {"clips/s":>7s}')
   for variant in flags.FLAGS.variants.split('|') if flags.FLAGS.variants else ['']:
-    config = apply(base.copy_and_resolve_references(), variant)
+    config = common.apply(base.copy_and_resolve_references(), variant)
     tokens = math.prod(n // p for n, p in zip(
         (config.data.num_frames, config.data.height, config.data.width), config.model.patch_size))
     compile_s, step_s, params = common.time_train_step(config, flags.FLAGS.steps)
