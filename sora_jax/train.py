@@ -105,6 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     if jax.process_index() == 0:
       video_io.write_videos(videos, prompts, os.path.join(workdir, 'samples', f'step_{step}'),
                             fps=config.data.fps)
+      writer.write_videos(step, videos, prompts, fps=config.data.fps)  # TensorBoard, by the loss
 
   # ---- Loop.
   step = int(state['step'])

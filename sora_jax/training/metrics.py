@@ -1,11 +1,16 @@
-"""metrics.jsonl + TensorBoard scalars (process 0 only), and the console progress line."""
+"""metrics.jsonl + TensorBoard scalars and sample videos (process 0 only), and the console progress
+line."""
 
+import fractions
+import io
 import json
 import math
 import os
 import time
 
+import av
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -35,9 +40,77 @@ class Writer:
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
 
+  def write_videos(self, step: int, videos, captions, fps: float):
+    """Sample videos (uint8 [N, T, H, W, 3]) as TensorBoard videos, tag samples/<i> per prompt
+    index, and their captions as text (samples/prompts), in the event file of the loss curve.
+
+    A TensorBoard video is an image summary holding an animated GIF. tensorboardX's add_video makes
+    the GIF with moviepy (plus imageio, its bundled FFmpeg and Pillow), which we do not install;
+    without it, it logs an error and writes an empty image. PyAV's FFmpeg writes the same GIF."""
+    if not self.active:
+      return
+    from tensorboardX.proto.summary_pb2 import \
+        Summary  # pylint: disable=g-import-not-at-top
+    values = []
+    for i, video in enumerate(np.asarray(videos)):
+      gif, height, width = encode_gif(video, fps)
+      values.append(Summary.Value(tag=f'samples/{i}', image=Summary.Image(
+          height=height, width=width, colorspace=3, encoded_image_string=gif)))
+    self.tb.file_writer.add_summary(Summary(value=values), step)
+    self.tb.add_text('samples/prompts', '\n\n'.join(f'{i}: {c}' for i, c in enumerate(captions)),
+                     step)
+    self.tb.flush()
+
   def close(self):
     if self.active:
       self.tb.close()
+
+
+# TensorBoard's sample videos are previews (the full-size mp4s are in samples/): beyond this, the
+# GIF and the time to encode it grow with the frame's area (a 480x832 Wan clip of 81 frames at full
+# size: ~12 MB and ~30 s a video).
+GIF_MAX_SIDE = 256
+
+
+def encode_gif(frames, fps: float, max_side: int = GIF_MAX_SIDE) -> tuple[bytes, int, int]:
+  """uint8 [T, H, W, 3] -> (a looping animated GIF at `fps`, its height, its width): scaled down to
+  at most `max_side` pixels on the long side, with one 256-colour palette fitted to the whole clip
+  (FFmpeg's palettegen / paletteuse; GIF's fixed 3-3-2 palette would band smooth shading)."""
+  frames = np.asarray(frames)
+  height, width = frames.shape[1:3]
+  scale = min(1.0, max_side / max(height, width))
+  out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
+  time_base = 1 / fractions.Fraction(fps).limit_denominator(1001)
+  graph = av.filter.Graph()
+  chain = [graph.add_buffer(width=width, height=height, format='rgb24', time_base=time_base)]
+  if scale < 1:
+    chain.append(graph.add('scale', f'{out_w}:{out_h}:flags=area'))
+  split, palette = graph.add('split'), graph.add('palettegen', 'stats_mode=full')
+  use, sink = graph.add('paletteuse'), graph.add('buffersink')
+  for a, b in zip(chain, chain[1:] + [split]):
+    a.link_to(b)
+  split.link_to(palette, 0, 0)
+  split.link_to(use, 1, 0)
+  palette.link_to(use, 0, 1)
+  use.link_to(sink)
+  graph.configure()
+  for i, f in enumerate(frames):
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')
+    frame.pts, frame.time_base = i, time_base
+    graph.push(frame)
+  graph.push(None)  # the palette exists only once every frame is in
+  out = io.BytesIO()
+  with av.open(out, 'w', format='gif') as container:
+    stream = container.add_stream('gif', rate=1 / time_base)
+    stream.width, stream.height, stream.pix_fmt = out_w, out_h, 'pal8'
+    while True:
+      try:
+        frame = graph.pull()
+      except (av.error.EOFError, av.error.BlockingIOError):  # pytype: disable=module-attr
+        break
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+  return out.getvalue(), out_h, out_w
 
 
 class Progress:
