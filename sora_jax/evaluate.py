@@ -14,13 +14,18 @@ long_video_from_image or none).
 Upscaler runs (config.upscale.factor > 1): PSNR of the upscaled eval clips (and of bilinear
 upsampling) against the real ones, plus the judged adherence of the upscaled mp4s;
 --upscale_workdir=UP on a base run judges the base model's videos after that upscaler.
+Runs trained on user data (config.data.manifest / prepared / tfds_name, LoRA or not): no shapes
+judge, nothing sampled; the flow loss at the same fixed timestep grid with fixed noise, by flow
+time, on held-out videos: --eval_data=held_out.csv (a manifest, or a folder `python -m
+sora_jax.prepare` wrote like the training data's); without it, on the training data (reported:
+eval_split 'train'). sora_jax/evaluation/user_data.py.
 """
 
 from absl import flags
 
 from sora_jax import cli
 from sora_jax.config import schema
-from sora_jax.evaluation import adherence, suite
+from sora_jax.evaluation import adherence, suite, user_data
 from sora_jax.inference import restore, sampling, upscale
 from sora_jax.training import checkpoint
 
@@ -40,6 +45,9 @@ def define_flags():
                       ' the base videos after upscaling them with it (what sample'
                       ' --upscale_workdir writes).')
   cli.define_noise_flag()
+  flags.DEFINE_string('eval_data', None, 'A run trained on user data: its held-out videos, a'
+                      ' manifest (.csv / .jsonl) or a prepared folder like its training data'
+                      ' (default: the training data itself, reported as eval_split "train").')
   flags.DEFINE_list('conditioned', ['image_to_video', 'extension', 'long_video',
                                     'long_video_from_image'],
                     'Conditioned protocols judged on runs trained with config.condition.mix'
@@ -54,6 +62,8 @@ def main(argv):
     options = cli.flag_values()
     suite.check_options(f.conditioned, f.upscale_noise)
     config = schema.load_config(f.workdir)
+    user_data.check_options(config, f.eval_data, flow_loss=f.flow_loss,
+                            upscale_workdir=f.upscale_workdir)
     sampling.settings(config, **options)
     restore.find_step(f.workdir, f.checkpoint_step)
     if f.upscale_workdir:
@@ -61,7 +71,13 @@ def main(argv):
           config.data.num_frames, config.data.height, config.data.width)
   result = suite.evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
                     videos_dir=f.videos_dir, flow_loss=f.flow_loss, conditioned=f.conditioned,
-                    upscale_workdir=f.upscale_workdir, upscale_noise=f.upscale_noise, **options)
+                    upscale_workdir=f.upscale_workdir, upscale_noise=f.upscale_noise,
+                    eval_data=f.eval_data, **options)
+  if 'flow_loss' in result:  # a user-data run
+    print('flow loss', round(result['flow_loss'], 4), 'on', result['num_examples'],
+          result['eval_split'], 'examples; by t',
+          {t: round(l, 4) for t, l in result['flow_loss_by_t'].items()})
+    return
   for name in adherence.SPLITS:
     if 'reconstruction' in result[name]:
       print(name, result[name]['reconstruction'])

@@ -272,3 +272,31 @@ def test_train_from_cached_shards(folders, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in f]
   assert [r['step'] for r in rows] == [1, 2]
   assert all(np.isfinite(r['loss']) and r['skipped_examples'] == 0 for r in rows)
+
+
+def test_evaluate_a_wan_lora_run_on_cached_latents(folders, tmp_path, monkeypatch):
+  """A Wan-family LoRA fine-tune on cached latents and caption embeddings: evaluate reports its
+  flow loss by t on a prepared folder (read as cached, never through the VAE), deterministically."""
+  from sora_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  _, cached, _ = folders
+
+  def no_vae_encoding(*args):
+    raise AssertionError('cached latents went through the VAE encoder')
+  monkeypatch.setattr(frozen_lib.Frozen, '_encode_video_impl', no_vae_encoding)
+  c = _config(prepared=cached)
+  c.model.family, c.model.patch_size = 'wan', (1, 2, 2)
+  c.model.wan.num_attention_heads, c.model.wan.attention_head_dim = 2, 16  # the tiny transformer
+  c.model.wan.ffn_dim, c.model.wan.num_layers, c.model.wan.freq_dim = 64, 2, 32
+  c.diffusion.prediction = 'velocity'
+  c.init_from, c.lora.rank = os.path.join(FIXTURES, 'wan_transformer_tiny_t2v'), 4
+  c.total_steps, c.checkpoint_every_steps, c.optim.warmup_steps = 2, 2, 1
+  c.num_train_samples, c.sample.num_steps = 1, 2
+  c.data.num_frames, c.data.height, c.data.width = 5, 32, 32
+  workdir = str(tmp_path / 'run')
+  train.train(c, workdir)
+  first = suite.evaluate(workdir, str(tmp_path / 'eval.json'), eval_data=cached)
+  again = suite.evaluate(workdir, str(tmp_path / 'again.json'), eval_data=cached)
+  assert first['eval_split'] == 'held_out' and first['num_examples'] == c.eval.num_videos
+  assert len(first['flow_loss_by_t']) == c.eval.num_timesteps
+  assert all(np.isfinite(v) and v > 0 for v in first['flow_loss_by_t'].values())
+  assert again['flow_loss_by_t'] == first['flow_loss_by_t']

@@ -1,18 +1,25 @@
 """Small datasets, as fine-tuning sets are: a bucket holding fewer rows than its batch (or a remainder
-short of one) is still batched, by repeating its own rows, so every row trains every epoch."""
+short of one) is still batched, by repeating its own rows, so every row trains every epoch. And such a
+run's evaluation: its flow loss by t on held-out videos (sora_jax/evaluation/user_data.py)."""
 
 import collections
+import json
 import os
 import sys
 
 import numpy as np
-from conftest import bucketed_config
+import pytest
+from conftest import bucketed_config, tiny_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 import media_fixtures as mf  # noqa: E402
 
-from data_pipelines import bucketed, pipeline
+from data_pipelines import bucketed, pipeline, shapes
+from sora_jax import train
 from sora_jax.config import buckets as buckets_lib
+from sora_jax.config import schema
+from sora_jax.evaluation import adherence, suite, user_data
+from sora_jax.inference import sampling
 
 
 def test_batch_plan_batches_every_row_of_every_bucket_each_epoch():
@@ -110,3 +117,67 @@ def test_a_seven_row_manifest_trains_on_every_row_each_epoch(tmp_path):
   assert set(greys) == {30, 60, 90, 120, 150, 180, 250}  # each row's own pixels, all 7
   assert greys[250] == 16 and sum(greys.values()) == 4 + 2 * 2 + 16
   assert skips.bucket_rows == [3, 3, 1]
+
+
+def _mp4_manifest(d, name, captions, offset=0):
+  """H.264 mp4s of 1 s at 8 fps (a colour moving left to right over 32x32), one row each."""
+  rows = []
+  for i, caption in enumerate(captions):
+    k = offset + i
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    for t in range(8):
+      frames[t, :, 4 * t:4 * t + 8] = (40 * k % 256, 255 - 30 * k, 90)
+    path = mf.write_video(os.path.join(d, f'{name}{i}.mp4'), frames, fps=8,
+                          options={'crf': '12', 'preset': 'ultrafast'})
+    rows.append(f'{os.path.basename(path)},{caption}')
+  manifest = os.path.join(d, f'{name}.csv')
+  with open(manifest, 'w') as f:
+    f.write('path,caption\n' + '\n'.join(rows) + '\n')
+  return manifest
+
+
+def test_evaluate_a_lora_user_data_run_by_held_out_flow_loss_per_t(tiny_run, tmp_path, monkeypatch):
+  """A LoRA fine-tune on a manifest of mp4s: evaluate reports the flow loss at each fixed t on the
+  held-out manifest, deterministically, and never samples or runs the shapes judge."""
+  train_csv = _mp4_manifest(tmp_path, 'train', [f'clip {i} moving right' for i in range(4)])
+  held_csv = _mp4_manifest(tmp_path, 'held', ['held clip a', 'held clip b', 'held clip c'],
+                           offset=4)
+  c = bucketed_config(((4, 16, 16),), (2, 4, 4), manifest=train_csv, max_skip_fraction=0.0)
+  c.lora.rank, c.init_from = 4, tiny_run[1]  # the tiny shapes run's architecture is this one's
+  c.total_steps, c.checkpoint_every_steps, c.optim.warmup_steps = 2, 2, 1
+  c.sample.num_steps, c.num_train_samples = 2, 1
+  c.eval.num_timesteps = 4
+  workdir = str(tmp_path / 'run')
+  train.train(c, workdir)
+
+  def never(*args, **kwargs):
+    raise AssertionError('a user-data evaluation sampled videos or ran the shapes judge')
+  for module, name in ((shapes, 'judge_clip'), (adherence, 'split_adherence'),
+                       (sampling, 'make_generate'), (sampling, 'generate_videos')):
+    monkeypatch.setattr(module, name, never)
+  first = suite.evaluate(workdir, str(tmp_path / 'eval.json'), eval_data=held_csv)
+  again = suite.evaluate(workdir, str(tmp_path / 'again.json'), eval_data=held_csv)
+  with open(tmp_path / 'eval.json') as f:
+    assert json.load(f) == first
+  assert first['num_examples'] == 3 and first['eval_split'] == 'held_out' and first['step'] == 2
+  assert first['eval_data'] == os.path.abspath(held_csv) and first['skipped_examples'] == 0
+  by_t = first['flow_loss_by_t']
+  assert list(by_t) == ['0.1250', '0.3750', '0.6250', '0.8750']  # bin midpoints
+  assert all(np.isfinite(v) and v > 0 for v in by_t.values())
+  assert np.isclose(first['flow_loss'], np.mean(list(by_t.values())))
+  assert again['flow_loss_by_t'] == by_t  # fixed clips, times and noise: bit-identical
+  assert not {'seen', 'held_out', 'conditioned'} & set(first)  # no shapes splits
+  # Without held-out data: the training manifest, said to be so.
+  own = suite.evaluate(workdir, str(tmp_path / 'own.json'))
+  assert own['num_examples'] == 4 and own['eval_split'] == 'train' and own['eval_data'] == train_csv
+  assert own['flow_loss_by_t'] != by_t
+  # Options that cannot apply are refused before anything loads.
+  run = schema.load_config(workdir)
+  with pytest.raises(FileNotFoundError, match='no such manifest'):
+    user_data.check_options(run, str(tmp_path / 'missing.csv'))
+  with pytest.raises(FileNotFoundError, match='index.json'):
+    user_data.check_options(run, str(tmp_path))
+  with pytest.raises(ValueError, match='flow loss alone'):
+    user_data.check_options(run, None, flow_loss=False)
+  with pytest.raises(ValueError, match='for runs trained on user data'):
+    user_data.check_options(tiny_config(), held_csv)

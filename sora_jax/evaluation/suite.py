@@ -13,7 +13,9 @@ sliding-window videos judged, with temporal consistency at window boundaries
 long_video_from_image or none).
 Upscaler runs (config.upscale.factor > 1): PSNR of the upscaled eval clips (and of bilinear
 upsampling) against the real ones, plus the judged adherence of the upscaled mp4s;
---upscale_workdir=UP on a base run judges the base model's videos after that upscaler."""
+--upscale_workdir=UP on a base run judges the base model's videos after that upscaler.
+Runs trained on user data (a manifest, prepared shards, TFDS): no shapes judge; the flow loss by
+flow time on held-out videos (`eval_data`) instead (evaluation/user_data.py)."""
 
 import json
 import os
@@ -31,6 +33,7 @@ from sora_jax.diffusion import flow
 from sora_jax.evaluation import adherence
 from sora_jax.evaluation import conditioned as conditioned_eval
 from sora_jax.evaluation import upscaling as upscale_eval
+from sora_jax.evaluation import user_data
 from sora_jax.inference import frozen as frozen_lib
 from sora_jax.inference import restore, sampling, upscale
 from sora_jax.parallel import sharding
@@ -59,7 +62,8 @@ def flow_matching_loss(graphdef, params, config, mesh, split: str, frozen) -> di
     for j, t in enumerate(grid):
       key = jax.random.fold_in(jax.random.PRNGKey(1234), i * k + j)
       by_t[j] += float(losses(params, batch, t, key)) / len(batches)
-  return {'mean': float(by_t.mean()), 'by_t': {f'{t:.4f}': float(l) for t, l in zip(grid, by_t)}}
+  return {'mean': float(by_t.mean()), 'by_t': {f'{t:.4f}': float(l) for t, l in zip(grid, by_t)},
+          'num_examples': sum(len(b['video']) for b in batches)}
 
 
 def reconstruction(graphdef, params, config, mesh, split: str) -> dict:
@@ -86,13 +90,22 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
              use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
              guidance_schedule=None, guidance_interval=None, flow_loss=True,
              conditioned=('image_to_video', 'extension', 'long_video', 'long_video_from_image'),
-             upscale_workdir=None, upscale_noise=None) -> dict:
+             upscale_workdir=None, upscale_noise=None, eval_data=None) -> dict:
   """Sampling options left None come from config.sample (see `sampling.settings`). `conditioned`:
   the conditioned_eval protocols run when the run was trained with conditioning. upscale_workdir:
   judge the videos after that upscaler run (upscale.Upscaler). upscale_noise: the upscaler's input
-  noise level (of `upscale_workdir`, or of `workdir` if it is an upscaler), else its config's."""
+  noise level (of `upscale_workdir`, or of `workdir` if it is an upscaler), else its config's.
+  eval_data: a user-data run's held-out videos (user_data.py); their flow loss is its evaluation."""
   conditioned = check_options(conditioned, upscale_noise)
   config, mesh, graphdef, params, step = restore.load(workdir, step=step, use_ema=use_ema)
+  user_data.check_options(config, eval_data, flow_loss=flow_loss, upscale_workdir=upscale_workdir)
+  if user_data.applies(config):  # nothing is sampled: no shapes prompts to judge on real videos
+    result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema}
+    frozen = frozen_lib.Frozen(config, mesh)
+    with jax.set_mesh(mesh):
+      result.update(user_data.flow_loss(graphdef, params, config, mesh, frozen, eval_data))
+    _write(result, output)
+    return result
   if upscale_noise is not None and geometry.upscale_enabled(config):
     config.upscale.sample_noise = upscale_noise
   if config.model.family == 'vae':
