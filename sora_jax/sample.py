@@ -14,6 +14,10 @@ training clip (sliding windows of the training length overlapping by --overlap f
 videos are resized to the run's frame size. --upscale_workdir=runs/demo_upscale: a cascaded
 super-resolution run (sora_jax/inference/upscale.py) upscales every video before it is written.
 
+--lora=FILE [--lora_scale=S]: a Wan 2.1 LoRA file (ComfyUI, diffusers/PEFT or musubi layout, e.g.
+one `sora_jax.export --format=lora` wrote) merged into a Wan-family run's kernels,
+kernel + S * alpha / rank * A @ B, before sampling.
+
 Writes one H.264 mp4 per prompt and OUT/samples.json = {"samples": [{"prompt", "path"}, ...]}.
 """
 
@@ -28,6 +32,7 @@ from sora_jax.inference import frame_inputs
 from sora_jax.inference import frozen as frozen_lib
 from sora_jax.inference import restore, sampling, upscale
 from sora_jax.training import checkpoint
+from sora_jax.training import state as state_lib
 
 
 def define_flags():
@@ -52,6 +57,11 @@ def define_flags():
   flags.DEFINE_string('upscale_workdir', None, 'An upscaler run (config.upscale.factor > 1, e.g.'
                       ' configs/demo_upscale.py) applied to the videos: factor x larger frames.')
   cli.define_noise_flag()
+  flags.DEFINE_string('lora', None, 'A Wan LoRA .safetensors (ComfyUI, diffusers/PEFT or musubi'
+                      ' layout) merged into the kernels of a Wan-family run. On a LoRA run it adds'
+                      ' to the run\'s own adapters (both apply; it does not replace them).')
+  flags.DEFINE_float('lora_scale', 1.0, 'Strength of --lora: kernel + lora_scale * alpha / rank *'
+                     ' A @ B (0: none, 1: as trained).')
   flags.DEFINE_integer('overlap', None, 'Model frames shared by consecutive windows / taken from'
                        ' --video (default: patch_size[0] * config.condition.max_frames).')
 
@@ -70,6 +80,7 @@ def main(argv):
     if geometry.upscale_enabled(config):
       raise ValueError(f'{f.workdir} is an upscaler (config.upscale.factor > 1): pass it as'
                        ' --upscale_workdir after a base model\'s --workdir.')
+    lora = state_lib.read_lora_file(config, f.lora) if f.lora else None
     restore.find_step(f.workdir, f.checkpoint_step)
     options = sampling.settings(config, **cli.flag_values())
     if f.edit_strength is not None and not 0 < f.edit_strength <= 1:
@@ -94,6 +105,10 @@ def main(argv):
       upscaler.check_input(f.num_frames or t_pix, config.data.height, config.data.width)
   config, mesh, graphdef, params, step = restore.load(f.workdir, step=f.checkpoint_step,
                                                       use_ema=f.use_ema)
+  if lora is not None:
+    adapters, rank, alpha = lora
+    params = restore.merge_lora(params, adapters, f.lora_scale * alpha / rank)
+    logging.info('Merged %s (rank %d, alpha %g) at scale %g.', f.lora, rank, alpha, f.lora_scale)
   logging.info('Sampling %d prompts from step %d (%s).', len(f.prompt), step, options)
   frozen = frozen_lib.Frozen(config, mesh)
   generate = sampling.make_generate(graphdef, config, frozen=frozen,

@@ -5,6 +5,7 @@ shardings: no optimizer moments, no second copy, no whole model on any one devic
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -71,3 +72,26 @@ def load(workdir: str, *, step: int | None = None, use_ema: bool = True, mesh=No
   adapters, step = checkpoint.restore_params(mngr, adapters, key, step)
   base = state_lib.load_base(config, base, jax.tree.map(lambda a: a.sharding, base))
   return config, mesh, graphdef, nnx.merge_state(base, adapters), step
+
+
+def merge_lora(params, adapters: dict, scale: float):
+  """A Wan-family run's `params` (from `load`) with a LoRA file's `adapters`
+  (state.read_lora_file: {WanDiT module path: {'lora_a', 'lora_b'}}) merged into the kernels:
+  kernel + scale * lora_a @ lora_b, in float32, stored in the kernel's dtype and sharding (what
+  wan_lora.merge and PEFT's fuse_lora compute). A LoRA run's own adapters are left as they are, so
+  both updates apply."""
+  flat = dict(nnx.to_flat_state(params))
+  for module, arrays in adapters.items():
+    path = ('dit', *module, 'kernel')
+    kernel = flat[path].get_value()
+    replicated = jax.sharding.NamedSharding(kernel.sharding.mesh, jax.sharding.PartitionSpec())
+    a, b = place((arrays['lora_a'], arrays['lora_b']), (replicated, replicated))
+    flat[path] = flat[path].replace(_merged(kernel, a, b, float(scale)))
+  return nnx.from_flat_state(list(flat.items()))
+
+
+def _merged(kernel, a, b, scale: float):
+  def merge(k, a, b):
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * scale
+    return (k.astype(jnp.float32) + delta).astype(k.dtype)
+  return jax.jit(merge, out_shardings=kernel.sharding)(kernel, a, b)

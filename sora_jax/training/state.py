@@ -12,10 +12,12 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from sora_jax.config import validation
+from sora_jax.models import wan
 from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint, factory
 
@@ -113,10 +115,80 @@ def init_from(config, state, state_sh):
   In a LoRA run those weights are the frozen base, and the adapters keep their init (or come from
   config.lora.init_from)."""
   if 'frozen' in state:
+    adapters = None
+    if config.lora.init_from:  # read and checked first: a bad file fails before a 14B base loads
+      adapters = adapters_from_file(config, state['params'])
     state = dict(state, frozen=load_base(config, state['frozen'], state_sh['frozen']))
+    if adapters is not None:
+      state = dict(state, params=adapters, ema=jax.tree.map(jnp.copy, adapters))
     return state
   params = _pretrained(config, state['params'], state_sh['params'])
   return dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
+
+
+def wan_config(config):
+  """The WanConfig of a model.family='wan' run's transformer (what its LoRA files must fit)."""
+  return wan.WanConfig(**factory.wan_kwargs(config, factory.channels(config)))
+
+
+def read_lora_file(config, path: str):
+  """(adapters, rank, alpha) of a Wan LoRA file (ComfyUI, diffusers/PEFT or musubi layout) read for
+  this run's model: {WanDiT module path: {'lora_a', 'lora_b'}}, float32 (interop/wan_lora.py).
+  ValueError when the run is not of the Wan family or the file does not fit its model (naming the
+  keys)."""
+  if config.model.family != 'wan':
+    raise ValueError(f'{path}: LoRA files are read for Wan 2.1 models (model.family=\'wan\'); this'
+                     f' run is model.family={config.model.family!r}.')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'LoRA file {path!r} not found.')
+  from sora_jax.interop import wan_lora  # pylint: disable=g-import-not-at-top
+  return wan_lora.import_lora(path, wan_config(config))
+
+
+def lora_file(config):
+  """(adapters, rank, alpha) of config.lora.init_from, checked against the run before anything
+  loads or compiles: its rank must be config.lora.rank, its alpha config.lora.alpha (or that be 0)
+  and its modules among those config.lora.targets adapts. ValueError naming what differs."""
+  path, lo = config.lora.init_from, config.lora
+  adapters, rank, alpha = read_lora_file(config, path)
+  name = f'config.lora.init_from={path!r}'
+  if rank != lo.rank:
+    raise ValueError(f'{name} has rank {rank}; config.lora.rank={lo.rank}: set'
+                     f' --config.lora.rank={rank} to continue from it.')
+  if lo.alpha and alpha != lo.alpha:
+    raise ValueError(f'{name} has alpha {alpha:g}; config.lora.alpha={lo.alpha:g}: set'
+                     f' --config.lora.alpha={alpha:g} (or 0: its alpha / rank folded into lora_b).')
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: factory.build(config, nnx.Rngs(0)))
+  adapted = {p[1:-1] for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+             if p[0] == 'dit'}  # ('dit', *module, 'lora_a')
+  extra = sorted('/'.join(m) for m in set(adapters) - adapted)
+  if extra:
+    raise ValueError(f'{name} adapts {len(extra)} module(s) this run does not'
+                     f' (config.lora.targets={lo.targets!r}): {", ".join(extra)}')
+  return adapters, rank, alpha
+
+
+def adapters_from_file(config, params):
+  """A LoRA run's initial adapters: `params` (the LoRAParam State, on its shardings) with the
+  modules of config.lora.init_from (`lora_file`) taken from that file; the modules it lacks keep
+  their init (lora_b = 0: no update). With config.lora.alpha = 0 (alpha = rank) the file's
+  alpha / rank is folded into lora_b, so the run starts from exactly the file's update. Folded
+  rather than adopted as the run's alpha: the model's scale is a constant of its graph, built from
+  the config that train.py saved (and a resume, sample or export rebuilds) before this runs."""
+  adapters, rank, alpha = lora_file(config)
+  fold = 1.0 if config.lora.alpha else alpha / rank
+  flat = dict(nnx.to_flat_state(params))
+  for module, arrays in adapters.items():
+    for part, value in arrays.items():
+      variable = flat[('dit', *module, part)]
+      old = variable.get_value()
+      if part == 'lora_b' and fold != 1.0:
+        value = value * np.float32(fold)
+      value = value.astype(old.dtype)
+      flat[('dit', *module, part)] = variable.replace(
+          jax.make_array_from_callback(value.shape, old.sharding, lambda i, v=value: v[i]))
+  return nnx.from_flat_state(list(flat.items()))
 
 
 def load_base(config, frozen, frozen_sh):
@@ -200,8 +272,8 @@ def _is_workdir_path(path):
   return os.path.isfile(os.path.join(path, 'config.json')) and _is_workdir(path)
 
 
-def _mesh_of(state_sh):
-  return jax.tree.leaves(state_sh['params'])[0].mesh
+def _mesh_of(shardings):
+  return jax.tree.leaves(shardings)[0].mesh
 
 
 def _is_workdir(path):
