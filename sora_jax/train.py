@@ -166,6 +166,8 @@ def check_config(config, num_devices: int):
   """validation.validate, with how to get more CPU devices when the mesh does not fit."""
   try:
     validation.validate(config, num_devices)
+    if config.lora.rank and config.lora.init_from:  # the file's rank, alpha and modules, up front
+      state_lib.lora_file(config)
   except ValueError as e:
     if 'devices' in str(e) and jax.default_backend() == 'cpu':
       raise ValueError(f'{e} (On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N'

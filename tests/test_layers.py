@@ -30,7 +30,7 @@ LAYERS = {
             'inference', 'evaluation'),
 }
 CLIS = ('sora_jax.train', 'sora_jax.sample', 'sora_jax.evaluate', 'sora_jax.prepare',
-        'sora_jax.compile', 'sora_jax.cli')
+        'sora_jax.compile', 'sora_jax.export', 'sora_jax.cli')
 
 
 def layer_of(module: str) -> str:
