@@ -23,6 +23,7 @@ eval_split 'train'). sora_jax/evaluation/user_data.py.
 
 from absl import flags
 
+from data_pipelines import bucketed
 from sora_jax import cli
 from sora_jax.config import schema
 from sora_jax.evaluation import adherence, suite, user_data
@@ -69,10 +70,13 @@ def main(argv):
     if f.upscale_workdir:
       upscale.Upscaler(f.upscale_workdir, noise=f.upscale_noise).check_input(
           config.data.num_frames, config.data.height, config.data.width)
-  result = suite.evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed, use_ema=f.use_ema,
-                    videos_dir=f.videos_dir, flow_loss=f.flow_loss, conditioned=f.conditioned,
-                    upscale_workdir=f.upscale_workdir, upscale_noise=f.upscale_noise,
-                    eval_data=f.eval_data, **options)
+  try:
+    result = suite.evaluate(f.workdir, f.output, step=f.checkpoint_step, seed=f.seed,
+                            use_ema=f.use_ema, videos_dir=f.videos_dir, flow_loss=f.flow_loss,
+                            conditioned=f.conditioned, upscale_workdir=f.upscale_workdir,
+                            upscale_noise=f.upscale_noise, eval_data=f.eval_data, **options)
+  except bucketed.TooManySkips as e:  # --eval_data's rows: the user's data, not a bug
+    raise cli.UserError(cli.one_line(e)) from e
   if 'flow_loss' in result:  # a user-data run
     print('flow loss', round(result['flow_loss'], 4), 'on', result['num_examples'],
           result['eval_split'], 'examples; by t',

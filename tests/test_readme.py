@@ -28,7 +28,7 @@ WAN_TINY = ('--config.model.wan.num_attention_heads=2 --config.model.wan.attenti
             ' --config.model.wan.freq_dim=32 --config.model.dtype=float32 --config.model.remat=none'
             ' --config.data.num_frames=5 --config.data.height=32 --config.data.width=32'
             ' --config.data.fps=8 --config.text.max_length=16 --config.diffusion.shift_base_tokens=8'
-            ' --config.batch_size=8')
+            ' --config.batch_size=8 --config.mesh.context=1')
 SAMPLE_SHORT = '--num_steps=2'
 
 
@@ -52,7 +52,7 @@ def shorten(command: str) -> str:
     command += ' ' + TRAIN_SHORT
   if 'sora_jax.compile' in command:  # the real architecture, two of its layers, train step only
     return command + ' --count_flops=false --programs=train --config.model.wan.num_layers=2'
-  if 'wan2_1_t2v_1_3b' in command and 'sora_jax.' in command:
+  if 'wan2_1_t2v_1_3b' in command and ('sora_jax.' in command or 'data_pipelines.' in command):
     command += ' ' + WAN_TINY
   if 'sora_jax.sample' in command or 'sora_jax.evaluate' in command:
     command += ' ' + SAMPLE_SHORT
