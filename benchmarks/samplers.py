@@ -44,7 +44,7 @@ flags.DEFINE_integer('seed', 0, 'Noise seed (as evaluate --seed).')
 flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint (default: latest).')
 flags.DEFINE_integer('reference_steps', 128, 'Heun steps of the ODE-error reference.')
 
-KEYS = ('color', 'shape', 'direction', 'stable', 'all')
+KEYS = ('color', 'shape', 'direction', 'stable', 'size', 'all')
 
 
 def first_batch(config, mesh, frozen, prompts, seed):

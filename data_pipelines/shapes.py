@@ -13,7 +13,7 @@ stop, as a sliding window after the stop sees it).
 Some (colour, shape) pairs are held out of the 'train' split to probe
 compositional generalisation.
 
-`judge_clip` recovers (colour, shape, direction, stable) from pixels only and
+`judge_clip` recovers (colour, shape, direction, stable, size) from pixels only and
 is meant to be robust to noisy / blurry generated videos. numpy + grain only.
 """
 
@@ -39,6 +39,8 @@ DIRECTIONS = ('left', 'right', 'up', 'down')
 HELD_OUT_PAIRS = (('red', 'triangle'), ('blue', 'circle'),
                   ('yellow', 'square'), ('white', 'triangle'))
 SPLITS = ('train', 'heldout', 'all')  # index = split_id used in record seeds
+
+SIZE_RANGE = (0.36, 0.44)  # the object's side (its bounding box) / min(H, W), drawn per clip
 
 _PALETTE = np.array(list(COLORS.values()), np.float32)  # [7, 3]
 _CAPTION_RE = re.compile(r'a (\w+) (\w+) moving (\w+)')
@@ -127,7 +129,7 @@ def render_clip(color: str, shape: str, direction: str, *, num_frames: int,
   _check_dims(num_frames, height, width)
   if bounce + stop + rest > 1:
     raise ValueError('a clip either bounces, stops or rests at the edge, not several')
-  size = int(round(min(height, width) * rng.uniform(0.36, 0.44)))
+  size = int(round(min(height, width) * rng.uniform(*SIZE_RANGE)))
   along = width if direction in ('left', 'right') else height
   other = height if direction in ('left', 'right') else width
   travel = int(rng.integers(math.ceil(0.3 * along), math.floor(0.5 * along) + 1))
@@ -226,6 +228,12 @@ _AREA_FACTOR = 1.6       # stable: each frame's area within x/÷ 1.6 of the medi
 _MIN_TRAVEL = 0.10       # direction: centroid moves >= 10% of the frame axis
 _STRAY_LEVEL = 48       # stray: a background pixel with max channel > 48 (visible
                          # on black), farther than min(H, W) / 32 px from the object
+# size: every frame's bounding box (longest side / min(H, W)) within SIZE_RANGE widened by x/÷ 1.3,
+# [0.28, 0.57]. 150 of the data's own clips, through mp4 at 32x32, measure 0.375-0.50 (compression
+# ringing above the 96 threshold adds up to two pixels, 6% of the frame); a box 30% larger than the
+# data's largest object, or smaller than its smallest / 1.3, is not the data's object (the demo's
+# ballooned squares: 0.7-0.9).
+_SIZE_FACTOR = 1.3
 _MAX_JUMP = 0.25         # stable: consecutive centroid steps <= max(25% of the
                          # frame, 2x the largest clean step 0.5 / (T - 1))
 # Shape rules on (fill = area / bbox area, taper = mean row width of the top
@@ -294,7 +302,8 @@ def track(video: np.ndarray) -> dict:
   """Per-frame object measurements of a [T, H, W, 3] clip (uint8 or float in [0, 255]).
 
   Returns 'present' [T] bool, 'area' [T] pixels, 'color' / 'shape' [T] names (None where absent or
-  unclassified), 'centroid' [T, 2] (y, x) in frame fractions (NaN where absent) and 'stray' [T]: the
+  unclassified), 'centroid' [T, 2] (y, x) in frame fractions (NaN where absent), 'extent' [T]: the
+  bounding box's longest side / min(H, W) (NaN where absent) and 'stray' [T]: the
   fraction of the frame's pixels that are visibly lit (max channel > 48) away from the object
   (speckles; farther than min(H, W) / 32 pixels, so blur at the object's edge does not count)."""
   video = np.asarray(video, np.float32)
@@ -305,6 +314,7 @@ def track(video: np.ndarray) -> dict:
   areas = obj.sum(axis=(1, 2))
   present = areas >= _MIN_AREA_FRAC * min(h, w) ** 2
   colors, shapes, cents = [None] * t, [None] * t, np.full((t, 2), np.nan)
+  extent = np.full(t, np.nan)
   for f in np.flatnonzero(present):
     rgb = np.median(video[f][obj[f]], axis=0)
     colors[f] = list(COLORS)[np.argmin(((_PALETTE - rgb) ** 2).sum(-1))]
@@ -316,6 +326,7 @@ def track(video: np.ndarray) -> dict:
     shapes[f] = _classify_shape(core)
     ys, xs = np.nonzero(obj[f])
     cents[f] = (ys.mean() / h, xs.mean() / w)
+    extent[f] = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) / min(h, w)
   near = obj.copy()
   r = max(1, round(min(h, w) / 32))
   for dy in range(-r, r + 1):  # square dilation by r pixels
@@ -324,14 +335,15 @@ def track(video: np.ndarray) -> dict:
           obj[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
   stray = ((video.max(axis=-1) > _STRAY_LEVEL) & ~near).mean(axis=(1, 2))
   return {'present': present, 'area': areas, 'color': colors, 'shape': shapes, 'centroid': cents,
-          'stray': stray}
+          'extent': extent, 'stray': stray}
 
 
 def judge_clip(video: np.ndarray, tracked: dict | None = None) -> dict:
   """Judges a [T, H, W, 3] clip (uint8 or float in [0, 255]) from pixels only.
 
-  Returns {'color', 'shape', 'direction'} (a name or None) and 'stable' (bool). tracked: `track(video)`
-  when the caller already has it.
+  Returns {'color', 'shape', 'direction'} (a name or None), 'stable' (bool: present in every frame,
+  steady area, colour and motion) and 'size' (bool: in every frame, the object's bounding box is the
+  data's size, SIZE_RANGE within x/÷ 1.3). tracked: `track(video)` when the caller already has it.
   """
   tr = track(video) if tracked is None else tracked
   t = len(tr['present'])
@@ -356,8 +368,11 @@ def judge_clip(video: np.ndarray, tracked: dict | None = None) -> dict:
                   and np.all(areas >= med / _AREA_FACTOR)
                   and all(c == color for c in colors)
                   and np.all(steps <= max(_MAX_JUMP, 1.0 / (t - 1))))
+  lo, hi = SIZE_RANGE[0] / _SIZE_FACTOR, SIZE_RANGE[1] * _SIZE_FACTOR
+  extent = tr['extent']
+  size = bool(present.all() and np.all((extent >= lo) & (extent <= hi)))
   return {'color': color, 'shape': _vote(shapes), 'direction': direction,
-          'stable': stable}
+          'stable': stable, 'size': size}
 
 
 def score(video: np.ndarray, prompt: str, tracked: dict | None = None) -> dict[str, bool]:
@@ -365,4 +380,4 @@ def score(video: np.ndarray, prompt: str, tracked: dict | None = None) -> dict[s
   color, shape, direction = parse_caption(prompt)
   j = judge_clip(video, tracked)
   return {'color': j['color'] == color, 'shape': j['shape'] == shape,
-          'direction': j['direction'] == direction, 'stable': j['stable']}
+          'direction': j['direction'] == direction, 'stable': j['stable'], 'size': j['size']}

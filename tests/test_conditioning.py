@@ -297,7 +297,7 @@ def test_conditioned_protocols_run_and_judge(model_and_mesh, tmp_path):
   n_seen = len(conditioning_prompts('train', c))
   i2v, ext, long = (out[k]['seen'] for k in ('image_to_video', 'extension', 'long_video'))
   assert i2v['num_videos'] == ext['num_videos'] == long['num_videos'] == n_seen
-  assert set(i2v['rates']) == {'color', 'shape', 'direction', 'stable', 'all',
+  assert set(i2v['rates']) == {'color', 'shape', 'direction', 'stable', 'size', 'all',
                                'color_shape_direction'}
   assert ext['overlap'] == 4 and ext['continuity']['num_boundaries'] == n_seen
   # 4 x 6 frames by windows of 6 overlapping by 4: 1 + ceil(18 / 2) = 10 windows, 9 boundaries each.

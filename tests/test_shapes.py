@@ -9,7 +9,7 @@ import pytest
 
 from data_pipelines import shapes as S
 
-KEYS = ('color', 'shape', 'direction', 'stable')
+KEYS = ('color', 'shape', 'direction', 'stable', 'size')
 
 
 def _source(t=12, h=32, w=32, **kw):
@@ -181,7 +181,26 @@ def test_judge_unstable_clips():
   recolor[6:][obj] = S.COLORS['magenta']
   assert not S.judge_clip(recolor)['stable']
   empty = S.judge_clip(np.zeros((4, 16, 16, 3), np.float32))
-  assert empty == {'color': None, 'shape': None, 'direction': None, 'stable': False}
+  assert empty == {'color': None, 'shape': None, 'direction': None, 'stable': False,
+                   'size': False}
+
+
+def test_judge_size_is_the_datas():
+  """'size': the object's bounding box in every frame is the data's (SIZE_RANGE x/÷ 1.3): a square
+  grown to 75% of the frame, or shrunk to a fifth of it, is not, however stable."""
+  rng = np.random.default_rng(0)
+  video = S.render_clip('red', 'square', 'left', num_frames=12, height=32, width=32, rng=rng)
+  assert S.judge_clip(video)['size']
+  for side in (24, 6):
+    other = np.zeros_like(video)
+    for t in range(12):
+      other[t, 4:4 + side, 2 + t // 2:2 + t // 2 + side] = S.COLORS['red']
+    judged = S.judge_clip(other)
+    assert judged['stable'] and judged['shape'] == 'square' and not judged['size'], side
+  one_frame = video.copy()  # one ballooned frame is enough
+  one_frame[5] = 0
+  one_frame[5, 2:26, 2:26] = S.COLORS['red']
+  assert not S.judge_clip(one_frame)['size']
 
 
 @pytest.mark.parametrize('h,w', [(32, 32), (64, 64)])
@@ -207,7 +226,7 @@ def test_score_mismatch():
                         rng=np.random.default_rng(1))
   assert S.score(video, 'a cyan square moving up') == dict.fromkeys(KEYS, True)
   assert S.score(video, 'a red triangle moving down') == {
-      'color': False, 'shape': False, 'direction': False, 'stable': True}
+      'color': False, 'shape': False, 'direction': False, 'stable': True, 'size': True}
   with pytest.raises(ValueError):
     S.score(video, 'a cyan square')
 

@@ -122,7 +122,7 @@ def test_evaluate_reports_loss_and_adherence(trained, tmp_path):
     assert len(result[split]['flow_matching_loss']['by_t']) == 2
     adherence = result[split]['adherence']
     assert adherence['num_videos'] == n
-    assert set(adherence['rates']) == {'color', 'shape', 'direction', 'stable', 'all'}
+    assert set(adherence['rates']) == {'color', 'shape', 'direction', 'stable', 'size', 'all'}
     assert all(os.path.exists(v['path']) for v in adherence['videos'])
 
 

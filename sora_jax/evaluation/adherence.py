@@ -1,6 +1,6 @@
 """Prompt adherence on the shapes data, judged from the written mp4 files (what a user sees): colour,
-shape, direction and a stable object in every frame (`data_pipelines.shapes`), for seen and held-out
-(colour, shape) pairs."""
+shape, direction, a stable object in every frame and of the data's size (`data_pipelines.shapes`),
+for seen and held-out (colour, shape) pairs. `all` needs all five."""
 
 import numpy as np
 
@@ -19,7 +19,7 @@ def adherence_prompts(split: str, samples_per_prompt: int) -> list[str]:
 
 def adherence(samples: list[dict]) -> dict:
   """Judges the written mp4 files (what a user sees), not the raw arrays."""
-  keys = ('color', 'shape', 'direction', 'stable')
+  keys = ('color', 'shape', 'direction', 'stable', 'size')
   results = []
   for s in samples:
     video = video_io.read_video(s['path'])

@@ -157,7 +157,7 @@ def extension(generate, params, config, mesh, split, videos_dir, *, seed, frozen
     rows.append({**s, **{k: bool(score[k]) for k in score}, 'jump': jump,
                  'same_object': bool(score['color'] and score['shape'] and score['stable']
                                      and not jump)})
-  keys = ('color', 'shape', 'direction', 'stable', 'same_object')
+  keys = ('color', 'shape', 'direction', 'stable', 'size', 'same_object')
   rates = {k: float(np.mean([r[k] for r in rows])) for k in keys}
   return {'num_videos': len(rows), 'overlap': overlap, 'rates': rates,
           'continuity': continuity(videos, [first], jump_px), 'videos': rows}
