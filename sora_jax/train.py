@@ -67,12 +67,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   mngr = checkpoint.manager(workdir, config)
   if mngr.latest_step() is not None:
     graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
-    # Grain's iterator state is per process: written by another process count, re-derive it.
-    same_layout = checkpoint.saved_process_count(mngr) == jax.process_count()
-    state = checkpoint.restore(mngr, state_lib.checkpointed(abstract),
-                               data_iter if same_layout else None)
+    # The newest checkpoint that restores (damaged ones are set aside). Grain's iterator state is
+    # per process: written by another process count, re-derive it.
+    state, same_layout = checkpoint.restore_newest(mngr, state_lib.checkpointed(abstract),
+                                                   data_iter)
     if 'frozen' in abstract:  # LoRA: the base again, checked against the adapters' record
-      state_lib.check_base(config, checkpoint.saved_base(mngr))
+      state_lib.check_base(config, checkpoint.saved_base(mngr, int(state['step'])))
       state['frozen'] = state_lib.load_base(config, abstract['frozen'], state_sh['frozen'])
     if not same_layout:
       distributed.seek(data_iter, int(state['step']))
@@ -116,6 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   step_flops = functools.partial(metrics.model_flops, config, num_params)
   peak = metrics.peak_tflops(override=config.peak_tflops_per_device)
   preemption, preempted = distributed.Preemption(), False
+  saver = checkpoint.Saver(mngr, config.max_failed_saves)
+  nonfinite = metrics.NonFinite(config.optim.max_nonfinite_steps, step)
   with jax.set_mesh(mesh):
     while step < config.total_steps:
       local = next(data_iter)
@@ -127,13 +129,17 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       batch = frozen.encode_batch(batch, batch_sharding)
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
+      nonfinite.add(step_metrics['nonfinite'])
       window_flops.append(step_flops(batch))
       step += 1
-      if step % config.log_every_steps == 0 or step == config.total_steps:
+      log_now = step % config.log_every_steps == 0 or step == config.total_steps
+      if log_now:
         window = jax.device_get(pending)
         pending = []
-        logged = {k: float(np.mean([m[k] for m in window])) for k in window[-1]
-                  if k != 'learning_rate'}
+        finite = [m for m in window if not m['nonfinite']] or window  # skipped steps: counted
+        logged = {k: float(np.mean([m[k] for m in finite])) for k in window[-1]
+                  if k not in ('learning_rate', 'nonfinite')}
+        logged['nonfinite_steps'] = int(sum(m['nonfinite'] for m in window))
         logged['learning_rate'] = float(window[-1]['learning_rate'])
         if pipeline.uses_user_data(config):
           logged['skipped_examples'] = len(skips.skipped)
@@ -146,9 +152,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         window_flops = []
         writer.write(step, logged)
       preempted = preemption.reached(step)  # every step, on every process
-      if preempted or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-        checkpoint.save(mngr, step, state_lib.checkpointed(state), data_iter, force=preempted,
-                        base=base)
+      save_now = (preempted or step % config.checkpoint_every_steps == 0
+                  or step == config.total_steps)
+      # Non-finite steps are read where the loop waits on the device anyway: logging, saving.
+      if (log_now or save_now) and nonfinite.limit_reached():
+        raise nonfinite.error(step, saver.latest())
+      if save_now:  # a failed save is logged and tried again at the next checkpoint step
+        saver.save(step, state_lib.checkpointed(state), data_iter, force=preempted, base=base)
       if preempted:
         logging.warning('Preempted: saved step %d; run the same command again to resume.', step)
         break
@@ -157,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     if not preempted and (config.sample_every_steps == 0 or step % config.sample_every_steps):
       write_samples(step)
   preemption.close()
-  mngr.wait_until_finished()
+  saver.finish()
   writer.close()
   return state
 

@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  # Failed checkpoint saves (disk full, no permission) in a row before the run stops; a failed save
+  # is logged and tried again at the next checkpoint step.
+  c.max_failed_saves = 3
   c.sample_every_steps = 0  # 0: only at the end of training
   # Start a fresh run from these weights: a diffusers WanTransformer3DModel folder (model.family='wan')
   # or another sora_jax workdir of the same architecture (its latest checkpoint's EMA parameters).
@@ -175,6 +178,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.999
+  # Steps with a non-finite loss or gradient norm change no weights; this many in a row stop the run.
+  c.optim.max_nonfinite_steps = 10
   # Adam's first moment in this dtype ('': the parameters', float32); 'bfloat16' saves 2 bytes per
   # parameter (what lets Wan 14B train at 720p on 4 v5p chips).
   c.optim.mu_dtype = ''

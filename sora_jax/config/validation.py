@@ -189,9 +189,12 @@ def validate(config, num_devices: int, *, weights: bool = True) -> dict[str, int
     raise ValueError(f'Unknown config key(s): {", ".join("config." + k for k in unknown)}.')
   mesh = geometry.resolve_mesh_shape(config, num_devices)
   for key in ('batch_size', 'total_steps', 'log_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints'):
+              'keep_checkpoints', 'max_failed_saves'):
     if int(config[key]) <= 0:
       raise ValueError(f'config.{key}={config[key]} must be positive.')
+  if int(config.optim.max_nonfinite_steps) < 1:
+    raise ValueError(f'config.optim.max_nonfinite_steps={config.optim.max_nonfinite_steps} must be'
+                     ' >= 1.')
   batch_shards = mesh['data'] * mesh['fsdp']
   if config.batch_size % batch_shards:
     raise ValueError(

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax import cli
 from sora_jax.config import schema
 from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint, factory
@@ -63,15 +64,24 @@ def load(workdir: str, *, step: int | None = None, use_ema: bool = True, mesh=No
   mngr = checkpoint.manager(workdir, read_only=True)
   key = 'ema' if use_ema else 'params'
   if not config.lora.rank:
-    params, step = checkpoint.restore_params(mngr, abstract, key, step)
+    params, step = _restore_params(mngr, abstract, key, step)
     return config, mesh, graphdef, params, step
-  # LoRA: the checkpoint holds the adapters; the base comes from config.init_from, checked first.
+  # LoRA: the checkpoint holds the adapters; the base comes from config.init_from, checked before
+  # it loads.
   adapters, base = nnx.split_state(abstract, nnx.LoRAParam, nnx.Param)
-  step = checkpoint.resolve_step(mngr, step)
+  adapters, step = _restore_params(mngr, adapters, key, step)
   state_lib.check_base(config, checkpoint.saved_base(mngr, step))
-  adapters, step = checkpoint.restore_params(mngr, adapters, key, step)
   base = state_lib.load_base(config, base, jax.tree.map(lambda a: a.sharding, base))
   return config, mesh, graphdef, nnx.merge_state(base, adapters), step
+
+
+def _restore_params(mngr, abstract, key, step):
+  """checkpoint.restore_params (without `step`: the newest that restores); a `step` the user named
+  that does not restore is their error, in one line."""
+  try:
+    return checkpoint.restore_params(mngr, abstract, key, step)
+  except checkpoint.DamagedCheckpoint as e:
+    raise cli.UserError(cli.one_line(e)) from e
 
 
 def merge_lora(params, adapters: dict, scale: float):

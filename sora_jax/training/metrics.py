@@ -113,6 +113,45 @@ def encode_gif(frames, fps: float, max_side: int = GIF_MAX_SIDE) -> tuple[bytes,
   return out.getvalue(), out_h, out_w
 
 
+class NonFinite:
+  """Counts the train steps that had a non-finite loss or gradient norm (update.py leaves the state
+  unchanged on them) from each step's device flag, read only where the loop reads the device anyway
+  (log and checkpoint steps): no host sync per step."""
+
+  def __init__(self, limit: int, step: int):
+    self.limit, self.step = limit, step  # `step`: the step before the first flag
+    self.flags, self.in_a_row, self.first = [], 0, None
+
+  def add(self, flag):
+    self.flags.append(flag)
+
+  def limit_reached(self) -> bool:
+    """Reads the flags since the last call and warns of non-finite steps among them; whether
+    `limit` steps in a row were non-finite."""
+    flags, self.flags = [int(f) for f in jax.device_get(self.flags)], []
+    last, reached = self.step + len(flags), False
+    for flag in flags:
+      self.step += 1
+      self.in_a_row = self.in_a_row + 1 if flag else 0
+      self.first = self.step if self.in_a_row == 1 else self.first
+      if self.in_a_row >= self.limit:
+        reached = True
+        break
+    if any(flags):
+      logging.warning('%d of the %d steps up to step %d had a non-finite loss or gradient norm and'
+                      ' changed no weights (%d in a row; config.optim.max_nonfinite_steps=%d in a'
+                      ' row stop the run).', sum(flags), len(flags), last, self.in_a_row,
+                      self.limit)
+    return reached
+
+  def error(self, step: int, last_checkpoint: str) -> FloatingPointError:
+    return FloatingPointError(
+        f'Steps {self.first}-{self.step} all had a non-finite loss or gradient norm'
+        f' (config.optim.max_nonfinite_steps={self.limit} in a row): stopped at step {step} without'
+        f' saving. The last good checkpoint: {last_checkpoint}. Lower config.optim.learning_rate'
+        ' or check the data, then run the same command again.')
+
+
 class Progress:
   """Steps/s over the last logging window and ETA for the rest of the run."""
 

@@ -77,10 +77,22 @@ def make_train_step(graphdef, config, tx, schedule, null_caption=None):
     step = state['step']
     decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema'], params)
-    new_state = dict(step=step + 1, params=params, ema=ema, opt_state=opt_state, rng=rng)
+    # A non-finite loss or gradient (an overflow, a bad batch) must not reach the weights, or every
+    # later checkpoint holds NaN: such a step keeps params, optimizer state and EMA as they were
+    # (its batch is consumed; step and RNG move on), and reports nonfinite=1 for the loop to count
+    # (train.py stops after config.optim.max_nonfinite_steps in a row). Not optax.apply_if_finite:
+    # it guards the optimizer only (the EMA would still move), checks the updates rather than the
+    # loss, keeps counters in the optimizer state (another checkpoint structure) and, past its
+    # limit, applies the non-finite update.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(step=step + 1, params=keep(params, state['params']),
+                     ema=keep(ema, state['ema']), opt_state=keep(opt_state, state['opt_state']),
+                     rng=rng)
     if frozen is not None:
       new_state['frozen'] = frozen
-    return new_state, dict(extra, loss=loss, grad_norm=optax.tree.norm(grads),
-                           learning_rate=schedule(step))
+    return new_state, dict(extra, loss=loss, grad_norm=grad_norm, learning_rate=schedule(step),
+                           nonfinite=(~finite).astype(jnp.int32))
 
   return train_step
