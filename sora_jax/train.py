@@ -11,6 +11,7 @@ launch/ (local.sh, tpu_pod.sh, slurm.sbatch, gke_xpk.md) and sora_jax/parallel/d
 
 import functools
 import os
+import shutil
 import sys
 import time
 
@@ -30,7 +31,7 @@ from sora_jax.inference import frozen as frozen_lib
 from sora_jax.parallel import distributed, sharding
 from sora_jax.training import checkpoint, metrics
 from sora_jax.training import state as state_lib
-from sora_jax.training import steps, update
+from sora_jax.training import resume, steps, update
 
 
 def define_flags():
@@ -41,13 +42,23 @@ def define_flags():
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
-  # ---- Config and mesh: everything is checked before anything compiles.
+  """Trains (or resumes) the run in `workdir`; returns the final state. A start that fails in a new
+  workdir leaves nothing behind; one that does not fit an existing run's checkpoints writes nothing."""
+  fresh = not os.path.isdir(workdir) or not os.listdir(workdir)
+  try:
+    return _run(config, workdir)
+  except BaseException:
+    if (fresh and jax.process_index() == 0
+        and not os.path.exists(os.path.join(workdir, 'config.json'))):  # it never started
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str):
+  # ---- Config and mesh: everything is checked before anything compiles or is written.
   mesh_shape = validation.validate(config, jax.device_count())
+  resume.check(config, workdir)
   mesh = sharding.make_mesh(mesh_shape, dcn=geometry.dcn_shape(config))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
   logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -109,6 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
 
   # ---- Loop.
   step = int(state['step'])
+  resume.write_config(config, workdir, step)  # the run has started
   writer = metrics.Writer(workdir, resume_step=step)
   progress = metrics.Progress(step, config.total_steps)
   pending = []  # device metrics since the last log; fetched only when logging
@@ -190,6 +202,7 @@ def main(argv):
   with cli.user_errors():
     distributed.initialize_from_flags()  # before anything touches a device
     check_config(flags.FLAGS.config, jax.device_count())
+    resume.check(flags.FLAGS.config, flags.FLAGS.workdir)
   jax.config.update('jax_threefry_partitionable', True)
   steps.enable_compilation_cache(flags.FLAGS.config.compilation_cache_dir)
   checkpoint.quiet_orbax_logs()
