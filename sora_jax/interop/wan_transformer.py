@@ -1,4 +1,5 @@
-"""Load a diffusers-format Wan 2.1 `WanTransformer3DModel` into sora_jax.models.wan.WanDiT (no torch).
+"""Load a diffusers-format Wan 2.1 `WanTransformer3DModel` (text-to-video or image-to-video) into
+sora_jax.models.wan.WanDiT (no torch).
 
 A folder holds config.json and either diffusion_pytorch_model.safetensors or shards listed by
 diffusion_pytorch_model.safetensors.index.json; a pipeline folder (its parent, with a transformer/
@@ -8,6 +9,8 @@ every model parameter assigned, or the error lists what is missing / unexpected.
 
   f = load_wan_transformer('Wan2.1-T2V-1.3B-Diffusers')
   v = f(latents, timesteps, text_embeddings)  # [B,T,H,W,16], [B] on 0..1000, [B,512,4096] (UMT5)
+  f = load_wan_transformer('Wan2.1-I2V-14B-480P-Diffusers', task='i2v')
+  v = f(latents, timesteps, text_embeddings, image_embeds)  # [B,T,H,W,36], ..., [B,257,1280] (CLIP)
 """
 
 import json
@@ -27,6 +30,9 @@ CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 # Keys diffusers itself skips when loading (WanTransformer3DModel._keys_to_ignore_on_load_unexpected).
 IGNORED_KEY_PARTS = ('norm_added_q',)
+TASKS = ('t2v', 'i2v')
+# Key parts only image-to-video checkpoints have.
+I2V_KEY_PARTS = ('image_embedder', 'add_k_proj', 'add_v_proj', 'norm_added_k')
 
 
 def transformer_dir(path: str) -> str:
@@ -40,13 +46,59 @@ def transformer_dir(path: str) -> str:
 
 
 def wan_config_from_diffusers(path: str) -> dict:
-  """The transformer's config.json as a dict (validated: the class must be WanTransformer3DModel)."""
-  with open(os.path.join(transformer_dir(path), CONFIG_NAME)) as f:
+  """The transformer's config.json as a dict (validated: the class must be WanTransformer3DModel,
+  and a pipeline folder must not be a two-expert Wan 2.2 A14B one)."""
+  folder = transformer_dir(path)
+  if folder != path:
+    _check_pipeline(path)
+  with open(os.path.join(folder, CONFIG_NAME)) as f:
     config = json.load(f)
   cls = config.get('_class_name', 'WanTransformer3DModel')
   if cls != 'WanTransformer3DModel':
     raise ValueError(f'{path!r} holds a {cls}, not a WanTransformer3DModel')
   return config
+
+
+def _check_pipeline(path: str) -> None:
+  """A Wan 2.2 A14B pipeline folder (two experts switched by timestep) is named, not half loaded."""
+  index_file = os.path.join(path, 'model_index.json')
+  if not os.path.isfile(index_file):
+    return
+  with open(index_file) as f:
+    index = json.load(f)
+  if (index.get('transformer_2') or [None])[0] or index.get('boundary_ratio') is not None:
+    raise NotImplementedError(
+        f'{path!r} is a Wan 2.2 A14B pipeline ({index.get("_class_name")}: two expert '
+        f'transformers switched at boundary_ratio={index.get("boundary_ratio")}), which is not '
+        'supported yet; Wan 2.1 T2V and I2V pipelines are.')
+
+
+def wan_task(config: dict) -> str:
+  """'i2v' for an image-to-video WanTransformer3DModel config.json dict (CLIP image tokens:
+  image_dim set), else 't2v'."""
+  return 'i2v' if config.get('image_dim') is not None else 't2v'
+
+
+def check_task(config: dict, task: str | None, path: str = '') -> None:
+  """Raises ValueError naming what the folder holds when it is not the `task` ('t2v' / 'i2v')
+  transformer; None accepts either."""
+  if task is None:
+    return
+  if task not in TASKS:
+    raise ValueError(f'task={task!r}: expected one of {TASKS}')
+  found = wan_task(config)
+  if found == task:
+    return
+  where = f'{path!r} holds' if path else 'This is'
+  if found == 't2v':
+    raise ValueError(
+        f'{where} a text-to-video Wan transformer (config.json: no image_dim / '
+        f'added_kv_proj_dim, in_channels={config.get("in_channels")}); image-to-video needs a Wan '
+        '2.1 I2V one (e.g. Wan2.1-I2V-14B-480P-Diffusers: CLIP image tokens, 36 input channels)')
+  raise ValueError(
+      f'{where} an image-to-video Wan transformer (config.json: image_dim={config.get("image_dim")}, '
+      f'in_channels={config.get("in_channels")}); text-to-video needs a Wan 2.1 T2V one (e.g. '
+      'Wan2.1-T2V-14B-Diffusers)')
 
 
 def weight_files(path: str) -> dict[str, str]:
@@ -113,6 +165,17 @@ def param_table(cfg: wan.WanConfig) -> dict[tuple[str, ...], tuple[list[str], Ca
   if cfg.cross_attn_norm:
     table[('blocks', 'norm2_scale')] = (per_layer('norm2.weight'), _same)
     table[('blocks', 'norm2_bias')] = (per_layer('norm2.bias'), _same)
+  if cfg.is_i2v:
+    image = 'condition_embedder.image_embedder'
+    for norm in ('norm1', 'norm2'):
+      table[('image_embedder', f'{norm}_scale')] = ([f'{image}.{norm}.weight'], _same)
+      table[('image_embedder', f'{norm}_bias')] = ([f'{image}.{norm}.bias'], _same)
+    linear(('image_embedder', 'ff_1'), f'{image}.ff.net.0.proj')
+    linear(('image_embedder', 'ff_2'), f'{image}.ff.net.2')
+  if cfg.added_kv_proj_dim is not None:
+    linear(('blocks', 'attn2', 'add_k_proj'), 'attn2.add_k_proj', n)
+    linear(('blocks', 'attn2', 'add_v_proj'), 'attn2.add_v_proj', n)
+    table[('blocks', 'attn2', 'norm_added_k')] = (per_layer('attn2.norm_added_k.weight'), _same)
   return table
 
 
@@ -133,6 +196,13 @@ def check_keys(table, checkpoint_keys, model_paths) -> None:
     problems.append(f'model parameters with no checkpoint source: {safetensors_io.listing(unassigned)}')
   if unknown:
     problems.append(f'name table entries with no model parameter: {safetensors_io.listing(unknown)}')
+  i2v_part = lambda keys: any(p in k for k in keys for p in I2V_KEY_PARTS)
+  if i2v_part(unexpected) and not i2v_part(needed):
+    problems.append('the weights are an image-to-video transformer\'s (image_embedder, '
+                    'add_k_proj, ...) but config.json describes a text-to-video one (no image_dim)')
+  elif i2v_part(missing) and not i2v_part(present):
+    problems.append('config.json describes an image-to-video transformer (image_dim, '
+                    'added_kv_proj_dim) but the weights are a text-to-video one\'s')
   if problems:
     raise ValueError('Wan checkpoint does not match the model config: ' + '; '.join(problems))
 
@@ -173,34 +243,40 @@ def load_wan_params(path: str, model: wan.WanDiT, mesh=None) -> wan.WanDiT:
 
 
 class WanTransformer:
-  """Jitted Wan forward with loaded weights: f(latents, timesteps, text_embeddings).
+  """Jitted Wan forward with loaded weights: f(latents, timesteps, text_embeddings[, image_embeds]).
 
-  latents [B, T, H, W, C] channels-last (diffusers is [B, C, T, H, W]); timesteps [B] (or [B, T])
-  on Wan's 0..1000 scale, a scalar is broadcast; text_embeddings [B, L, text_dim] (Wan: UMT5 output
-  zero-padded to 512). Returns Wan's prediction [B, T, H, W, C_out] float32.
+  latents [B, T, H, W, C] channels-last (diffusers is [B, C, T, H, W]; I2V: C = 36, the noisy
+  latents, frame mask and first-frame latents); timesteps [B] (or [B, T]) on Wan's 0..1000 scale, a
+  scalar is broadcast; text_embeddings [B, L, text_dim] (Wan: UMT5 output zero-padded to 512);
+  image_embeds [B, 257, image_dim] for I2V (CLIP hidden_states[-2]). Returns Wan's prediction
+  [B, T, H, W, C_out] float32.
   """
 
   def __init__(self, model: wan.WanDiT, config: dict):
     self.model, self.config = model, config
     graphdef, self._state = nnx.split(model)
     self._forward = jax.jit(
-        lambda state, x, t, c: nnx.merge(graphdef, state).forward_wan(x, t, c))
+        lambda state, x, t, c, i: nnx.merge(graphdef, state).forward_wan(x, t, c, i))
 
-  def __call__(self, latents, timesteps, text_embeddings):
+  def __call__(self, latents, timesteps, text_embeddings, image_embeds=None):
     latents = jnp.asarray(latents)
     timesteps = jnp.asarray(timesteps, jnp.float32)
     if timesteps.ndim == 0:
       timesteps = jnp.broadcast_to(timesteps, latents.shape[:1])
-    return self._forward(self._state, latents, timesteps, jnp.asarray(text_embeddings))
+    image_embeds = None if image_embeds is None else jnp.asarray(image_embeds)
+    return self._forward(self._state, latents, timesteps, jnp.asarray(text_embeddings),
+                         image_embeds)
 
 
 def load_wan_transformer(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32,
                          scan_layers=True, remat='none', attention_impl=None,
-                         mesh=None) -> WanTransformer:
+                         mesh=None, task: str | None = None) -> WanTransformer:
   """Builds WanDiT from `path`'s config.json (abstractly: no random init of a 14B model) and loads
-  its weights. `dtype`: compute dtype; `param_dtype`: bf16 halves memory for inference; the
-  other options as wan.WanDiT."""
+  its weights. `dtype`: compute dtype; `param_dtype`: bf16 halves memory for inference; `task`:
+  't2v' or 'i2v' refuses the other kind of transformer by name (None: either); the other options
+  as wan.WanDiT."""
   config = wan_config_from_diffusers(path)
+  check_task(config, task, path)
   cfg = wan.WanConfig.from_diffusers(config)
   with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
     abstract = nnx.eval_shape(lambda: wan.WanDiT(

@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video transformer (diffusers `WanTransformer3DModel`, T2V variant) in Flax NNX.
+"""Wan 2.1 transformer (diffusers `WanTransformer3DModel`: text-to-video and image-to-video) in Flax NNX.
 
 Same computation as diffusers/models/transformers/transformer_wan.py, so released Wan weights load
 unchanged (sora_jax/interop/wan_transformer.py maps them):
@@ -14,6 +14,13 @@ unchanged (sora_jax/interop/wan_transformer.py maps them):
          x += gate2 * FFN(LN(x) * (1 + scale2) + shift2)           (tanh-GELU)
     with (shift1, scale1, gate1, shift2, scale2, gate2) = block.scale_shift_table + time_proj output;
   head: LN(x) * (1 + scale) + shift with (shift, scale) = scale_shift_table + temb, then proj_out.
+Image-to-video (Wan 2.1 I2V: config image_dim, added_kv_proj_dim): the input is 36 channels (noisy
+latents, a 4-channel frame mask, the first frame's latents: WanImageToVideoPipeline), and the CLIP
+image tokens (CLIP ViT-H/14 hidden_states[-2], [B, 257, 1280]) go through an image embedding
+(LN -> linear -> GELU -> linear -> LN, float32 norms) to width D. In each cross-attention the queries
+also attend to them, with their own K/V projections (add_k_proj with RMSNorm norm_added_k,
+add_v_proj), and the two attention outputs are summed before to_out: what diffusers computes for its
+[image tokens; text tokens] concatenation, kept as two inputs here (no 512-token text assumption).
 
 Precision: parameters float32 by default; matmuls in `dtype` (bf16 for training). The residual
 stream, layer norms, modulation and the whole timestep path stay float32, as in diffusers'
@@ -39,8 +46,10 @@ from sora_jax.parallel import attention, sharding
 ROPE_THETA = 10000.0
 
 # diffusers config.json fields that only the image-to-video variants set (CLIP image tokens with
-# their own K/V projections); this module implements text-to-video only.
+# their own K/V projections). pos_embed_seq_len (first-last-frame-to-video) is not implemented.
 _I2V_FIELDS = ('image_dim', 'added_kv_proj_dim', 'pos_embed_seq_len')
+# The 4-channel frame mask WanImageToVideoPipeline puts between the noisy and the image latents.
+I2V_MASK_CHANNELS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,22 +69,41 @@ class WanConfig:
   qk_norm: str | None = 'rms_norm_across_heads'
   eps: float = 1e-6
   rope_max_seq_len: int = 1024
+  # Image-to-video (Wan 2.1 I2V): CLIP feature width (1280) and the added K/V input width (= inner_dim).
+  image_dim: int | None = None
+  added_kv_proj_dim: int | None = None
+
+  def __post_init__(self):
+    i2v = dict(image_dim=self.image_dim, added_kv_proj_dim=self.added_kv_proj_dim)
+    if any(v is not None for v in i2v.values()) and (
+        self.image_dim is None or self.added_kv_proj_dim != self.inner_dim):
+      raise NotImplementedError(
+          f'Wan image-to-video settings {i2v} are not supported: Wan 2.1 I2V sets both, with '
+          f'added_kv_proj_dim = num_attention_heads * attention_head_dim (= {self.inner_dim} '
+          'here), the width its image embedding projects the CLIP tokens to.')
 
   @property
   def inner_dim(self) -> int:
     return self.num_attention_heads * self.attention_head_dim
 
+  @property
+  def is_i2v(self) -> bool:
+    """Image-to-video: CLIP image tokens in cross-attention (and a 36-channel input)."""
+    return self.image_dim is not None
+
   @classmethod
   def from_diffusers(cls, config: dict) -> 'WanConfig':
-    """From a config.json dict. Private keys ('_class_name', ...) are ignored; unknown keys and
-    image-to-video settings are errors rather than silently different models."""
+    """From a config.json dict. Private keys ('_class_name', ...) are ignored; unknown keys, the
+    first-last-frame variant and Wan 2.2 transformers are errors rather than silently different
+    models."""
     fields = {f.name for f in dataclasses.fields(cls)}
     public = {k: v for k, v in config.items() if not k.startswith('_')}
-    i2v = {k: public.pop(k) for k in _I2V_FIELDS if k in public}
-    if any(v is not None for v in i2v.values()):
+    if public.get('pos_embed_seq_len') is not None:
       raise NotImplementedError(
-          f'Wan image-to-video checkpoints are not supported (config sets {i2v}); only the '
-          'text-to-video WanTransformer3DModel is implemented.')
+          f'pos_embed_seq_len={public["pos_embed_seq_len"]}: this is the Wan 2.1 first-last-frame '
+          'transformer (FLF2V: position embeddings over two images\' CLIP tokens), which is not '
+          'supported; Wan 2.1 T2V and I2V are.')
+    public.pop('pos_embed_seq_len', None)
     unknown = sorted(set(public) - fields)
     if unknown:
       raise ValueError(f'Unknown WanTransformer3DModel config fields {unknown}; known: '
@@ -89,7 +117,24 @@ class WanConfig:
     cfg = cls(**public)
     if len(cfg.patch_size) != 3:
       raise ValueError(f'patch_size must be (t, h, w), got {cfg.patch_size}')
+    wan22 = wan22_variant(cfg)
+    if wan22:
+      raise NotImplementedError(f'This is a {wan22} config, which is not supported yet; Wan 2.1 '
+                                'T2V and I2V transformers are.')
     return cfg
+
+
+def wan22_variant(cfg: WanConfig) -> str | None:
+  """Names the Wan 2.2 transformer a config is, from what only Wan 2.2 released (None otherwise):
+  48 latent channels (the Wan 2.2 VAE's: TI2V-5B), or the 36-channel image-to-video input
+  (16 + 4 + 16) without CLIP image tokens (I2V-A14B's experts). Wan 2.2 T2V-A14B's experts have
+  Wan 2.1 T2V-14B's config; their pipeline folder is what tells them apart."""
+  if cfg.in_channels == cfg.out_channels == 48:
+    return 'Wan 2.2 TI2V-5B transformer (48 latent channels, the Wan 2.2 VAE\'s)'
+  if not cfg.is_i2v and (cfg.in_channels, cfg.out_channels) == (36, 16):
+    return ('Wan 2.2 I2V-A14B expert transformer (the 36-channel image-to-video input without '
+            'CLIP image tokens)')
+  return None
 
 
 def _linear(din, dout, axes, *, rngs, dtype, param_dtype):
@@ -154,7 +199,7 @@ class WanAttention(nnx.Module):
   layers.Attention (self-attention runs the backend; cross-attention its cross_attention_impl)."""
 
   def __init__(self, width, num_heads, eps, *, rngs, dtype, param_dtype, attention_impl='auto',
-               context_parallel=None):
+               context_parallel=None, added_kv=False):
     attention_impl = 'xla' if attention_impl is None else attention_impl
     if attention_impl not in schema.ATTENTION_IMPLS:
       raise ValueError(f'attention_impl={attention_impl!r}: expected one of {schema.ATTENTION_IMPLS}')
@@ -171,8 +216,12 @@ class WanAttention(nnx.Module):
     ones = nnx.initializers.ones_init()
     self.norm_q = _param(ones, (width,), ('heads',), rngs=rngs, param_dtype=param_dtype)
     self.norm_k = _param(ones, (width,), ('heads',), rngs=rngs, param_dtype=param_dtype)
+    if added_kv:  # image-to-video cross-attention: K/V of the image tokens
+      self.add_k_proj = lin(width, width, ('embed', 'heads'))
+      self.add_v_proj = lin(width, width, ('embed', 'heads'))
+      self.norm_added_k = _param(ones, (width,), ('heads',), rngs=rngs, param_dtype=param_dtype)
 
-  def __call__(self, x, context=None, *, rope_cs=None):
+  def __call__(self, x, context=None, *, rope_cs=None, image_context=None):
     self_attention = context is None
     context = x if context is None else context
     heads = lambda y: y.reshape(*y.shape[:2], self.num_heads, -1)
@@ -186,6 +235,12 @@ class WanAttention(nnx.Module):
     out = attention.attention(
         q, k, v, impl=impl if self_attention else attention.cross_attention_impl(impl),
         context_parallel=self.context_parallel, kv_sharded=self_attention)
+    if image_context is not None:  # I2V: the queries also attend to the image tokens; outputs summed
+      k_img = heads(rms_norm(self.add_k_proj(image_context), self.norm_added_k[...], self.eps))
+      v_img = heads(self.add_v_proj(image_context))
+      out = out + attention.attention(
+          q, k_img, v_img, impl=attention.cross_attention_impl(impl),
+          context_parallel=self.context_parallel, kv_sharded=False)
     return self.to_out(out.reshape(*x.shape[:2], -1))
 
 
@@ -220,12 +275,14 @@ class WanBlock(nnx.Module):
                                param_dtype=param_dtype)
     else:
       self.norm2_scale = self.norm2_bias = None
-    self.attn2 = WanAttention(d, cfg.num_attention_heads, cfg.eps, **attn)
+    self.attn2 = WanAttention(d, cfg.num_attention_heads, cfg.eps, **attn,
+                              added_kv=cfg.added_kv_proj_dim is not None)
     self.ffn = WanFeedForward(d, cfg.ffn_dim, **kw)
 
-  def __call__(self, x, e, context, rope_cs):
+  def __call__(self, x, e, context, rope_cs, image_context=None):
     """x [B, N, D] float32 residual stream; e [B, G, 6, D] float32 time projection (G = 1, or one
-    per temporal patch); context [B, L, D] embedded text."""
+    per temporal patch); context [B, L, D] embedded text; image_context [B, I, D] embedded image
+    tokens (I2V) or None."""
     mod = self.scale_shift_table[...].astype(jnp.float32) + e
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
     h = _modulate(layer_norm(x, self.eps), shift1, scale1).astype(self.dtype)
@@ -234,17 +291,42 @@ class WanBlock(nnx.Module):
       h = layer_norm(x, self.eps, self.norm2_scale[...], self.norm2_bias[...])
     else:
       h = x
-    x = x + self.attn2(h.astype(self.dtype), context).astype(jnp.float32)
+    x = x + self.attn2(h.astype(self.dtype), context,
+                       image_context=image_context).astype(jnp.float32)
     h = _modulate(layer_norm(x, self.eps), shift2, scale2).astype(self.dtype)
     x = x + _gate(self.ffn(h), gate2)
     return sharding.constrain(x, ('batch', 'length', 'act_embed'))
+
+
+class WanImageEmbedding(nnx.Module):
+  """diffusers WanImageEmbedding: CLIP tokens [B, I, image_dim] -> LN -> linear -> GELU (exact) ->
+  linear -> LN -> [B, I, D] float32 (affine float32 norms, eps 1e-5 as torch.nn.LayerNorm's)."""
+
+  EPS = 1e-5
+
+  def __init__(self, image_dim, width, *, rngs, dtype, param_dtype):
+    self.dtype = dtype
+    p = dict(rngs=rngs, param_dtype=param_dtype)
+    ones, zeros = nnx.initializers.ones_init(), nnx.initializers.zeros_init()
+    self.norm1_scale = _param(ones, (image_dim,), ('patch',), **p)
+    self.norm1_bias = _param(zeros, (image_dim,), ('patch',), **p)
+    self.ff_1 = _linear(image_dim, image_dim, ('patch', 'mlp'), dtype=dtype, **p)
+    self.ff_2 = _linear(image_dim, width, ('mlp', 'embed'), dtype=dtype, **p)
+    self.norm2_scale = _param(ones, (width,), ('embed',), **p)
+    self.norm2_bias = _param(zeros, (width,), ('embed',), **p)
+
+  def __call__(self, image_embeds):
+    h = layer_norm(image_embeds, self.EPS, self.norm1_scale[...], self.norm1_bias[...])
+    h = self.ff_2(jax.nn.gelu(self.ff_1(h.astype(self.dtype)), approximate=False))
+    return layer_norm(h, self.EPS, self.norm2_scale[...], self.norm2_bias[...])
 
 
 REMAT_POLICIES = dit.REMAT_POLICIES
 
 
 class WanDiT(nnx.Module):
-  """Wan 2.1 T2V transformer with the call signature of dit.VideoDiT (video, flow time, text).
+  """Wan 2.1 T2V / I2V transformer with the call signature of dit.VideoDiT (video, flow time, text;
+  I2V models also take image_embeds: the CLIP tokens, sora_jax.models.clip_vision).
 
   `__call__` takes flow time t in [0, 1] (x_t = (1 - t) x0 + t noise, velocity target noise - x0,
   the sora_jax.diffusion.flow convention, which is Wan's with sigma = t) and feeds Wan its timestep
@@ -274,6 +356,8 @@ class WanDiT(nnx.Module):
     self.time_proj = _linear(d, 6 * d, ('embed', 'mlp'), **f32)
     self.text_embedder_1 = _linear(cfg.text_dim, d, ('patch', 'embed'), **kw)
     self.text_embedder_2 = _linear(d, d, ('mlp', 'embed'), **kw)
+    if cfg.is_i2v:
+      self.image_embedder = WanImageEmbedding(cfg.image_dim, d, **kw)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
@@ -292,10 +376,10 @@ class WanDiT(nnx.Module):
     """From a diffusers config.json dict; kwargs as __init__ (rngs, dtype, scan_layers, ...)."""
     return cls(WanConfig.from_diffusers(config), **kwargs)
 
-  def __call__(self, video, t, context, context_mask=None):
+  def __call__(self, video, t, context, context_mask=None, image_embeds=None):
     """video [B, T, H, W, C], flow time t [B] (or [B, T]: one per frame, constant within each
-    temporal patch) in [0, 1], context [B, L, text_dim], context_mask [B, L] or None
-    -> velocity [B, T, H, W, out_channels] float32.
+    temporal patch) in [0, 1], context [B, L, text_dim], context_mask [B, L] or None, image_embeds
+    [B, I, image_dim] (I2V models only) -> velocity [B, T, H, W, out_channels] float32.
 
     Wan attends to every text position: its pipeline zero-pads the T5 embeddings to 512 tokens and
     the model was trained on that. So with a mask the padded embeddings are zeroed (exactly what
@@ -304,13 +388,14 @@ class WanDiT(nnx.Module):
     """
     if context_mask is not None:
       context = context * context_mask[..., None].astype(context.dtype)
-    return self.forward_wan(video, 1000.0 * jnp.asarray(t, jnp.float32), context)
+    return self.forward_wan(video, 1000.0 * jnp.asarray(t, jnp.float32), context, image_embeds)
 
-  def forward_wan(self, latents, timestep, context):
+  def forward_wan(self, latents, timestep, context, image_embeds=None):
     """latents [B, T, H, W, C], timestep [B] or [B, T] on Wan's 0..1000 scale, context
-    [B, L, text_dim] -> [B, T, H, W, out_channels] float32 (Wan's flow prediction)."""
+    [B, L, text_dim], image_embeds [B, I, image_dim] for an I2V model (CLIP hidden_states[-2]), None
+    for T2V -> [B, T, H, W, out_channels] float32 (Wan's flow prediction)."""
     cfg = self.config
-    self._check_inputs(latents, timestep, context)
+    self._check_inputs(latents, timestep, context, image_embeds)
     x, grid = spacetime.patchify(latents.astype(self.dtype), cfg.patch_size)
     x = sharding.constrain(self.patch_embedding(x).astype(jnp.float32),
                            ('batch', 'length', 'act_embed'))
@@ -320,7 +405,10 @@ class WanDiT(nnx.Module):
     context = self.text_embedder_2(
         jax.nn.gelu(self.text_embedder_1(context.astype(self.dtype)), approximate=True))
     rope_cs = rope.frequencies(rope.grid_positions(grid), cfg.attention_head_dim, ROPE_THETA)
-    x = self._blocks(x, e=e, context=context, rope_cs=rope_cs)
+    image = {}
+    if cfg.is_i2v:
+      image['image_context'] = self.image_embedder(image_embeds).astype(self.dtype)
+    x = self._blocks(x, e=e, context=context, rope_cs=rope_cs, **image)
     mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, :, None]
     x = _modulate(layer_norm(x, cfg.eps), mod[:, :, 0], mod[:, :, 1]).astype(self.dtype)
     x = self.proj_out(x)
@@ -334,10 +422,15 @@ class WanDiT(nnx.Module):
     e = self.time_proj(jax.nn.silu(temb))
     return temb.reshape(b, g, -1), e.reshape(b, g, 6, -1)
 
-  def _check_inputs(self, latents, timestep, context):
+  def _check_inputs(self, latents, timestep, context, image_embeds=None):
     cfg = self.config
     if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-      raise ValueError(f'latents must be [B, T, H, W, {cfg.in_channels}], got {latents.shape}')
+      hint = ''
+      if cfg.is_i2v and latents.ndim == 5 and latents.shape[-1] == cfg.out_channels:
+        hint = (f' (an image-to-video model: noisy latents, the {I2V_MASK_CHANNELS}-channel frame '
+                'mask and the first-frame latents, concatenated on channels)')
+      raise ValueError(f'latents must be [B, T, H, W, {cfg.in_channels}]{hint}, got '
+                       f'{latents.shape}')
     if any(n % p for n, p in zip(latents.shape[1:4], cfg.patch_size)):
       raise ValueError(f'latent (T, H, W) = {latents.shape[1:4]} not divisible by patch_size '
                        f'{cfg.patch_size}')
@@ -350,6 +443,19 @@ class WanDiT(nnx.Module):
     if context.ndim != 3 or context.shape[0] != latents.shape[0] or context.shape[-1] != cfg.text_dim:
       raise ValueError(f'context must be [B={latents.shape[0]}, L, text_dim={cfg.text_dim}], got '
                        f'{context.shape}')
+    if cfg.is_i2v and image_embeds is None:
+      raise ValueError(f'This Wan transformer is image-to-video (image_dim={cfg.image_dim}): pass '
+                       'image_embeds, the CLIP image tokens [B, 257, image_dim] '
+                       '(sora_jax.interop.load_clip_vision_encoder)')
+    if not cfg.is_i2v and image_embeds is not None:
+      raise ValueError('This Wan transformer is text-to-video (its config has no image_dim): it '
+                       'takes no image_embeds; an image-to-video checkpoint (e.g. '
+                       'Wan2.1-I2V-14B-480P-Diffusers) does')
+    if image_embeds is not None and (
+        image_embeds.ndim != 3 or image_embeds.shape[0] != latents.shape[0]
+        or image_embeds.shape[-1] != cfg.image_dim):
+      raise ValueError(f'image_embeds must be [B={latents.shape[0]}, I, image_dim={cfg.image_dim}], '
+                       f'got {image_embeds.shape}')
 
   def _blocks(self, x, **block_args):
     return dit.run_blocks(self.blocks, x, remat=self.remat, scan_layers=self.scan_layers,
