@@ -12,6 +12,7 @@ from absl import app, flags
 
 from sora_jax.diffusion import flow, samplers
 from sora_jax.parallel import topologies
+from sora_jax.training import checkpoint
 
 
 class UserError(Exception):
@@ -76,15 +77,15 @@ def _parse_flags(argv, required):
 
 
 def run(main, define_flags, required=()):
-  """absl's app.run for a program: flags defined here (so modules import cleanly), flag errors and
-  UserErrors from `main` as one line."""
+  """absl's app.run for a program: flags defined here (so modules import cleanly), flag errors,
+  UserErrors and a checkpoint the user named that does not restore, from `main`, as one line."""
   topologies.skip_absent_tpu()
   define_flags()
 
   def checked_main(argv):
     try:
       main(argv)
-    except UserError as e:
+    except (UserError, checkpoint.DamagedCheckpoint) as e:
       fail(e)
 
   app.run(checked_main, flags_parser=lambda argv: _parse_flags(argv, required))

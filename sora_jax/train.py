@@ -45,16 +45,22 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or resumes) the run in `workdir`; returns the final state. A start that fails in a new
   workdir leaves nothing behind; one that does not fit an existing run's checkpoints writes nothing."""
   fresh = not os.path.isdir(workdir) or not os.listdir(workdir)
+  managers = []
   try:
-    return _run(config, workdir)
+    return _run(config, workdir, managers)
   except BaseException:
+    for mngr in managers:  # finish an in-flight save: kept, and its threads then do not bury this
+      try:                 # error under "cannot schedule new futures after shutdown" at exit
+        mngr.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('The checkpoint save in flight failed too: %s', e)
     if (fresh and jax.process_index() == 0
         and not os.path.exists(os.path.join(workdir, 'config.json'))):  # it never started
       shutil.rmtree(workdir, ignore_errors=True)
     raise
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str):
+def _run(config: ml_collections.ConfigDict, workdir: str, managers: list):
   # ---- Config and mesh: everything is checked before anything compiles or is written.
   mesh_shape = validation.validate(config, jax.device_count())
   resume.check(config, workdir)
@@ -76,6 +82,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str):
   # ---- Model, optimizer and state, born sharded; or restored onto this mesh.
   tx, schedule = state_lib.make_optimizer(config)
   mngr = checkpoint.manager(workdir, config)
+  managers.append(mngr)
   if mngr.latest_step() is not None:
     graphdef, abstract, state_sh = state_lib.shardings(config, mesh)
     # The newest checkpoint that restores (damaged ones are set aside). Grain's iterator state is

@@ -4,6 +4,7 @@ only once a run has started; a failed start in a new workdir leaves nothing behi
 
 import json
 import os
+import re
 import shutil
 
 import programs
@@ -107,3 +108,38 @@ def test_the_cli_refuses_a_mismatched_resume_in_one_line(tmp_path):
   out = programs.run('sora_jax.sample', f'--workdir={workdir}', '--prompt=a red circle moving left',
                      f'--output_dir={tmp_path / "out"}', '--num_steps=1', cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]  # the run is intact
+
+
+INJECT = '''
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from data_pipelines import shapes
+from sora_jax import train
+read = shapes.ShapesSource.__getitem__
+count = [0]
+def failing(self, i):  # a decode error in the loader's read threads after some batches
+  count[0] += 1
+  if count[0] > 40:
+    raise SystemError('injected decode failure')
+  return read(self, i)
+shapes.ShapesSource.__getitem__ = failing
+config = tiny_config()
+config.total_steps = 20
+train.train(config, {workdir!r})
+'''
+
+
+def test_a_data_loader_failure_ends_on_its_own_error_and_keeps_the_saves(tmp_path):
+  """The loader's first error is the last thing printed (not Orbax's "cannot schedule new futures
+  after shutdown" from a save cut off at exit), and the save in flight is completed."""
+  workdir = tmp_path / 'run'
+  (tmp_path / 'inject_loader_error.py').write_text(
+      INJECT.format(tests=os.path.dirname(__file__), workdir=str(workdir)))
+  out = programs.run('inject_loader_error', cwd=str(tmp_path))
+  assert out.returncode == 1
+  errors = [l for l in out.stderr.splitlines() if re.match(r'^[A-Za-z.]*(Error|Exception): ', l)]
+  assert errors[-1] == 'SystemError: injected decode failure', out.stderr[-3000:]
+  assert 'cannot schedule new futures' not in out.stderr
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved and saved[-1] >= 4, saved

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax import cli
 from sora_jax.config import schema
 from sora_jax.parallel import sharding
 from sora_jax.training import checkpoint, factory
@@ -77,11 +76,8 @@ def load(workdir: str, *, step: int | None = None, use_ema: bool = True, mesh=No
 
 def _restore_params(mngr, abstract, key, step):
   """checkpoint.restore_params (without `step`: the newest that restores); a `step` the user named
-  that does not restore is their error, in one line."""
-  try:
-    return checkpoint.restore_params(mngr, abstract, key, step)
-  except checkpoint.DamagedCheckpoint as e:
-    raise cli.UserError(cli.one_line(e)) from e
+  that does not restore raises checkpoint.DamagedCheckpoint (one line from the CLIs: sora_jax.cli)."""
+  return checkpoint.restore_params(mngr, abstract, key, step)
 
 
 def merge_lora(params, adapters: dict, scale: float):
