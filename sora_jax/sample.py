@@ -5,6 +5,9 @@ r"""Samples videos from a trained run.
       [--negative_prompt="a blue triangle"]
       [--guidance_schedule=interval --guidance_interval=0.2,0.8]
 
+A Wan 2.1 image-to-video run (configs/wan2_1_i2v_14b.py) takes --image=first.png: the first frame,
+through the VAE condition channels and the CLIP image tokens as WanImageToVideoPipeline feeds them.
+
 Conditioning (a run trained with config.condition.mix, e.g. configs/demo_conditioned.py;
 sora_jax/diffusion/given_frames.py): --image=first.png (image-to-video), --end_image=last.png (with --image:
 connect two images), --video=clip.mp4 --extend=forward|backward [--overlap=K] (continue a clip after
@@ -31,7 +34,7 @@ from sora_jax.config import geometry, schema
 from sora_jax.inference import frame_inputs
 from sora_jax.inference import frozen as frozen_lib
 from sora_jax.inference import restore, sampling, upscale
-from sora_jax.training import checkpoint
+from sora_jax.training import checkpoint, factory
 from sora_jax.training import state as state_lib
 
 
@@ -85,9 +88,21 @@ def main(argv):
     options = sampling.settings(config, **cli.flag_values())
     if f.edit_strength is not None and not 0 < f.edit_strength <= 1:
       raise ValueError(f'--edit_strength={f.edit_strength} must be in (0, 1].')
-    clip, _, given = frame_inputs.cli_inputs(
-        config, image=f.image, end_image=f.end_image, video=f.video, extend=f.extend,
-        edit_strength=f.edit_strength, overlap=f.overlap)
+    i2v = factory.wan_i2v(config)
+    if i2v:  # Wan 2.1 image-to-video: the image enters through its own channels and CLIP tokens
+      if not f.image:
+        raise ValueError(f'{f.workdir} is a Wan image-to-video run: pass --image=FILE (the first'
+                         ' frame).')
+      others = [name for name in ('end_image', 'video', 'extend', 'edit_strength', 'num_frames')
+                if getattr(f, name) is not None]
+      if others:
+        raise ValueError(f'A Wan image-to-video run takes --image only, not --{others[0]}.')
+      video_io.read_frames(f.image, config.data.height, config.data.width)  # readable
+      clip = given = None
+    else:
+      clip, _, given = frame_inputs.cli_inputs(
+          config, image=f.image, end_image=f.end_image, video=f.video, extend=f.extend,
+          edit_strength=f.edit_strength, overlap=f.overlap)
     long = f.num_frames is not None and f.num_frames != t_pix
     if long:
       if f.num_frames < t_pix:
@@ -127,7 +142,8 @@ def main(argv):
                                       overlap=overlap, direction=direction, **kw)
       videos = videos[:, :f.num_frames] if direction == 'forward' else videos[:, -f.num_frames:]
     else:
-      videos = sampling.generate_videos(generate, params, f.prompt, **kw)
+      videos = sampling.generate_videos(generate, params, f.prompt, **kw,
+                                        **({'image': f.image} if i2v else {}))
   if upscaler is not None:
     videos = upscaler(videos, f.prompt, seed=f.seed, batch_size=f.batch_size)
   if jax.process_index() == 0:

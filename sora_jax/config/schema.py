@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Diffuse in the latent space of this frozen video autoencoder (empty: pixels): a sora_jax workdir
   # trained with model.family='vae', or a diffusers AutoencoderKLWan folder.
   c.autoencoder = ''
+  # Wan 2.1 image-to-video (model.wan.image_dim > 0): the frozen CLIP image encoder, a folder holding
+  # image_encoder/ and image_processor/ (a diffusers WanImageToVideoPipeline folder).
+  c.image_encoder = ''
   c.num_train_samples = 4  # videos written by periodic sampling
   c.peak_tflops_per_device = 0.0  # for the logged MFU; 0: from the device kind (unknown on CPU)
   # XLA's persistent compilation cache (restarts, resumes and other hosts load compiled programs
@@ -123,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.wan.cross_attn_norm = True
   c.model.wan.eps = 1e-6
   c.model.wan.rope_max_seq_len = 1024
+  # 0: text-to-video. Wan 2.1 I2V: the CLIP feature width (1280); the input is then the noisy
+  # latents, a 4-channel first-frame mask and the first frame's latents (config.image_encoder).
+  c.model.wan.image_dim = 0
 
   # model.family='vae' (and what a sora_jax autoencoder workdir holds): the Wan-VAE architecture.
   c.vae = ml_collections.ConfigDict()

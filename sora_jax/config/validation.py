@@ -141,6 +141,7 @@ def _check_transformer(config, mesh):
         w.attention_head_dim
     if head_dim % 2 or head_dim < 6:
       raise ValueError(f'config.model.wan.attention_head_dim={head_dim} must be even and >= 6.')
+    _check_wan_i2v(config)
   else:
     width, heads = m.width, m.num_heads
     if m.width % m.num_heads or (m.width // m.num_heads) % 2 or m.width // m.num_heads < 6:
@@ -151,6 +152,25 @@ def _check_transformer(config, mesh):
     raise ValueError(
         f'config.model width {width} and {heads} heads must be divisible by'
         f' config.mesh.tensor={mesh["tensor"]}.')
+
+
+def _check_wan_i2v(config):
+  """Wan 2.1 image-to-video: CLIP image tokens and the first frame's latents need both frozen
+  encoders, and condition every clip on its first frame (not config.condition's given frames)."""
+  image_dim = int(config.model.wan.get('image_dim', 0) or 0)
+  if not image_dim and config.get('image_encoder'):
+    raise ValueError(f'config.image_encoder={config.image_encoder!r} needs an image-to-video Wan'
+                     ' model: set config.model.wan.image_dim (1280 for Wan 2.1 I2V).')
+  if not image_dim:
+    return
+  if image_dim < 0 or not config.get('image_encoder') or not config.autoencoder:
+    raise ValueError(f'config.model.wan.image_dim={image_dim} (Wan 2.1 image-to-video) needs'
+                     ' config.image_encoder (the CLIP image encoder folder) and config.autoencoder'
+                     ' (the Wan VAE): e.g. configs/wan2_1_i2v_14b.py with a Wan I2V pipeline folder.')
+  if {str(n) for n, _ in config.condition.mix} - {'none'}:
+    raise ValueError('Wan 2.1 image-to-video conditions every clip on its first frame through its'
+                     ' input channels; config.condition.mix (the DiT\'s given frames) must be'
+                     ' "none".')
 
 
 def _check_lora(config, weights: bool):

@@ -5,6 +5,9 @@
     (the posterior mean, normalised per channel); sampling decodes the generated latents.
   - `config.text.encoder='umt5'`: captions become UMT5 embeddings before the train step, so the DiT
     takes embeddings instead of byte tokens (the byte encoder is part of the trained model instead).
+  - `config.image_encoder` (Wan 2.1 image-to-video, model.wan.image_dim > 0): the CLIP ViT image
+    encoder; each clip's first frame becomes CLIP tokens ('image_embeds') and, through the VAE, the
+    frame mask + first-frame latents ('image_condition') before the train step.
 Their weights are arguments of their own jitted functions, never part of the train state (no optimizer
 moments, no EMA, no checkpoint bloat), and never baked into a compiled program as constants.
 They are placed once, FSDP-sharded by their logical axis names (umT5-XXL is 11 GB in bf16: on one
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -28,6 +32,7 @@ from sora_jax.common import tokenizers
 from sora_jax.config import geometry
 from sora_jax.inference import restore
 from sora_jax.interop import umt5
+from sora_jax.models import wan
 from sora_jax.parallel import sharding
 from sora_jax.training import factory
 
@@ -55,6 +60,20 @@ class Frozen:
       text_sh = sharding.state_shardings(params, self.mesh)
       self.text_params = restore.place(params, text_sh)
       self.tokenizer = tokenizers.load_umt5_tokenizer(config.text.path)
+    # Wan 2.1 image-to-video: the CLIP image encoder (and the VAE) condition every clip on its
+    # first frame, computed here before the train step like the other frozen encodings.
+    self.image_encoder = self.image_params = self.image_processor = image_sh = None
+    if factory.wan_i2v(config):
+      from sora_jax.interop import clip_vision  # pylint: disable=g-import-not-at-top
+      with _on_host():
+        module = clip_vision.load_clip_vision_model(config.image_encoder,
+                                                    dtype=jnp.dtype(config.model.dtype))
+        self.image_encoder, params = nnx.split(module)
+      image_sh = sharding.state_shardings(params, self.mesh)
+      self.image_params = restore.place(params, image_sh)
+      self.image_processor = clip_vision.load_clip_image_processor(config.image_encoder)
+    self._encode_image = self._jit(self._encode_image_impl, image_sh)
+    self._image_latents = self._jit(self._image_latents_impl, vae_sh)
     self._encode_video = self._jit(self._encode_video_impl, vae_sh)
     self._encode_mean = self._jit(self._encode_mean_impl, vae_sh)
     self._normalize = self._jit(lambda _, mean: self._normalize_impl(mean), None)
@@ -116,6 +135,12 @@ class Frozen:
     if self.vae is None and self.text_encoder is None and not cached:
       return batch
     batch = dict(batch)
+    if self.image_encoder is not None:
+      if 'video' not in batch:
+        raise ValueError('Wan image-to-video training encodes each clip\'s first frame (CLIP tokens'
+                         ' and VAE latents) from its pixels: data prepared with --cache_latents is'
+                         ' not supported for it; prepare the data without --cache_latents.')
+      batch['image_condition'], batch['image_embeds'] = self.image_condition(batch['video'])
     if 'latents' in batch:
       if self.vae is None:
         raise ValueError('The batch holds cached latents (data prepared with --cache_latents) but'
@@ -132,6 +157,33 @@ class Frozen:
     elif self.text_encoder is not None:
       batch['tokens'], batch['mask'] = self.caption_inputs(batch['tokens'], batch['mask'])
     return batch if sharding is None else jax.device_put(batch, sharding)
+
+  def image_condition(self, video, images=None):
+    """Wan 2.1 image-to-video conditioning of clips `video` [B, T, H, W, 3] (pixels in [-1, 1]):
+    (condition [B, t, h, w, 4 + C]: the frame mask and the normalised VAE latents of [first frame,
+    zero frames], as WanImageToVideoPipeline.prepare_latents builds them; image_embeds
+    [B, 1 + P, D]: the CLIP tokens, hidden_states[-2], of the preprocessed first frame, or of
+    `images` (uint8 [H, W, 3] each, any size: the image as given, as the pipeline encodes it))."""
+    if self.image_encoder is None:
+      raise ValueError('This run is not Wan image-to-video (config.model.wan.image_dim = 0).')
+    condition = self._image_latents(self.vae_params, video)
+    if images is None:
+      first = video[:, 0]
+      if isinstance(first, jax.Array) and not first.is_fully_addressable:
+        first = multihost_utils.process_allgather(first, tiled=True)
+      # Back to the uint8 pixels (exact: the pipelines' x / 127.5 - 1 of integers).
+      first = np.asarray(first, np.float32)
+      images = list(np.clip(np.round((first + 1.0) * 127.5), 0, 255).astype(np.uint8))
+    pixels = self.image_processor(images)
+    return condition, self._encode_image(self.image_params, jnp.asarray(pixels))
+
+  def _image_latents_impl(self, params, video):
+    first_only = jnp.where((jnp.arange(video.shape[1]) == 0)[None, :, None, None, None], video, 0.0)
+    return wan.i2v_condition(self._encode_video_impl(params, first_only))
+
+  def _encode_image_impl(self, params, pixel_values):
+    hidden = nnx.merge(self.image_encoder, params)(pixel_values, hidden_layer=-2)
+    return hidden.astype(jnp.float32)
 
   def encode(self, video):
     """Pixels [B, T, H, W, 3] in [-1, 1] -> model space: normalised latents (identity without an

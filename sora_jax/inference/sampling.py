@@ -5,6 +5,7 @@ guidance, negative prompts and a guidance schedule, compiled once."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -14,6 +15,8 @@ from sora_jax.config import geometry
 from sora_jax.diffusion import cascade, flow, samplers
 from sora_jax.inference import frozen as frozen_lib
 from sora_jax.parallel import sharding
+from sora_jax.training import factory
+from sora_jax.training.objectives import wan_i2v
 
 
 def settings(config, *, num_steps=None, guidance_scale=None, sampler=None, negative_prompt=None,
@@ -83,9 +86,15 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
   conditioned = geometry.conditioning_enabled(config)
 
   upscaler = geometry.upscale_enabled(config)
+  i2v = factory.wan_i2v(config)
 
   @jax.jit
-  def generate(params, tokens, mask, keys, video=None, given=None, lowres=None):
+  def generate(params, tokens, mask, keys, video=None, given=None, lowres=None,
+               image_condition=None, image_embeds=None):
+    if i2v != (image_condition is not None and image_embeds is not None):
+      raise ValueError('A Wan image-to-video run (config.model.wan.image_dim > 0) samples from an'
+                       ' image: pass image_condition and image_embeds (frozen.image_condition),'
+                       ' and only it takes them.')
     if given is not None and not conditioned:
       raise ValueError('Given frames need a model trained with conditioning (config.condition.mix'
                        ' beyond "none"); this one was trained without.')
@@ -104,6 +113,15 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
       both_base = None if base is None else jnp.concatenate([base, base])
       velocity = flow.guided_velocity(
           lambda x, t: model(x, t, both_tokens, both_mask, lowres=both_up, base=both_base), scale)
+      return solve(velocity, noise, timesteps)
+    if i2v:  # Wan 2.1 I2V: both CFG halves see the image; the negative prompt drops the caption
+      if video is not None:
+        raise ValueError('Wan image-to-video conditions on its image channels, not on given frames'
+                         ' or an edited video.')
+      both_cond = jnp.concatenate([image_condition, image_condition])
+      both_image = jnp.concatenate([image_embeds, image_embeds])
+      velocity = flow.guided_velocity(lambda x, t: wan_i2v.velocity(
+          model, x, t, both_tokens, both_mask, both_cond, both_image), scale)
       return solve(velocity, noise, timesteps)
     if video is None:
       velocity = flow.guided_velocity(lambda x, t: model(x, t, both_tokens, both_mask), scale)
@@ -144,13 +162,20 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
 
 def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
                     batch_size: int, frozen=None, video=None, given=None, lowres=None,
-                    decode: bool = True) -> np.ndarray:
+                    decode: bool = True, image=None) -> np.ndarray:
   """All prompts, in fixed-size (padded) batches: one compilation. Returns uint8 [N, T, H, W, 3].
 
   video: model-space frames [T, H, W, C] shared by all prompts, or [N, T, H, W, C] one per prompt;
   given [T]: their given-frame mask (see make_generate). lowres [N, T, h, w, C]: one low-resolution
-  video per prompt (upscaler runs). decode=False: the model-space float videos [N, T, H, W, C]."""
+  video per prompt (upscaler runs). decode=False: the model-space float videos [N, T, H, W, C].
+  image: the first frame of every video of a Wan image-to-video run, an image file (resized to the
+  run's frame size for the VAE condition, as it is for CLIP, as WanImageToVideoPipeline does) or
+  uint8 [H, W, 3] at the frame size; without one such a run conditions on a mid-grey frame
+  (training previews), with a warning."""
   frozen = frozen or frozen_lib.Frozen(config, mesh)
+  i2v_inputs = {}
+  if factory.wan_i2v(config):
+    i2v_inputs = image_inputs(config, frozen, image)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
   data_sharding = sharding.batch_sharding(mesh)
@@ -175,6 +200,8 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
         extra['given'] = np.broadcast_to(np.asarray(given, np.float32), (batch_size, len(given)))
     if lowres is not None:
       extra['lowres'] = pad(np.asarray(lowres[start:start + n], np.float32))
+    for key, value in i2v_inputs.items():
+      extra[key] = np.broadcast_to(value, (batch_size, *value.shape[1:]))
     tokens, mask, keys, extra = jax.device_put((tokens, mask, keys, extra), data_sharding)
     videos = generate(params, *frozen.caption_inputs(tokens, mask), keys, **extra)
     videos = frozen.decode(videos) if decode else videos
@@ -184,6 +211,31 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
     if len(prompts) > batch_size:  # one batch: nothing to estimate
       progress.update(start + n)
   return np.concatenate(out)
+
+
+def image_inputs(config, frozen, image=None) -> dict:
+  """{'image_condition' [1, ...], 'image_embeds' [1, ...]} (host arrays) of one first frame for a Wan
+  image-to-video run: `image` an image file or uint8 [H, W, 3] at the frame size, or mid-grey
+  without one."""
+  t, h, w = config.data.num_frames, config.data.height, config.data.width
+  if image is None:
+    logging.warning('Wan image-to-video samples without an image (training previews): each video'
+                    ' starts from a mid-grey first frame; pass an image (sample --image) instead.')
+    image = np.full((h, w, 3), 128, np.uint8)
+  if isinstance(image, str):
+    original = video_io.read_video(image)[0]
+    frame = video_io.read_frames(image, h, w)[0]
+  else:
+    original = np.asarray(image)
+    if original.dtype != np.uint8 or original.shape != (h, w, 3):
+      raise ValueError(f'image: expected uint8 [{h}, {w}, 3] (the run\'s frame size) or a file,'
+                       f' got {original.dtype} {original.shape}')
+    frame = original.astype(np.float32) / 127.5 - 1.0
+  clip = np.zeros((1, t, h, w, 3), np.float32)
+  clip[0, 0] = frame
+  condition, embeds = frozen.image_condition(jnp.asarray(clip), images=[original])
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return {'image_condition': gather(condition), 'image_embeds': gather(embeds)}
 
 
 def long_windows(generate, params, prompts, *, config, mesh, seed: int, batch_size: int,

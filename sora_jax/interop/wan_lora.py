@@ -60,6 +60,15 @@ LINEARS = {
     ('text_embedder_2',): ('condition_embedder.text_embedder.linear_2', 'text_embedding.2'),
     ('proj_out',): ('proj_out', 'head.head'),
 }
+# Wan 2.1 image-to-video only: the image tokens' K/V in cross-attention and the image embedding
+# (diffusers' converter: is_i2v_lora, cross_attn.k_img / v_img, img_emb.proj.1 / .3).
+I2V_LINEARS = {
+    ('blocks', 'attn2', 'add_k_proj'): ('attn2.add_k_proj', 'cross_attn.k_img'),
+    ('blocks', 'attn2', 'add_v_proj'): ('attn2.add_v_proj', 'cross_attn.v_img'),
+    ('image_embedder', 'ff_1'): ('condition_embedder.image_embedder.ff.net.0.proj', 'img_emb.proj.1'),
+    ('image_embedder', 'ff_2'): ('condition_embedder.image_embedder.ff.net.2', 'img_emb.proj.3'),
+}
+ALL_LINEARS = {**LINEARS, **I2V_LINEARS}
 
 # Per layout, the key suffixes naming lora_a ('a'), lora_b ('b') and alpha (module_name: the rest).
 SUFFIXES = {
@@ -81,7 +90,7 @@ def module_name(path, layer, layout: str) -> str:
   """The name a layout gives module `path` (at `layer` for block modules), without the part suffix:
   ('blocks','attn1','to_q'), 3 -> 'blocks.3.attn1.to_q' (peft), 'diffusion_model.blocks.3.self_attn.q'
   (comfy), 'lora_unet_blocks_3_self_attn_q' (musubi)."""
-  theirs, original = LINEARS[path]
+  theirs, original = ALL_LINEARS[path]
   block = f'blocks.{layer}.' if is_block(path) else ''
   if layout == 'peft':
     return block + theirs
@@ -143,8 +152,8 @@ def export_lora(adapters: dict, rank: int, alpha: float, path: str, *, base: str
 def _check_adapters(adapters: dict, rank: int) -> None:
   problems = []
   for module, arrays in adapters.items():
-    if module not in LINEARS:
-      problems.append(f'{module}: not a linear layer of WanDiT (known: {sorted(LINEARS)})')
+    if module not in ALL_LINEARS:
+      problems.append(f'{module}: not a linear layer of WanDiT (known: {sorted(ALL_LINEARS)})')
       continue
     if set(arrays) != {'lora_a', 'lora_b'}:
       problems.append(f'{module}: expected lora_a and lora_b, got {sorted(arrays)}')
@@ -178,7 +187,11 @@ def import_lora(path: str, wan_config) -> tuple[dict, int, float]:
     keys, metadata = list(f.keys()), f.metadata() or {}
   layout = detect_layout(keys, path)
   suffixes = SUFFIXES[layout]
-  names = {module_name(m, layer, layout): (m, layer) for m in LINEARS
+  shapes = parameter_shapes(cfg)
+  # The linears this model has (a text-to-video model has no add_k_proj / image_embedder): an
+  # image-to-video LoRA on it names its image modules among the keys that do not fit.
+  names = {module_name(m, layer, layout): (m, layer) for m in ALL_LINEARS
+           if (*m, 'kernel') in shapes
            for layer in (range(cfg.num_layers) if is_block(m) else [None])}
   if layout == 'peft':  # diffusers writes the 'transformer.' prefix, save_lora_adapter does not
     names.update({'transformer.' + n: target for n, target in names.items()})
@@ -196,7 +209,6 @@ def import_lora(path: str, wan_config) -> tuple[dict, int, float]:
                      f'layers: {len(unfit)} keys name no LoRA part of its linear layers: '
                      f'{safetensors_io.listing(unfit)}')
 
-  shapes = parameter_shapes(cfg)
   alpha_of = _peft_alphas(metadata, layout)
   entries, problems = {}, []
   with safetensors_io.reader({k: path for k in keys}) as read:

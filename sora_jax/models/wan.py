@@ -124,6 +124,29 @@ class WanConfig:
     return cfg
 
 
+def i2v_frame_mask(latents_shape, dtype=jnp.float32):
+  """WanImageToVideoPipeline's frame mask for latents [B, T, H, W, C], channels-last
+  [B, T, H, W, 4]: the pixel-frame mask (1 for the first frame, 0 after) with the first frame repeated
+  to the VAE's temporal factor 4 and reshaped into 4 channels per latent frame, i.e. ones on latent
+  frame 0 and zeros on the others."""
+  b, t, h, w = latents_shape[:4]
+  first = (jnp.arange(t) == 0).astype(dtype)[None, :, None, None, None]
+  return jnp.broadcast_to(first, (b, t, h, w, I2V_MASK_CHANNELS))
+
+
+def i2v_condition(image_latents):
+  """The condition channels of the I2V input: [frame mask (4); VAE latents of [first frame, zero
+  frames]] (normalised, [B, T, H, W, C]) -> [B, T, H, W, 4 + C], in diffusers' order."""
+  mask = i2v_frame_mask(image_latents.shape, image_latents.dtype)
+  return jnp.concatenate([mask, image_latents], axis=-1)
+
+
+def i2v_input(noisy, condition):
+  """The I2V transformer input: [noisy latents (C); condition (4 + C)] on the channel axis, as
+  WanImageToVideoPipeline's torch.cat([latents, condition], dim=1)."""
+  return jnp.concatenate([noisy, condition.astype(noisy.dtype)], axis=-1)
+
+
 def wan22_variant(cfg: WanConfig) -> str | None:
   """Names the Wan 2.2 transformer a config is, from what only Wan 2.2 released (None otherwise):
   48 latent channels (the Wan 2.2 VAE's: TI2V-5B), or the 36-channel image-to-video input

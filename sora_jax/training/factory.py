@@ -66,14 +66,26 @@ def _build(config, rngs):
   return text_to_video.TextToVideo(encoder, video_model, config.diffusion.prediction)
 
 
+def wan_i2v(config) -> bool:
+  """A Wan 2.1 image-to-video run (model.wan.image_dim > 0): CLIP image tokens and the first
+  frame's latents condition every clip (sora_jax/training/objectives/wan_i2v.py)."""
+  return config.model.family == 'wan' and int(config.model.wan.get('image_dim', 0) or 0) > 0
+
+
 def wan_kwargs(config, channels: int) -> dict:
-  """diffusers WanTransformer3DModel config fields from a sora_jax config."""
+  """diffusers WanTransformer3DModel config fields from a sora_jax config. Image-to-video: the
+  input is the noisy latents, the 4-channel frame mask and the first frame's latents (2C + 4)."""
   w = config.model.wan
-  return dict(patch_size=tuple(config.model.patch_size), num_attention_heads=w.num_attention_heads,
-              attention_head_dim=w.attention_head_dim, in_channels=channels, out_channels=channels,
-              text_dim=text_width(config), freq_dim=w.freq_dim, ffn_dim=w.ffn_dim,
-              num_layers=w.num_layers, cross_attn_norm=w.cross_attn_norm, eps=w.eps,
-              rope_max_seq_len=w.rope_max_seq_len)
+  i2v = {}
+  if wan_i2v(config):
+    i2v = dict(in_channels=2 * channels + wan.I2V_MASK_CHANNELS, image_dim=int(w.image_dim),
+               added_kv_proj_dim=w.num_attention_heads * w.attention_head_dim)
+  return dict(dict(patch_size=tuple(config.model.patch_size),
+                   num_attention_heads=w.num_attention_heads,
+                   attention_head_dim=w.attention_head_dim, in_channels=channels,
+                   out_channels=channels, text_dim=text_width(config), freq_dim=w.freq_dim,
+                   ffn_dim=w.ffn_dim, num_layers=w.num_layers, cross_attn_norm=w.cross_attn_norm,
+                   eps=w.eps, rope_max_seq_len=w.rope_max_seq_len), **i2v)
 
 
 def vae_kwargs(v) -> dict:

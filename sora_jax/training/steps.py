@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sora_jax.config import buckets as buckets_lib
 from sora_jax.config import geometry
+from sora_jax.models import wan
 from sora_jax.parallel import sharding
 from sora_jax.training import factory, update
 
@@ -43,6 +44,15 @@ def batch_spec(config, bucket, *, text_dtype=jnp.float32, pixel_dtype=jnp.uint8)
   batch = dict(video=video_spec(config, bucket, pixel_dtype))
   if config.model.family != 'vae':
     batch.update(tokens=tokens, mask=mask)
+  if factory.wan_i2v(config):  # what frozen.Frozen.image_condition adds
+    from sora_jax.interop import clip_vision  # pylint: disable=g-import-not-at-top
+    clip = clip_vision.load_clip_vision_config(config.image_encoder)
+    video = batch['video']
+    batch.update(
+        image_condition=jax.ShapeDtypeStruct(
+            (*video.shape[:-1], video.shape[-1] + wan.I2V_MASK_CHANNELS), jnp.float32),
+        image_embeds=jax.ShapeDtypeStruct((bucket.batch_size, clip.num_positions,
+                                           clip.hidden_size), jnp.float32))
   return batch
 
 

@@ -8,14 +8,17 @@ from flax import nnx
 
 from sora_jax.common import tokenizers
 from sora_jax.config import geometry
+from sora_jax.training import factory
 from sora_jax.training.objectives import (autoencoder, frame_conditioned,
-                                          text_to_video, upscaler)
+                                          text_to_video, upscaler, wan_i2v)
 
 
 def objective(config):
   """The objective module (training/objectives/) that trains `config`."""
   if config.model.family == 'vae':
     return autoencoder
+  if factory.wan_i2v(config):
+    return wan_i2v
   if geometry.upscale_enabled(config):
     return upscaler
   if geometry.conditioning_enabled(config):
