@@ -33,8 +33,9 @@ from sora_jax.diffusion import flow
 from sora_jax.inference import frozen as frozen_lib
 from sora_jax.parallel import compiled as compiled_lib
 from sora_jax.parallel import sharding, topologies
-from sora_jax.training import metrics, steps
+from sora_jax.training import factory, metrics, steps
 from sora_jax.training import state as state_lib
+from sora_jax.training.objectives import wan_i2v
 
 PROGRAMS = ('train', 'sample', 'encode')
 
@@ -201,21 +202,27 @@ def sample_program(config, mesh, chip, *, count_flops=True):
     neg = _null_caption(cfg)
     batch_sh = sharding.batch_sharding(mesh)
 
-    def velocity(params, x, t, tokens, mask):
+    i2v = ('image_condition', 'image_embeds') if factory.wan_i2v(cfg) else ()
+
+    def velocity(params, x, t, tokens, mask, *image):
       model = nnx.merge(graphdef, state_lib.model_params(params, 'ema'))
       both_tokens = jnp.concatenate([tokens, jnp.broadcast_to(neg[0], tokens.shape)])
       both_mask = jnp.concatenate([mask, jnp.broadcast_to(neg[1], mask.shape)])
-      guided = flow.guided_velocity(lambda x2, t2: model(x2, t2, both_tokens, both_mask),
-                                    cfg.sample.guidance_scale)
-      return guided(x, t)
+      if image:  # Wan 2.1 I2V: both CFG halves see the image (sampling.make_generate)
+        both = [jnp.concatenate([v, v]) for v in image]
+        fn = lambda x2, t2: wan_i2v.velocity(model, x2, t2, both_tokens, both_mask, *both)
+      else:
+        fn = lambda x2, t2: model(x2, t2, both_tokens, both_mask)
+      return flow.guided_velocity(fn, cfg.sample.guidance_scale)(x, t)
 
     # The EMA weights (and a LoRA run's frozen base, which they adapt).
     keys = ('ema', 'frozen') if 'frozen' in abstract else ('ema',)
-    fn = jax.jit(velocity, in_shardings=({k: state_sh[k] for k in keys},) + (batch_sh,) * 4,
-                 out_shardings=batch_sh)
+    fn = jax.jit(velocity, in_shardings=({k: state_sh[k] for k in keys},)
+                 + (batch_sh,) * (4 + len(i2v)), out_shardings=batch_sh)
     spec = steps.batch_spec(cfg, bucket, text_dtype=text_dtype)
     args = ({k: abstract[k] for k in keys}, spec['video'],
-            jax.ShapeDtypeStruct((batch,), jnp.float32), spec['tokens'], spec['mask'])
+            jax.ShapeDtypeStruct((batch,), jnp.float32), spec['tokens'], spec['mask'],
+            *(spec[k] for k in i2v))
     num_params = sum(_count(abstract.get(k, {})) for k in ('params', 'frozen'))
     return fn, args, num_params, spec
 

@@ -81,3 +81,34 @@ def test_i2v_lora_on_a_t2v_model_names_the_image_modules(tmp_path):
   wl.export_lora(random_adapters(I2V), 4, 4.0, path)
   with pytest.raises(ValueError, match='k_img'):
     wl.import_lora(path, T2V)
+
+
+def test_i2v_lora_run_exports_its_image_adapters(tmp_path):
+  """A LoRA run on the I2V transformer (default targets: attn2's add_k_proj / add_v_proj too)
+  exports its adapters as a LoRA file and, merged, as a diffusers folder that loads as I2V."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from sora_jax import export  # pylint: disable=g-import-not-at-top
+  from sora_jax.training import factory  # pylint: disable=g-import-not-at-top
+  from test_wan_i2v_training import i2v_config, i2v_pipeline  # pylint: disable=g-import-not-at-top
+  config = i2v_config(i2v_pipeline(tmp_path / 'Wan-I2V-tiny'))
+  config.lora.rank, config.lora.alpha = 4, 8.0
+  model = factory.build(config, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  flat = {p: rng.standard_normal(v.shape).astype(np.float32) if p[-1] == 'lora_b'
+          else np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+  dit = {p[1:]: v for p, v in flat.items() if p[0] == 'dit'}
+  _, adapters = wl.split_adapters(dit)
+  assert {('blocks', 'attn2', 'add_k_proj'), ('blocks', 'attn2', 'add_v_proj')} <= set(adapters)
+  path = str(tmp_path / 'run.safetensors')
+  wl.export_lora(adapters, 4, 8.0, path)
+  back, rank, alpha = wl.import_lora(path, export.diffusers_config(config))
+  assert (rank, alpha) == (4, 8.0) and back.keys() == adapters.keys()
+  np.testing.assert_allclose(back[('blocks', 'attn2', 'add_k_proj')]['lora_b'],
+                             adapters[('blocks', 'attn2', 'add_k_proj')]['lora_b'], rtol=1e-6)
+  base, _ = wl.split_adapters(dit)
+  merged = wl.merge(base, adapters, 4, 8.0)
+  wl.export_diffusers(merged, export.diffusers_config(config), str(tmp_path / 'merged'))
+  loaded = wt.load_wan_transformer(str(tmp_path / 'merged'), task='i2v').model
+  got = np.asarray(loaded.blocks.attn2.add_k_proj.kernel.get_value())
+  np.testing.assert_allclose(got, merged[('blocks', 'attn2', 'add_k_proj', 'kernel')], rtol=1e-6)

@@ -207,3 +207,21 @@ def test_i2v_14b_config_carries_the_architecture():
   # + 20 more input channels in the patch embedding: diffusers' Wan2.1-I2V-14B, 16.4B.
   print(f'Wan 2.1 I2V-14B transformer: {count:,} parameters')
   assert 16.3e9 < count < 16.6e9, count
+
+
+@pytest.mark.slow  # ~1-2 minutes on 2 CPU cores
+def test_i2v_programs_compile_for_a_tpu_slice(pipe):
+  """`sora_jax.compile`'s train, sample and encode programs of an I2V run (the tiny folder)."""
+  pytest.importorskip('libtpu')
+  from sora_jax import compile as compile_cli  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import topologies  # pylint: disable=g-import-not-at-top
+  config = i2v_config(pipe)
+  config.batch_size, config.mesh.data = 4, 1
+  target = topologies.parse('v5p-8')
+  mesh = compile_cli.target_mesh(config, target, 1)
+  entries = compile_cli.compile_all(config, mesh, target, ('train', 'sample', 'encode'),
+                                    count_flops=False)
+  names = [e['name'] for e in entries]
+  assert names[0].startswith('train 5x32x32') and names[1].startswith('sample step'), names
+  assert any(n.startswith('image encoder (CLIP) batch 4x42x42') for n in names), names
+  assert all(e['fits'] for e in entries)

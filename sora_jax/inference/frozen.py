@@ -263,6 +263,17 @@ def abstract_encode_steps(config, mesh, bucket):
     out.append((f'autoencoder encode batch {b}x{"x".join(map(str, bucket.shape))}', step,
                 (spec(params, params_sh),
                  jax.ShapeDtypeStruct((b, *bucket.shape, 3), jnp.float32))))
+  if factory.wan_i2v(config):  # the CLIP tower over each clip's preprocessed first frame
+    from sora_jax.interop import clip_vision  # pylint: disable=g-import-not-at-top
+    clip = clip_vision.load_clip_vision_config(config.image_encoder)
+    graphdef, params = nnx.split(clip_vision.abstract_clip_vision_model(
+        clip, dtype=jnp.dtype(config.model.dtype)))
+    params_sh = sharding.state_shardings(params, mesh)
+    step = jax.jit(lambda p, x, g=graphdef: nnx.merge(g, p)(x, hidden_layer=-2).astype(jnp.float32),
+                   in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
+    out.append((f'image encoder (CLIP) batch {b}x{clip.image_size}x{clip.image_size}', step,
+                (spec(params, params_sh),
+                 jax.ShapeDtypeStruct((b, clip.image_size, clip.image_size, 3), jnp.float32))))
   return out
 
 
