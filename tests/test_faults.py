@@ -1,14 +1,17 @@
 """Faults a long run survives (README, Training: the faults table), injected: non-finite steps (a
 NaN batch, an overflow), failed checkpoint saves (an injected ENOSPC; a full tmpfs where the test may
 mount one; a read-only folder where the test is not root), a damaged newest checkpoint (array data,
-metadata, data-iterator state; truncated or overwritten). Tiny configs; the whole module takes
-~2 min on 2 CPU cores, most of it compiling."""
+metadata, data-iterator state; truncated or overwritten), training samples over their time budget;
+on 2 processes also saves that fail on one or on both. Tiny configs; the whole module takes ~2 min
+on 2 CPU cores, most of it compiling (the 2-process tests are `slow`)."""
 
 import errno
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -20,7 +23,9 @@ import pytest
 
 from data_pipelines import pipeline
 from sora_jax import cli, train
+from sora_jax.common import video_io
 from sora_jax.config import geometry, validation
+from sora_jax.evaluation import previews
 from sora_jax.inference import frozen as frozen_lib
 from sora_jax.inference import restore
 from sora_jax.parallel import sharding
@@ -352,3 +357,172 @@ def test_two_processes_fall_back_together_and_stop_together(manifest, env, tmp_p
   log = open(tmp_path / 'overflow.log').read()
   assert 'FloatingPointError: Steps 3-4 all had a non-finite loss' in log, log[-5000:]
   assert listing(overflow) == ['3']
+
+
+# ---- Training samples within a time budget.
+
+def samples_of(workdir: str, step: int) -> list[dict]:
+  with open(os.path.join(workdir, 'samples', f'step_{step}', 'samples.json')) as f:
+    return json.load(f)['samples']
+
+
+SIXTEEN_PROMPTS = tuple(previews.sample_prompts(2)) + tuple(
+    f'a {c} square moving {d}' for c in ('red', 'green', 'blue', 'yellow', 'white', 'purple', 'orange')
+    for d in ('left', 'right'))
+
+
+def test_a_sampling_budget_stops_after_one_batch_and_the_run_goes_on(tiny_run, tmp_path, caplog):
+  config = tiny_config()  # 8 devices, batch 8: previews in batches of 8
+  config.sample_every_steps = 3
+  config.sample.prompts = SIXTEEN_PROMPTS  # two batches
+  config.sample.max_seconds = 1e-9  # runs out during the first
+  workdir = str(tmp_path)
+  with caplog.at_level('WARNING'):
+    train.train(config, workdir)
+  warned = [r.getMessage() for r in caplog.records if 'config.sample.max_seconds' in r.getMessage()]
+  assert len(warned) == 2 and all('8 of the 16 videos were made' in w for w in warned), warned
+  assert read_metrics(workdir) == read_metrics(tiny_run[1])  # trained on, as without samples
+  assert listing(workdir) == ['2', '4', '6']
+  for step in (3, 6):
+    assert [s['prompt'] for s in samples_of(workdir, step)] == list(SIXTEEN_PROMPTS[:8])
+  # Batched by 8 or all at once, a video's noise is its own: tiny_run's two are these two.
+  for ours, theirs in zip(samples_of(workdir, 6), samples_of(tiny_run[1], 6), strict=False):
+    assert ours['prompt'] == theirs['prompt']
+    np.testing.assert_array_equal(video_io.read_video(ours['path']),
+                                  video_io.read_video(theirs['path']))
+
+
+def test_the_sampling_budget_is_validated():
+  config = tiny_config()
+  for bad in (-1.0, float('nan')):
+    config.sample.max_seconds = bad
+    with pytest.raises(ValueError, match=r'config.sample.max_seconds=.* must be >= 0'):
+      validation.validate(config, jax.device_count())
+
+
+# ---- Two processes: samples within a budget, failed saves.
+
+# sora_jax.train with faults injected by environment variables, run by launch/local.sh as each
+# process of a 2-process job. FAIL_SAVES="3:0,1": step 3's data-iterator write raises ENOSPC on
+# processes 0 and 1 (in the save's blocking part, as a full disk would). FAIL_WRITES="3:1": step 3's
+# background writes fail on process 1 (as array files on a full disk would), with Orbax's barrier
+# timeout cut to BARRIER_TIMEOUT seconds. STOPPED_CLOCK="1": the sampling budget's clock stands
+# still on process 1 (alone, it would sample on past the budget).
+FAULTY_TRAIN = r"""
+import errno, os, re, runpy
+import grain._src.python.checkpoint.handler as grain_handler
+import orbax.checkpoint.options as orbax_options
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+process = int(os.environ['JAX_PROCESS_ID'])
+step_of = lambda path: int(re.match(r'\d+', os.path.basename(str(path))).group())
+if os.environ.get('FAIL_SAVES'):
+  steps, processes = ({int(s) for s in part.split(',')}
+                      for part in os.environ['FAIL_SAVES'].split(':'))
+  save = grain_handler.CheckpointHandler.save
+
+  def maybe_fail(self, directory, *args, **kwargs):
+    if step_of(os.path.dirname(str(directory))) in steps and process in processes:
+      raise OSError(errno.ENOSPC, 'No space left on device (injected)')
+    return save(self, directory, *args, **kwargs)
+  grain_handler.CheckpointHandler.save = maybe_fail
+if os.environ.get('FAIL_WRITES'):
+  write_steps, write_processes = ({int(s) for s in part.split(',')}
+                                  for part in os.environ['FAIL_WRITES'].split(':'))
+  defaults = orbax_options.AsyncOptions.__init__.__defaults__
+  orbax_options.AsyncOptions.__init__.__defaults__ = (int(os.environ['BARRIER_TIMEOUT']),
+                                                      *defaults[1:])
+  start_save = async_checkpointer.AsyncCheckpointer._save
+
+  class Failing:  # a commit future, awaited in the background thread
+    def result(self, timeout=None):
+      raise OSError(errno.ENOSPC, 'No space left on device (injected, background)')
+
+  async def failing_save(self, tmpdir, *args, **kwargs):
+    ops = await start_save(self, tmpdir, *args, **kwargs)
+    if step_of(tmpdir.get_final()) in write_steps and process in write_processes:
+      ops = [*ops, Failing()]
+    return ops
+  async_checkpointer.AsyncCheckpointer._save = failing_save
+if str(process) in os.environ.get('STOPPED_CLOCK', '').split(','):
+  from sora_jax.evaluation import previews
+  previews.time = type('Stopped', (), {'perf_counter': staticmethod(lambda: 0.0)})
+runpy.run_module('sora_jax.train', run_name='__main__', alter_sys=True)
+"""
+STALL = 300  # s: a 2-process run here takes ~1.5 min; one that waits in a collective never ends
+
+
+def run_faulty(manifest, env, tmp_path, name: str, *flags, **faults) -> str:
+  """A 2 x 2-device run of tests/multihost_config.py with `faults` (FAULTY_TRAIN's variables) in
+  tmp_path/name; its log. Fails the test if it exits non-zero or stalls (then killed)."""
+  script = tmp_path / 'faulty_train.py'
+  script.write_text(FAULTY_TRAIN)
+  args = [sys.executable, str(script), f'--config={mh.CONFIG}',
+          f'--config.data.manifest={manifest}', f'--workdir={tmp_path / name}', *flags]
+  with open(tmp_path / f'{name}.log', 'w') as log:
+    launcher = mh.launch(2, 2, args, dict(env, **faults), log)
+    try:
+      rc = launcher.wait(STALL)
+    except subprocess.TimeoutExpired:
+      os.killpg(launcher.pid, signal.SIGKILL)  # local.sh and both processes
+      launcher.wait()
+      rc = 'a stall'
+  text = open(tmp_path / f'{name}.log').read()
+  assert rc == 0, f'{name}: {rc}\n{text[-5000:]}'
+  return text
+
+
+def losses_by_process(log: str) -> dict[int, list]:
+  """{process: [(step, loss), ...]} from the progress lines each process prints."""
+  out = {}
+  for p, step, loss in re.findall(r'^\[(\d)\] .*\] step (\d+)/\d+ +loss (\S+)', log, re.M):
+    out.setdefault(int(p), []).append((int(step), loss))
+  return out
+
+
+@pytest.mark.slow  # one 2-process launch, ~1.5 min
+def test_two_processes_sample_within_a_budget_together(manifest, env, tmp_path):
+  log = run_faulty(manifest, env, tmp_path, 'run', '--config.sample_every_steps=3',
+                   '--config.sample.max_seconds=1e-9',
+                   f'--config.sample.prompts={SIXTEEN_PROMPTS!r}', STOPPED_CLOCK='1')
+  for p in (0, 1):  # process 1's own clock never runs out: it follows process 0's decision
+    warned = re.findall(rf'^\[{p}\] W.*config.sample.max_seconds=1e-09 ran out.*', log, re.M)
+    assert len(warned) == 2, log[-5000:]
+    assert all('8 of the 16 videos were made' in w for w in warned), warned
+  losses = losses_by_process(log)
+  assert losses[0] == losses[1] and [s for s, _ in losses[0]] == list(range(1, 7))
+  assert [len(samples_of(str(tmp_path / 'run'), step)) for step in (3, 6)] == [8, 8]
+  assert listing(str(tmp_path / 'run')) == ['3', '6']
+
+
+@pytest.mark.slow  # three 2-process launches, ~3 min
+def test_two_processes_fail_a_save_together_and_retry(manifest, env, tmp_path):
+  """Step 3's save fails on both processes; on process 1 only (which used to leave process 0 in
+  Orbax's next barrier, a device collective, for ever); in process 1's background writes only
+  (process 0 fails it at Orbax's barrier timeout, cut to 30 s here). Both processes log it, train
+  on, save step 6 and finish; the three runs' logged numbers and checkpoints are the same."""
+  enospc = re.escape('OSError: [Errno 28] No space left on device (injected')
+  # {run: (faults, what process 0 logs as the cause, what process 1 logs), regular expressions}
+  runs = {'both': ({'FAIL_SAVES': '3:0,1'}, enospc, enospc),
+          'one': ({'FAIL_SAVES': '3:1'},
+                  re.escape('SaveFailedElsewhere: process(es) 1 of 2 could not write'), enospc),
+          # Which error a process meets first varies: one of Orbax's barriers timing out (any),
+          # or on process 1 its own.
+          'background': ({'FAIL_WRITES': '3:1', 'BARRIER_TIMEOUT': '30'}, '[Tt]imed out',
+                         f'[Tt]imed out|{enospc}')}
+  for name, (faults, *causes) in runs.items():
+    log = run_faulty(manifest, env, tmp_path, name, **faults)
+    for p in (0, 1):
+      failed = re.findall(rf'^\[{p}\] E.*Saving the checkpoint of step 3 failed \(1 in a row.*',
+                          log, re.M)
+      assert len(failed) == 1 and 'the next checkpoint step tries again' in failed[0], log[-5000:]
+      assert re.search(causes[p], failed[0]), failed[0]
+    if name == 'background':
+      assert re.search(rf'^\[1\] {enospc}, background\)', log, re.M), log[-5000:]
+    losses = losses_by_process(log)
+    assert losses[0] == losses[1] and [s for s, _ in losses[0]] == list(range(1, 7))
+    assert listing(str(tmp_path / name)) == ['6']  # no partial folder of step 3 left
+  numbers = [mh.numbers(mh.read_metrics(str(tmp_path / name))) for name in runs]
+  assert numbers[1:] == numbers[:1] * 2
+  for item in ('checksums/metadata', 'dataset/process_0-of-2.json', 'dataset/process_1-of-2.json'):
+    saved = [open(tmp_path / name / 'checkpoints' / '6' / item).read() for name in runs]
+    assert saved[1:] == saved[:1] * 2, item

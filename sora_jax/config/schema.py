@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Wan 2.1 image-to-video (model.wan.image_dim > 0): the frozen CLIP image encoder, a folder holding
   # image_encoder/ and image_processor/ (a diffusers WanImageToVideoPipeline folder).
   c.image_encoder = ''
-  c.num_train_samples = 4  # videos written by periodic sampling
+  c.num_train_samples = 4  # videos written by periodic sampling (not config.sample.prompts: all)
   c.peak_tflops_per_device = 0.0  # for the logged MFU; 0: from the device kind (unknown on CPU)
   # XLA's persistent compilation cache (restarts, resumes and other hosts load compiled programs
   # instead of compiling again); '' turns it off.
@@ -207,6 +207,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.sampler = 'euler'  # 'euler' | 'heun' | 'dpm++2m' (sora_jax/diffusion/samplers.py)
   c.sample.negative_prompt = ''  # the unconditional half of CFG sees this caption
   c.sample.prompts = ()  # training previews; empty: shapes prompts, or the data's first captions
+  # Training previews stop after the batch during which this many seconds ran out (0: no limit),
+  # on every process alike, with a warning saying how many videos were made.
+  c.sample.max_seconds = 0.0
   c.sample.guidance_schedule = 'constant'  # 'constant' | 'linear' | 'interval'
   c.sample.guidance_interval = (0.0, 1.0)  # flow-time interval for 'interval'
 

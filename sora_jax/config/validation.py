@@ -212,6 +212,9 @@ def validate(config, num_devices: int, *, weights: bool = True) -> dict[str, int
               'keep_checkpoints', 'max_failed_saves'):
     if int(config[key]) <= 0:
       raise ValueError(f'config.{key}={config[key]} must be positive.')
+  if not float(config.sample.max_seconds) >= 0:  # NaN too
+    raise ValueError(f'config.sample.max_seconds={config.sample.max_seconds} must be >= 0 (0: no'
+                     ' limit on the time training previews take).')
   if int(config.optim.max_nonfinite_steps) < 1:
     raise ValueError(f'config.optim.max_nonfinite_steps={config.optim.max_nonfinite_steps} must be'
                      ' >= 1.')

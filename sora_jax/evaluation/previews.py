@@ -4,11 +4,22 @@ preview per objective, so the train loop knows none of them.
   text-to-video / frame-conditioned: videos of fixed prompts (preview_prompts);
   upscaler: bilinear | upscaled | real clips side by side;
   autoencoder: fixed clips above their reconstructions.
+
+Every process runs them (their collectives are those of training): generated previews in batches
+of config.batch_size over the training mesh, process 0 writing the files. How many:
+config.sample.prompts when set (all of them), else config.num_train_samples. How long:
+config.sample.max_seconds (0: no limit) stops them after the batch during which it ran out, on
+every process alike (process 0's clock decides), with a warning saying how many videos were made.
 """
 
+import time
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from data_pipelines import pipeline, shapes
 from sora_jax.common import video_io
@@ -52,13 +63,56 @@ def reconstruct(graphdef, params, video):
   return np.asarray(jnp.clip(model.decode(model.encode(jnp.asarray(video))[0]), -1.0, 1.0))
 
 
+def generate_within_budget(generate, params, prompts, *, config, mesh, frozen,
+                           lowres=None) -> np.ndarray:
+  """sampling.generate_videos in batches of config.batch_size (the same videos: one noise key per
+  video, by its index), stopping after the batch during which config.sample.max_seconds ran out.
+  Returns the uint8 videos made, [M <= N, T, H, W, 3]. Call it on every process."""
+  max_seconds = float(config.sample.get('max_seconds', 0.0))  # absent in older workdirs
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  batch_size = -(-min(config.batch_size, len(prompts)) // shards) * shards
+  started, out = time.perf_counter(), []
+  for start in range(0, len(prompts), batch_size):
+    out.append(sampling.generate_videos(
+        _keys_from(generate, config.seed, start), params, prompts[start:start + batch_size],
+        config=config, mesh=mesh, seed=config.seed, batch_size=batch_size, frozen=frozen,
+        lowres=None if lowres is None else lowres[start:start + batch_size]))
+    made = start + len(out[-1])
+    if max_seconds and made < len(prompts) and _out_of_time(started, max_seconds):
+      logging.warning('Training samples: config.sample.max_seconds=%g ran out after %.1f s; %d of'
+                      ' the %d videos were made, the others are skipped this time.', max_seconds,
+                      time.perf_counter() - started, made, len(prompts))
+      break
+  return np.concatenate(out)
+
+
+def _keys_from(generate, seed: int, start: int):
+  """`generate` given the noise keys of videos start, start + 1, ...: generate_videos numbers a
+  call's videos from 0, this batch's are the whole list's from `start`."""
+  def shifted(params, tokens, mask, keys, **extra):
+    base = jax.random.PRNGKey(seed)
+    ours = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + len(keys)))
+    return generate(params, tokens, mask, jax.device_put(np.asarray(ours), keys.sharding), **extra)
+  return shifted
+
+
+def _out_of_time(started: float, max_seconds: float) -> bool:
+  """Whether process 0's sampling has taken max_seconds: one decision for every process, so that
+  none waits in a collective for another that has stopped."""
+  late = np.array(time.perf_counter() - started >= max_seconds)
+  if jax.process_count() > 1:
+    late = multihost_utils.broadcast_one_to_all(late)
+  return bool(late)
+
+
 def _generated(graphdef, config, mesh, frozen):
   generate = sampling.make_generate(graphdef, config, frozen=frozen, **sampling.settings(config))
   prompts = preview_prompts(config)
 
   def preview(params):
-    return sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh,
-                                    seed=config.seed, batch_size=len(prompts), frozen=frozen), prompts
+    videos = generate_within_budget(generate, params, prompts, config=config, mesh=mesh,
+                                    frozen=frozen)
+    return videos, prompts[:len(videos)]
   return preview
 
 
@@ -68,11 +122,11 @@ def _upscaled(graphdef, config, mesh, frozen):
   def preview(params):
     clips, prompts = upscaling.eval_clips(config, 'heldout', config.num_train_samples)
     low = np.asarray(cascade.downsample(clips, config.upscale.factor))
-    up = sampling.generate_videos(generate, params, prompts, config=config, mesh=mesh,
-                                  seed=config.seed, batch_size=len(prompts), frozen=frozen,
-                                  lowres=low)
-    bilinear = video_io.to_uint8(np.asarray(cascade.upsample(low, config.upscale.factor)))
-    return np.concatenate([bilinear, up, video_io.to_uint8(clips)], axis=3), prompts
+    up = generate_within_budget(generate, params, prompts, config=config, mesh=mesh,
+                                frozen=frozen, lowres=low)
+    n = len(up)
+    bilinear = video_io.to_uint8(np.asarray(cascade.upsample(low[:n], config.upscale.factor)))
+    return np.concatenate([bilinear, up, video_io.to_uint8(clips[:n])], axis=3), prompts[:n]
   return preview
 
 

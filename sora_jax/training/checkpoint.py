@@ -8,18 +8,20 @@ also 'base' (training/state.py `base_record`: which frozen base its adapters app
 reads overwritten bytes as they are).
 
 Faults: a save that fails (disk full, no permission) is logged and tried again at the next
-checkpoint step (`Saver`); a checkpoint that does not restore is skipped for the newest one that
-does, and set aside as <step>.damaged-<time> (`restore_newest`). Orbax writes a checkpoint into
-<step>.orbax-checkpoint-tmp and renames it to <step> once complete (on GCS: a commit marker), so a
-partial save is never listed as a step.
+checkpoint step, by every process alike (`Saver`); a checkpoint that does not restore is skipped
+for the newest one that does, and set aside as <step>.damaged-<time> (`restore_newest`). Orbax
+writes a checkpoint into <step>.orbax-checkpoint-tmp and renames it to <step> once complete (on GCS:
+a commit marker), so a partial save is never listed as a step.
 """
 
+import dataclasses
 import glob
 import logging
 import os
 import re
 import shutil
 import time
+from typing import Any
 
 import grain
 import jax
@@ -67,7 +69,7 @@ def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.Checkp
 
 def save(mngr, step: int, state, iterator, *, force: bool = False, base: dict | None = None):
   """Async save: returns once device buffers are copied, so the next step may donate them."""
-  items = dict(state=ocp.args.StandardSave(state), dataset=grain.checkpoint.CheckpointSave(iterator),
+  items = dict(state=ocp.args.StandardSave(state), dataset=_IteratorSave(iterator),
                layout=ocp.args.JsonSave({'process_count': jax.process_count()}),
                checksums=ocp.args.JsonSave(checksums(state)))
   if base is not None:
@@ -125,6 +127,48 @@ def _short(error: BaseException, limit: int = 300) -> str:
   return f'{type(error).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
 
 
+class SaveFailedElsewhere(RuntimeError):
+  """This process wrote its part of a checkpoint save; another process could not write its own."""
+
+
+class _IteratorHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's handler, whose save every process agrees on. Each process writes its own iterator file
+  in the save's blocking part; a process whose write failed would leave the save while the others
+  go on into Orbax's next barrier (a device collective) and wait there for ever, the failed one
+  training on into the next step's collectives. Instead the processes allgather their outcomes
+  and all fail the save together, the others with SaveFailedElsewhere naming the process."""
+
+  def save(self, directory, item=None, args=None):
+    try:
+      super().save(directory, item, args)
+      error = None
+    except Exception as e:  # pylint: disable=broad-except  # whatever the disk raises
+      error = e
+    failed = []
+    if jax.process_count() > 1:  # every process, at the same point of every save
+      ok = np.asarray(multihost_utils.process_allgather(np.array(error is None)), bool)
+      failed = [int(i) for i in np.flatnonzero(~ok.reshape(-1))]
+    if error is not None:
+      raise error
+    if failed:
+      raise SaveFailedElsewhere(f'process(es) {", ".join(map(str, failed))} of'
+                                f' {jax.process_count()} could not write the data-iterator state')
+
+
+@ocp.args.register_with_handler(_IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class _IteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class _IteratorRestore(ocp.args.CheckpointArgs):
+  """Orbax wants a handler's restore arguments too; restores go through Grain's handler itself
+  (`_restore_iterator`)."""
+  item: Any
+
+
 class SaveFailed(RuntimeError):
   """config.max_failed_saves checkpoint saves in a row failed, or the run's last one did."""
 
@@ -134,7 +178,14 @@ class Saver:
   takes the space a disk-full retry needs) and training goes on, trying again at the next
   checkpoint step; `max_failed` failures in a row raise SaveFailed. An async save's failure (the
   array files are written in the background) surfaces when it is awaited: at the next save, or at
-  `finish`."""
+  `finish`.
+
+  Several processes: a failure in a save's blocking part (each process's data-iterator file) is
+  agreed on (`_IteratorHandler`): all processes count the step failed, retry and stop together. A
+  background write that fails on some processes only fails on all at Orbax's own barriers
+  (key-value store, with a timeout: AsyncOptions.timeout_secs, 20 min from the save's start):
+  training goes on meanwhile; the next save waits for that timeout, then every process counts the
+  step failed (tests/test_faults.py, with the timeout cut short)."""
 
   def __init__(self, mngr, max_failed: int):
     self.mngr, self.max_failed = mngr, max_failed
