@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import pipeline
-from sora_jax import cli, train
+from sora_jax import train
 from sora_jax.common import video_io
 from sora_jax.config import geometry, validation
 from sora_jax.evaluation import previews
@@ -314,7 +314,7 @@ def test_sampling_falls_back_but_a_named_damaged_step_is_one_clear_error(damaged
   before = listing(workdir)
   *_, step = restore.load(workdir)
   assert step == 4 and listing(workdir) == before  # readers leave the training run's files alone
-  with pytest.raises(cli.UserError, match=r'^Checkpoint step 6 in \S+ does not restore \(Damaged'
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r'^Checkpoint step 6 in \S+ does not restore \(Damaged'
                      r'Checkpoint: step 6: \d+ array\(s\) differ from what was saved .*\); its other'
                      r' steps: \[2, 4\]\.$') as e:
     restore.load(workdir, step=6)
