@@ -61,8 +61,12 @@ def model_shapes(config) -> dict:
 def check_init_from(config) -> None:
   """A config.init_from workdir must hold this model's architecture (ValueError naming the keys that
   differ), checked from its config.json before anything loads or compiles."""
-  if not config.init_from or not os.path.exists(os.path.join(config.init_from, 'config.json')):
-    return  # not a sora_jax workdir (a Wan folder is checked by its importer)
+  path = os.path.join(config.init_from, 'config.json') if config.init_from else ''
+  if not path or not os.path.exists(path):
+    return
+  with open(path) as f:
+    if 'model' not in json.load(f):
+      return  # a diffusers folder, not a sora_jax workdir: its importer checks it
   base = schema.load_config(config.init_from)
   ours = {k: v for k, v in model_shapes(config).items()
           if not k.endswith(('lora_a', 'lora_b'))}
