@@ -27,13 +27,8 @@ OTHER_WAN_LORA = os.path.join(ROOT, 'tests', 'fixtures', 'wan_lora_comfy.safeten
 def lora_config(path):
   """configs/wan2_1_t2v_1_3b_lora.py on the tiny pipeline at `path`, at its dimensions (the
   overrides of test_latent.wan_config)."""
-  c = schema.config_file(LORA_CONFIG, 'wan2_1_t2v_1_3b_lora.py').get_config(path)
-  c.model.wan.num_attention_heads, c.model.wan.attention_head_dim = 2, 16
-  c.model.wan.ffn_dim, c.model.wan.num_layers, c.model.wan.freq_dim = 64, 2, 32
-  c.model.dtype, c.model.remat = 'float32', 'none'
-  c.data.num_frames, c.data.height, c.data.width, c.data.fps = 5, 32, 32, 8
-  c.text.max_length = 16
-  c.diffusion.shift_base_tokens = 8
+  c = test_latent.tiny_wan(
+      schema.config_file(LORA_CONFIG, 'wan2_1_t2v_1_3b_lora.py').get_config(path))
   c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 8, 3, 1, 3
   c.mesh.data, c.mesh.fsdp, c.mesh.context = 2, -1, 1
   c.optim.warmup_steps = 1

@@ -108,9 +108,9 @@ def test_autoencoder_config_errors(vae_run):
     validation.validate(config, 8)
 
 
-def wan_pipeline(root):
+def wan_pipeline(root, transformer=os.path.join(FIXTURES, 'wan_transformer_tiny_t2v')):
   """A diffusers WanPipeline folder of tiny random parts (what a user downloads, in miniature)."""
-  shutil.copytree(os.path.join(FIXTURES, 'wan_transformer_tiny_t2v'), root / 'transformer')
+  shutil.copytree(transformer, root / 'transformer')
   shutil.copytree(os.path.join(FIXTURES, 'wan_vae_tiny'), root / 'vae')
   os.makedirs(root / 'text_encoder')
   os.makedirs(root / 'tokenizer')
@@ -120,20 +120,25 @@ def wan_pipeline(root):
   return str(root)
 
 
-def wan_config(path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'wan_cfg', os.path.join(os.path.dirname(FIXTURES), '..', 'configs', 'wan2_1_t2v_1_3b.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(path)
-  # The tiny transformer's dims; 5 frames of 32x32 -> 2x4x4 latents -> 8 tokens.
+def tiny_wan(c):
+  """A Wan config at the tiny fixture transformer's dims; 5 frames of 32x32 -> 2x4x4 latents -> 8
+  tokens."""
   c.model.wan.num_attention_heads, c.model.wan.attention_head_dim = 2, 16
   c.model.wan.ffn_dim, c.model.wan.num_layers, c.model.wan.freq_dim = 64, 2, 32
   c.model.dtype, c.model.remat = 'float32', 'none'
   c.data.num_frames, c.data.height, c.data.width, c.data.fps = 5, 32, 32, 8
   c.text.max_length = 16
   c.diffusion.shift_base_tokens = 8
+  return c
+
+
+def wan_config(path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'wan_cfg', os.path.join(os.path.dirname(FIXTURES), '..', 'configs', 'wan2_1_t2v_1_3b.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = tiny_wan(module.get_config(path))
   c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 8, 2, 1, 2
   c.mesh.data, c.mesh.fsdp, c.mesh.context = 2, -1, 1
   c.optim.warmup_steps = 1

@@ -24,7 +24,7 @@ from sora_jax.training import factory, steps, update
 from sora_jax.training import state as state_lib
 
 import programs
-from test_latent import wan_config
+from test_latent import wan_config, wan_pipeline
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,15 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def i2v_pipeline(root):
   """A diffusers WanImageToVideoPipeline folder of tiny random parts."""
-  for part in ('transformer', 'image_encoder', 'image_processor'):
+  for part in ('image_encoder', 'image_processor'):
     shutil.copytree(os.path.join(FIXTURES, 'wan_i2v_tiny', part), root / part)
-  shutil.copytree(os.path.join(FIXTURES, 'wan_vae_tiny'), root / 'vae')
-  os.makedirs(root / 'text_encoder')
-  os.makedirs(root / 'tokenizer')
-  for name in ('config.json', 'model.safetensors'):
-    shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', name), root / 'text_encoder')
-  shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', 'spiece.model'), root / 'tokenizer')
-  return str(root)
+  return wan_pipeline(root, os.path.join(FIXTURES, 'wan_i2v_tiny', 'transformer'))
 
 
 def i2v_config(path):
