@@ -80,6 +80,7 @@ def run(main, define_flags, required=()):
   """absl's app.run for a program: flags defined here (so modules import cleanly), flag errors,
   UserErrors and a checkpoint the user named that does not restore, from `main`, as one line."""
   topologies.skip_absent_tpu()
+  topologies.enough_cpu_threads()
   define_flags()
 
   def checked_main(argv):
@@ -102,6 +103,8 @@ def define_sampler_flags():
   """The sampling flags shared by the `sample` and `evaluate` programs (unset: config.sample's)."""
   flags.DEFINE_integer('num_steps', None, 'ODE steps (default: config.sample.num_steps).')
   flags.DEFINE_float('guidance_scale', None, 'CFG scale (default: config.sample.guidance_scale).')
+  flags.DEFINE_float('guidance_scale_2', None, 'Wan 2.2 A14B: the low-noise expert\'s CFG scale'
+                     ' (default: config.sample.guidance_scale_2; 0: --guidance_scale).')
   flags.DEFINE_enum('sampler', None, list(samplers.SAMPLERS),
                     'ODE solver (default: config.sample.sampler, else euler). Model calls per video'
                     ' for N steps: euler N, heun 2N - 1, dpm++2m N.')
@@ -124,4 +127,4 @@ def flag_values() -> dict:
     interval = tuple(float(v) for v in interval)
   return {'num_steps': f.num_steps, 'guidance_scale': f.guidance_scale, 'sampler': f.sampler,
           'negative_prompt': f.negative_prompt, 'guidance_schedule': f.guidance_schedule,
-          'guidance_interval': interval}
+          'guidance_interval': interval, 'guidance_scale_2': f.guidance_scale_2}

@@ -3,6 +3,8 @@ names, and the encode / decode programs compiled with explicit shardings (no per
 umT5 / the VAE from device 0)."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,28 @@ def test_indivisible_dimensions_are_replicated():
   split = lambda mesh: _split_over(sharding.state_shardings(abstract, mesh)['kernel'].spec)
   assert split(_mesh(1, 6)) == [set(), {'fsdp'}]
   assert split(_mesh(1, 8)) == [set(), set()]
+
+
+def test_fake_cpu_devices_get_threads_enough_for_concurrent_collectives():
+  """XLA:CPU's pools are max(cores, devices) threads: 8 fake devices on 2 cores could all block at
+  two concurrent all-reduces (a train step aborted at the 40 s rendezvous timeout). The programs
+  (cli.run -> topologies.enough_cpu_threads) raise that to 4 per device before JAX starts."""
+  code = (
+      'import collections, os\n'
+      'from sora_jax.parallel import topologies\n'
+      'topologies.enough_cpu_threads()\n'
+      'import jax, jax.numpy as jnp\n'
+      'x = jax.device_put(jnp.ones((8, 4)), jax.sharding.NamedSharding(\n'
+      '    jax.make_mesh((8,), ("d",)), jax.sharding.PartitionSpec("d")))\n'
+      'jax.jit(jnp.sum)(x).block_until_ready()\n'
+      'names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip()\n'
+      '                            for t in os.listdir("/proc/self/task"))\n'
+      'print(os.environ["NPROC"], names["tf_XLAEigen"])\n')
+  env = {k: v for k, v in os.environ.items() if k != 'NPROC'}
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  nproc, threads = map(int, out.stdout.split())
+  assert nproc == max(os.cpu_count(), 32)
+  if os.path.isdir('/proc/self/task'):  # Linux: the pool XLA:CPU made
+    assert threads >= 32, threads

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +159,19 @@ def tpu_present() -> bool:
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except Exception:  # pylint: disable=broad-except
     return False
+
+
+def enough_cpu_threads(per_device: int = 4):
+  """XLA:CPU sizes its thread pools max(cores, devices) (cores: the NPROC variable if set). A
+  program's collectives block their thread until every device arrives, and a device may run
+  several independent ones at once: with 8 fake devices on a 2-core machine, 8 threads could all be
+  blocked at two different all-reduces while the device that would release them waits for a thread
+  (a train step aborted at a 40 s rendezvous timeout, "7 of 8 arrived"). With
+  --xla_force_host_platform_device_count=N and NPROC unset, NPROC = max(cores, per_device * N).
+  Call before JAX initialises its backends."""
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  if match and 'NPROC' not in os.environ:
+    os.environ['NPROC'] = str(max(os.cpu_count() or 1, per_device * int(match.group(1))))
 
 
 def skip_absent_tpu():
