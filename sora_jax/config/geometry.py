@@ -117,7 +117,9 @@ def autoencoder_geometry(path: str) -> dict:
     cfg = cfg['vae']
   try:
     return dict(temporal=2 ** sum(bool(x) for x in cfg['temperal_downsample']),
-                spatial=2 ** (len(cfg['dim_mult']) - 1), z_dim=int(cfg['z_dim']))
+                # Wan 2.2's patch_size folds p x p pixels into channels first (x16 at p = 2).
+                spatial=2 ** (len(cfg['dim_mult']) - 1) * int(cfg.get('patch_size') or 1),
+                z_dim=int(cfg['z_dim']))
   except KeyError as e:
     raise ValueError(f'config.autoencoder={path!r}: {cfg_path} lacks {e}; is it a video VAE?')
 

@@ -1,10 +1,12 @@
-"""Load a diffusers-format Wan 2.1 `AutoencoderKLWan` into sora_jax.models.vae.CausalVAE (no torch).
+"""Load a diffusers Wan 2.1 / 2.2 `AutoencoderKLWan` into sora_jax.models.vae.CausalVAE (no torch).
 
 A folder holds config.json and diffusion_pytorch_model.safetensors (or shards listed by its
 .index.json); a pipeline folder (its parent, with a vae/ subfolder) works too. Tensors are read with
 safetensors' numpy API (bfloat16 included, via ml_dtypes). Our module tree mirrors diffusers'
 names, so the name table is a rule (`diffusers_key`: 'kernel' -> 'weight', a Resample's conv
-'resample' -> 'resample.1', the nn.Sequential slot); every checkpoint key must be consumed and every
+'resample' -> 'resample.1', the nn.Sequential slot; Wan 2.2's residual stages are diffusers'
+`down_blocks.i.{resnets.j, downsampler}` / `up_blocks.i.{resnets.j, upsampler}`, their AvgDown3D /
+DupUp3D shortcuts have no weights); every checkpoint key must be consumed and every
 model parameter assigned, or the error lists what is missing / unexpected. PyTorch's NC(T)HW conv
 weights are transposed to channels-last kernels as they are read.
 
@@ -12,6 +14,9 @@ weights are transposed to channels-last kernels as they are read.
   mean = vae.encode(video)      # [B, T, H, W, 3] in [-1, 1] -> [B, 1 + (T-1)/4, H/8, W/8, 16]
   video = vae.decode(mean)      # -> [B, T, H, W, 3] in [-1, 1]
   z = vae.model.normalize_latents(mean)  # the DiT's latent space (Wan pipelines)
+
+Wan 2.2 (TI2V-5B's VAE folder: is_residual, patch_size 2, z_dim 48) loads the same way and
+encodes to [B, 1 + (T-1)/4, H/16, W/16, 48] (`vae.spatial_factor` / `vae.temporal_factor`).
 """
 
 import json
@@ -130,18 +135,24 @@ def load_vae_params(path: str, model: vae_lib.CausalVAE, mesh=None) -> vae_lib.C
 class WanVAE:
   """Jitted chunked encode / decode with loaded weights (diffusers semantics, channels-last).
 
-  encode(video [B, T, H, W, 3] in [-1, 1], T = 1 + 4k) -> latent mean [B, 1 + k, H/8, W/8, z]
-  (unnormalised: diffusers' `vae.encode(x).latent_dist.mean`); decode(latents) -> video clamped to
-  [-1, 1] (diffusers' `vae.decode(z).sample`). `model` is the trainable CausalVAE.
+  encode(video [B, T, H, W, 3] in [-1, 1], T = 1 + 4k) -> latent mean [B, 1 + k, H/s, W/s, z]
+  (s = spatial_factor, 8 for Wan 2.1 and 16 for Wan 2.2; unnormalised: diffusers'
+  `vae.encode(x).latent_dist.mean`); decode(latents) -> video clamped to [-1, 1] (diffusers'
+  `vae.decode(z).sample`). `model` is the trainable CausalVAE.
   `enable_tiling()` switches to diffusers' spatial tiling for frames larger than a tile: tiles are
-  encoded / decoded one after another by a jitted per-tile function, then blended.
+  encoded / decoded one after another by a jitted per-tile function, then blended. As diffusers
+  does, with patch_size p the encode tiles are cut after patchify (tile sizes count patchified
+  pixels, p video pixels each) and the decode tiles are blended before unpatchify.
   """
 
   def __init__(self, model: vae_lib.CausalVAE, config: dict):
     self.model, self.config = model, config
     graphdef, self._state = nnx.split(model)
     self._moments = jax.jit(lambda state, x: nnx.merge(graphdef, state).moments(x))
+    self._patch_moments = jax.jit(lambda state, x: nnx.merge(graphdef, state).patch_moments(x))
     self._decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z, clamp=False))
+    self._decode_patches = jax.jit(
+        lambda state, z: nnx.merge(graphdef, state).decode_patches(z))
     self.use_tiling = False
     self.tile_sample_min_size, self.tile_sample_stride = (256, 256), (192, 192)
 
@@ -156,29 +167,43 @@ class WanVAE:
   def disable_tiling(self):
     self.use_tiling = False
 
+  @property
+  def spatial_factor(self) -> int:
+    """Video pixels per latent pixel (diffusers' scale_factor_spatial: 8, or 16 for Wan 2.2)."""
+    return self.model.spatial_factor
+
+  @property
+  def temporal_factor(self) -> int:
+    """Video frames per latent frame after the first (diffusers' scale_factor_temporal)."""
+    return self.model.temporal_factor
+
   def encode(self, video):
     video = jnp.asarray(video)
-    if video.ndim != 5 or video.shape[-1] != self.config.get('in_channels', 3):
-      raise ValueError(f'encode needs video [B, T, H, W, {self.config.get("in_channels", 3)}] '
-                       f'(channels-last), got shape {video.shape}')
-    moments_fn = lambda x: self._moments(self._state, x)
+    c = self.model.video_channels
+    if video.ndim != 5 or video.shape[-1] != c:
+      raise ValueError(f'encode needs video [B, T, H, W, {c}] (channels-last), got shape '
+                       f'{video.shape}')
     tile = self.tile_sample_min_size
     if self.use_tiling and (video.shape[2] > tile[0] or video.shape[3] > tile[1]):
-      moments = vae_lib.tiled_moments(moments_fn, video, self.model.spatial_factor, tile,
+      m = self.model
+      moments = vae_lib.tiled_moments(lambda x: self._patch_moments(self._state, x),
+                                      m.patchify(video), m.spatial_factor // m.patch_size, tile,
                                       self.tile_sample_stride)
     else:
-      moments = moments_fn(video)
+      moments = self._moments(self._state, video)
     return vae_lib.split_moments(moments)[0]
 
   def decode(self, latents):
     latents = jnp.asarray(latents)
-    decode_fn = lambda z: self._decode(self._state, z)
-    s = self.model.spatial_factor
+    m = self.model
+    s = m.spatial_factor
     tile = self.tile_sample_min_size
     if self.use_tiling and (latents.shape[2] > tile[0] // s or latents.shape[3] > tile[1] // s):
-      out = vae_lib.tiled_decode(decode_fn, latents, s, tile, self.tile_sample_stride)
+      out = m.unpatchify(vae_lib.tiled_decode_patches(
+          lambda z: self._decode_patches(self._state, z), latents, s, m.patch_size, tile,
+          self.tile_sample_stride))
     else:
-      out = decode_fn(latents)
+      out = self._decode(self._state, latents)
     return jnp.clip(out, -1.0, 1.0)
 
   def normalize_latents(self, z):

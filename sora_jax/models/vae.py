@@ -1,9 +1,19 @@
-"""Wan 2.1 causal 3D video VAE (the architecture of diffusers' `AutoencoderKLWan`), channels-last.
+"""Wan 2.1 / 2.2 causal 3D video VAE (diffusers' `AutoencoderKLWan` architecture), channels-last.
 
 Video [B, T, H, W, 3] in [-1, 1] <-> latents [B, 1 + (T - 1) / 4, H / 8, W / 8, z_dim] (with Wan's
 config: the factors follow `dim_mult` / `temperal_downsample`). Time is causal everywhere: 3D convs
 pad only on the past side, so latent frame 0 sees only video frame 0 and a single image is a 1-frame
 video in the same latent space.
+
+Wan 2.2 (TI2V-5B's VAE: `is_residual=True`, `patch_size=2`, z_dim 48, H / 16, W / 16) adds, as
+diffusers does: pixels folded 2x2 into channels before the encoder (`patchify`, 3 -> 12 channels)
+and unfolded after the decoder; encoder stages that add a parameter-free shortcut (AvgDown3D: the
+stage's input space-/time-to-channel folded and group-averaged to its output shape) and decoder
+stages with the mirror shortcut (DupUp3D: channels repeated and unfolded into space / time), and
+decoder upsamplers that keep their width (Wan 2.1's halve it). Both shortcuts are stateless per
+chunk: AvgDown3D zero-pads the front of a chunk to a multiple of its time factor (only the 1-frame
+first chunk, exactly as the full sequence's leading pad), DupUp3D drops the first factor - 1
+frames of the video's first chunk (as the upsampler does), so the chunking argument below holds.
 
 Causality is what makes chunking exact. Every module takes `cache` (its state from the previous
 chunk, or None at the start of a video) and returns (output, new cache):
@@ -42,23 +52,25 @@ CONFIG_DEFAULTS = dict(
     is_residual=False, in_channels=3, out_channels=3, patch_size=None, scale_factor_temporal=4,
     scale_factor_spatial=8)
 
+# Fields released configs carry that current diffusers (0.42) no longer reads: accepted, ignored.
+# `clip_output` (false in Wan2.2-TI2V-5B-Diffusers' vae/config.json) switched off the decode clamp
+# in diffusers 0.35; diffusers now always clamps to [-1, 1], and so do we (WanVAE.decode).
+IGNORED_FIELDS = ('clip_output',)
+
 
 def config_from_dict(config: dict) -> dict:
   """diffusers config.json dict -> CausalVAE keyword arguments; unknown/unsupported fields raise."""
   # Drop diffusers' bookkeeping (_class_name, _diffusers_version, _name_or_path).
-  config = {k: v for k, v in config.items() if not k.startswith('_')}
+  config = {k: v for k, v in config.items()
+            if not k.startswith('_') and k not in IGNORED_FIELDS}
   unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
   if unknown:
     raise ValueError(f'Unknown AutoencoderKLWan config fields: {unknown}; '
                      f'known: {sorted(CONFIG_DEFAULTS)}')
   kwargs = {**CONFIG_DEFAULTS, **config}
-  if kwargs['is_residual'] or kwargs['patch_size'] is not None:
-    raise ValueError('Wan 2.2 VAE (is_residual=True / patch_size) is not supported, only Wan 2.1 '
-                     f'(got is_residual={kwargs["is_residual"]}, '
-                     f'patch_size={kwargs["patch_size"]})')
   for k in ('dim_mult', 'attn_scales', 'temperal_downsample', 'latents_mean', 'latents_std'):
     kwargs[k] = tuple(kwargs[k]) if kwargs[k] is not None else None
-  del kwargs['is_residual'], kwargs['patch_size']
+  kwargs['is_residual'] = bool(kwargs['is_residual'])
   return kwargs
 
 
@@ -199,16 +211,17 @@ def _interleave_time(y):
 class Resample(nnx.Module):
   """Spatial x2 down/up-sampling per frame (2d) plus, for '3d' modes, causal temporal x2.
 
-  Modes as in diffusers: upsample2d / upsample3d (nearest x2 + 3x3 conv to dim // 2 channels;
-  3d: a (3,1,1) causal conv to 2*dim channels doubles the frames first), downsample2d / downsample3d
-  (pad right/bottom, 3x3 stride-2 conv; 3d: then a (3,1,1) stride-2 conv over time).
+  Modes as in diffusers: upsample2d / upsample3d (nearest x2 + 3x3 conv to `out` channels: dim // 2
+  in Wan 2.1, dim in Wan 2.2's residual decoder; 3d: a (3,1,1) causal conv to 2*dim channels doubles
+  the frames first), downsample2d / downsample3d (pad right/bottom, 3x3 stride-2 conv; 3d: then a
+  (3,1,1) stride-2 conv over time).
   """
 
-  def __init__(self, dim, mode, *, base, rngs, dtype, param_dtype):
+  def __init__(self, dim, mode, *, base, rngs, dtype, param_dtype, out=None):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.mode = mode
     if mode.startswith('upsample'):
-      out = dim // 2
+      out = dim // 2 if out is None else out
       self.resample = Conv(dim, out, (3, 3), padding=((1, 1), (1, 1)),
                            axes=_channel_axes(dim, out, base), **kw)
       self.time_conv = (CausalConv3d(dim, 2 * dim, (3, 1, 1),
@@ -280,6 +293,103 @@ class MidBlock(nnx.Module):
     return x, (c0, c1)
 
 
+def patchify(x, p):
+  """[B, T, H, W, C] -> [B, T, H/p, W/p, C p^2]: each p x p pixel block folded into channels in
+  diffusers' order (channel c * p^2 + dw * p + dh, the block's column offset before its row)."""
+  if p == 1:
+    return x
+  b, t, h, w, c = x.shape
+  if h % p or w % p:
+    raise ValueError(f'patchify needs H, W multiples of patch_size={p}, got shape {x.shape}')
+  x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 6, 5, 3)
+  return x.reshape(b, t, h // p, w // p, c * p * p)
+
+
+def unpatchify(x, p):
+  """The inverse of `patchify`: [B, T, h, w, C p^2] -> [B, T, h p, w p, C]."""
+  if p == 1:
+    return x
+  b, t, h, w, cp = x.shape
+  x = x.reshape(b, t, h, w, cp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
+  return x.reshape(b, t, h * p, w * p, cp // (p * p))
+
+
+def _avg_down(x, dout, ft, fs):
+  """diffusers' AvgDown3D: zero-pad the front of time to a multiple of ft, fold each ft x fs x fs
+  block into channels (c, t, h, w order) and average groups of consecutive channels down to dout."""
+  pad = -x.shape[1] % ft
+  if pad:
+    x = jnp.concatenate([jnp.zeros((x.shape[0], pad, *x.shape[2:]), x.dtype), x], axis=1)
+  b, t, h, w, c = x.shape
+  x = x.reshape(b, t // ft, ft, h // fs, fs, w // fs, fs, c).transpose(0, 1, 3, 5, 7, 2, 4, 6)
+  return x.reshape(b, t // ft, h // fs, w // fs, dout, -1).mean(axis=-1)
+
+
+def _dup_up(x, dout, ft, fs, first):
+  """diffusers' DupUp3D: repeat each channel, unfold (c, t, h, w) blocks into ft frames and fs x fs
+  pixels; at the start of a video (first) the first ft - 1 frames are dropped, as the temporal
+  upsampler passes frame 0 alone."""
+  b, t, h, w, c = x.shape
+  x = jnp.repeat(x, dout * ft * fs * fs // c, axis=-1).reshape(b, t, h, w, dout, ft, fs, fs)
+  x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, t * ft, h * fs, w * fs, dout)
+  return x[:, ft - 1:] if first else x
+
+
+class ResidualDownBlock(nnx.Module):
+  """Wan 2.2 encoder stage: residual blocks then (optionally) a Resample downsampler, plus the
+  AvgDown3D shortcut of the stage's input (diffusers' WanResidualDownBlock)."""
+
+  def __init__(self, din, dout, dropout, num_res_blocks, temporal, down, *, base, rngs, dtype,
+               param_dtype):
+    kw = dict(base=base, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.dout, self.ft, self.fs = dout, 2 if temporal else 1, 2 if down else 1
+    if din * self.ft * self.fs ** 2 % dout:
+      raise ValueError(f'Residual (Wan 2.2) encoder stage {din} -> {dout} channels: the AvgDown3D '
+                       f'shortcut needs in_channels x {self.ft * self.fs ** 2} divisible by the '
+                       f'output channels (check dim_mult)')
+    self.resnets = nnx.List([ResidualBlock(din if j == 0 else dout, dout, dropout, **kw)
+                             for j in range(num_res_blocks)])
+    self.downsampler = (Resample(dout, 'downsample3d' if temporal else 'downsample2d', **kw)
+                        if down else None)
+
+  def __call__(self, x, cache=None, rng=None):
+    cache = cache or (None, None)
+    skip = _avg_down(x, self.dout, self.ft, self.fs)
+    x, c_res = _run_sequence(self.resnets, x, cache[0], _fold(rng, 0))
+    c_down = None
+    if self.downsampler is not None:
+      x, c_down = self.downsampler(x, cache[1])
+    return x + skip, (c_res, c_down)
+
+
+class ResidualUpBlock(nnx.Module):
+  """Wan 2.2 decoder stage: residual blocks then (optionally) a width-keeping Resample upsampler,
+  plus the DupUp3D shortcut of the stage's input (diffusers' WanResidualUpBlock)."""
+
+  def __init__(self, din, dout, num_res_blocks, dropout, temporal, up, *, base, rngs, dtype,
+               param_dtype):
+    kw = dict(base=base, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.dout, self.ft = dout, 2 if temporal else 1
+    if up and dout * self.ft * 4 % din:
+      raise ValueError(f'Residual (Wan 2.2) decoder stage {din} -> {dout} channels: the DupUp3D '
+                       f'shortcut needs out_channels x {self.ft * 4} divisible by the input '
+                       f'channels (check dim_mult)')
+    self.resnets = nnx.List([ResidualBlock(din if j == 0 else dout, dout, dropout, **kw)
+                             for j in range(num_res_blocks + 1)])
+    self.upsampler = (Resample(dout, 'upsample3d' if temporal else 'upsample2d', out=dout, **kw)
+                      if up else None)
+
+  def __call__(self, x, cache=None, rng=None):
+    first = cache is None  # the start of the video (diffusers' first_chunk)
+    cache = cache or (None, None)
+    h, c_res = _run_sequence(self.resnets, x, cache[0], _fold(rng, 0))
+    c_up = None
+    if self.upsampler is not None:
+      h, c_up = self.upsampler(h, cache[1])
+      h = h + _dup_up(x, self.dout, self.ft, 2, first)
+    return h, (c_res, c_up)
+
+
 def _run_sequence(layers, x, cache, rng):
   """Apply cached layers in order; returns (x, list of their caches)."""
   cache = cache or [None] * len(layers)
@@ -293,7 +403,7 @@ def _run_sequence(layers, x, cache, rng):
 class Encoder(nnx.Module):
 
   def __init__(self, *, in_channels, dim, z_dim, dim_mult, num_res_blocks, attn_scales,
-               temperal_downsample, dropout, rngs, dtype, param_dtype):
+               temperal_downsample, dropout, is_residual, rngs, dtype, param_dtype):
     kw = dict(base=dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     dims = [dim * u for u in (1, *dim_mult)]
     self.conv_in = CausalConv3d(in_channels, dims[0], 3,
@@ -301,6 +411,11 @@ class Encoder(nnx.Module):
                                 dtype=dtype, param_dtype=param_dtype)
     blocks, scale = [], 1.0
     for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+      if is_residual:  # Wan 2.2: one block per stage (attn_scales unused, as in diffusers)
+        last = i == len(dim_mult) - 1
+        blocks.append(ResidualDownBlock(din, dout, dropout, num_res_blocks,
+                                        not last and temperal_downsample[i], not last, **kw))
+        continue
       for _ in range(num_res_blocks):
         blocks.append(ResidualBlock(din, dout, dropout, **kw))
         if scale in attn_scales:
@@ -344,7 +459,7 @@ class UpBlock(nnx.Module):
 class Decoder(nnx.Module):
 
   def __init__(self, *, dim, z_dim, dim_mult, num_res_blocks, temperal_upsample, dropout,
-               out_channels, rngs, dtype, param_dtype):
+               out_channels, is_residual, rngs, dtype, param_dtype):
     kw = dict(base=dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
     self.conv_in = CausalConv3d(z_dim, dims[0], 3, axes=_channel_axes(z_dim, dims[0], dim),
@@ -352,9 +467,13 @@ class Decoder(nnx.Module):
     self.mid_block = MidBlock(dims[0], dropout, **kw)
     blocks = []
     for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+      up = i != len(dim_mult) - 1
+      if is_residual:  # Wan 2.2: upsamplers keep the width, a DupUp3D shortcut per stage
+        blocks.append(ResidualUpBlock(din, dout, num_res_blocks, dropout,
+                                      up and temperal_upsample[i], up, **kw))
+        continue
       if i > 0:
         din //= 2  # the previous block's upsampler halves the channels (Wan 2.1)
-      up = i != len(dim_mult) - 1
       mode = ('upsample3d' if temperal_upsample[i] else 'upsample2d') if up else None
       blocks.append(UpBlock(din, dout, num_res_blocks, dropout, mode, **kw))
     self.up_blocks = nnx.List(blocks)
@@ -453,26 +572,48 @@ def tiled_decode(decode_fn, z, spatial_factor, tile=(256, 256), stride=(192, 192
   return _tile_and_blend(decode_fn, z, lat_tile, lat_stride, blend, stride, size)
 
 
-class CausalVAE(nnx.Module):
-  """Wan 2.1 video VAE. Constructor fields = diffusers AutoencoderKLWan config fields.
+def tiled_decode_patches(decode_fn, z, spatial_factor, patch_size, tile=(256, 256),
+                         stride=(192, 192)):
+  """diffusers' tiled_decode with patch_size: decode_fn (latent tile -> patchified unclamped video)
+  over latent tiles of tile / spatial_factor every stride / spatial_factor, blended in patchified
+  pixels over tile / p - stride / p; the caller unpatchifies. patch_size 1 is `tiled_decode`."""
+  p = patch_size
+  return tiled_decode(decode_fn, z, spatial_factor // p, [d // p for d in tile],
+                      [d // p for d in stride])
 
-  encode(video [B, T, H, W, 3] in [-1, 1], T = 1 + 4k) -> (mean, logvar) [B, 1 + k, H/8, W/8, z];
+
+class CausalVAE(nnx.Module):
+  """Wan 2.1 / 2.2 video VAE. Constructor fields = diffusers AutoencoderKLWan config fields.
+
+  encode(video [B, T, H, W, 3] in [-1, 1], T = 1 + 4k) -> (mean, logvar) [B, 1 + k, H/s, W/s, z]
+  (s = spatial_factor: 8 for Wan 2.1, 16 for Wan 2.2's patch_size 2);
   decode(z) -> video [B, 1 + 4(T' - 1), H, W, 3]; __call__(video, rng) -> (recon, mean, logvar).
+  With patch_size p, in_channels / out_channels count the patchified channels (video channels x
+  p^2, as in diffusers' config), and the encoder / decoder run on patchified frames.
   """
 
   def __init__(self, *, base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=(1, 2, 4, 4),
                num_res_blocks=2, attn_scales=(), temperal_downsample=(False, True, True),
                dropout=0.0, latents_mean=CONFIG_DEFAULTS['latents_mean'],
                latents_std=CONFIG_DEFAULTS['latents_std'], in_channels=3, out_channels=3,
-               scale_factor_temporal=None, scale_factor_spatial=None, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               is_residual=False, patch_size=None, scale_factor_temporal=None,
+               scale_factor_spatial=None, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
     dim_mult, temperal_downsample = tuple(dim_mult), tuple(temperal_downsample)
     if len(temperal_downsample) != len(dim_mult) - 1:
       raise ValueError(f'temperal_downsample needs len(dim_mult) - 1 = {len(dim_mult) - 1} '
                        f'entries, got {temperal_downsample}')
-    self.z_dim = z_dim
+    p = 1 if patch_size is None else patch_size
+    if not isinstance(p, int) or p < 1:
+      raise ValueError(f'patch_size must be a positive int or None, got {patch_size!r}')
+    for name, c in (('in_channels', in_channels), ('out_channels', out_channels)):
+      if c % (p * p):
+        raise ValueError(f'{name}={c} is not a multiple of patch_size^2={p * p} (with patch_size '
+                         'it counts the patchified channels: video channels x patch_size^2)')
+    self.z_dim, self.patch_size = z_dim, p
+    self.video_channels = in_channels // (p * p)
     self.temporal_factor = 2 ** sum(map(bool, temperal_downsample))
-    self.spatial_factor = 2 ** (len(dim_mult) - 1)
+    self.spatial_factor = 2 ** (len(dim_mult) - 1) * p
     for name, given, actual in (
         ('scale_factor_temporal', scale_factor_temporal, self.temporal_factor),
         ('scale_factor_spatial', scale_factor_spatial, self.spatial_factor)):
@@ -485,13 +626,22 @@ class CausalVAE(nnx.Module):
     self.encoder = Encoder(in_channels=in_channels, dim=base_dim, z_dim=2 * z_dim,
                            dim_mult=dim_mult, num_res_blocks=num_res_blocks,
                            attn_scales=tuple(attn_scales),
-                           temperal_downsample=temperal_downsample, dropout=dropout, **kw)
+                           temperal_downsample=temperal_downsample, dropout=dropout,
+                           is_residual=is_residual, **kw)
     self.quant_conv = CausalConv3d(2 * z_dim, 2 * z_dim, 1, axes=(None, None), **kw)
     self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1, axes=(None, None), **kw)
     self.decoder = Decoder(dim=decoder_base_dim or base_dim, z_dim=z_dim, dim_mult=dim_mult,
                            num_res_blocks=num_res_blocks,
                            temperal_upsample=temperal_downsample[::-1], dropout=dropout,
-                           out_channels=out_channels, **kw)
+                           out_channels=out_channels, is_residual=is_residual, **kw)
+
+  def patchify(self, video):
+    """Video [B, T, H, W, C] -> the encoder's input (identity without patch_size)."""
+    return patchify(video, self.patch_size)
+
+  def unpatchify(self, x):
+    """The decoder's output -> video (identity without patch_size)."""
+    return unpatchify(x, self.patch_size)
 
   # ----- encode ---------------------------------------------------------------------------------
 
@@ -505,16 +655,26 @@ class CausalVAE(nnx.Module):
 
   def moments(self, video, *, chunked=True, rng=None):
     """The encoder + quant_conv output [B, T', h, w, 2 z_dim] float32 (mean ++ unclipped logvar)."""
-    b, t, h, w, _ = video.shape
+    self._check_encode(video.shape, self.spatial_factor, 'video')
+    return self._moments(self.patchify(video), chunked, rng)
+
+  def patch_moments(self, x, *, chunked=True, rng=None):
+    """`moments` of an already patchified video (diffusers' tiled_encode tiles after patchify)."""
+    self._check_encode(x.shape, self.spatial_factor // self.patch_size, 'patchified video')
+    return self._moments(x, chunked, rng)
+
+  def _check_encode(self, shape, spatial, what):
     f = self.temporal_factor
-    if (t - 1) % f or h % self.spatial_factor or w % self.spatial_factor:
-      raise ValueError(f'encode needs T = 1 + {f}k frames and H, W multiples of '
-                       f'{self.spatial_factor}; got video of shape {video.shape}')
-    x = video.astype(self.dtype)
-    if not chunked or t == 1:
+    if (shape[1] - 1) % f or shape[2] % spatial or shape[3] % spatial:
+      raise ValueError(f'encode needs T = 1 + {f}k frames and H, W multiples of {spatial}; got '
+                       f'{what} of shape {shape}')
+
+  def _moments(self, x, chunked, rng):
+    x = x.astype(self.dtype)
+    if not chunked or x.shape[1] == 1:
       out, _ = self.encoder(x, None, rng)
     else:
-      out = _scan_chunks(self.encoder, x, f, 1)
+      out = _scan_chunks(self.encoder, x, self.temporal_factor, 1)
     return self.quant_conv(out)[0].astype(jnp.float32)
 
   # ----- decode ---------------------------------------------------------------------------------
@@ -525,6 +685,12 @@ class CausalVAE(nnx.Module):
     chunked: one latent frame at a time under a scan. clamp: to [-1, 1] like diffusers (training
     leaves it off so the gradient does not vanish outside the range).
     """
+    out = self.unpatchify(self.decode_patches(z, chunked=chunked, rng=rng))
+    return jnp.clip(out, -1.0, 1.0) if clamp else out
+
+  def decode_patches(self, z, *, chunked=True, rng=None):
+    """The decoder's output before unpatchify, unclamped float32 (diffusers' tiled_decode blends
+    tiles in this space)."""
     if z.ndim != 5 or z.shape[-1] != self.z_dim:
       raise ValueError(f'decode needs latents [B, T, h, w, {self.z_dim}], got shape {z.shape}')
     x = self.post_quant_conv(z.astype(self.dtype))[0]
@@ -532,21 +698,26 @@ class CausalVAE(nnx.Module):
       out, _ = self.decoder(x, None, rng)
     else:
       out = _scan_chunks(self.decoder, x, 1, self.temporal_factor)
-    out = out.astype(jnp.float32)
-    return jnp.clip(out, -1.0, 1.0) if clamp else out
+    return out.astype(jnp.float32)
 
   # ----- spatial tiling -------------------------------------------------------------------------
 
   def encode_tiled(self, video, *, tile=(256, 256), stride=(192, 192)):
-    """Chunked encode of overlapping spatial tiles (pixels), blended like diffusers' tiled_encode.
+    """Chunked encode of overlapping spatial tiles, blended like diffusers' tiled_encode.
     Under one jit all tiles are in one program; `tiled_moments` with a jitted per-tile function
-    (what interop.wan_vae does) runs them one after another."""
-    return split_moments(tiled_moments(self.moments, video, self.spatial_factor, tile, stride))
+    (what interop.wan_vae does) runs them one after another.
+
+    As diffusers, tiles are cut from the patchified video, so with patch_size p `tile` / `stride`
+    count patchified pixels (p video pixels each); without it, video pixels."""
+    return split_moments(tiled_moments(self.patch_moments, self.patchify(video),
+                                       self.spatial_factor // self.patch_size, tile, stride))
 
   def decode_tiled(self, z, *, tile=(256, 256), stride=(192, 192), clamp=True):
-    """Chunked decode of overlapping latent tiles (sizes given in pixels), as diffusers'
-    tiled_decode."""
-    out = tiled_decode(lambda t: self.decode(t, clamp=False), z, self.spatial_factor, tile, stride)
+    """Chunked decode of overlapping latent tiles (sizes given in video pixels), as diffusers'
+    tiled_decode: with patch_size p the tiles are blended before unpatchify, over
+    (tile - stride) / p patchified pixels."""
+    out = self.unpatchify(tiled_decode_patches(self.decode_patches, z, self.spatial_factor,
+                                               self.patch_size, tile, stride))
     return jnp.clip(out, -1.0, 1.0) if clamp else out
 
   # ----- training -------------------------------------------------------------------------------
