@@ -202,7 +202,8 @@ def sample_program(config, mesh, chip, *, count_flops=True):
     neg = _null_caption(cfg)
     batch_sh = sharding.batch_sharding(mesh)
 
-    i2v = ('image_condition', 'image_embeds') if factory.wan_i2v(cfg) else ()
+    i2v = ('image_condition',) if factory.wan_i2v(cfg) else ()
+    i2v += ('image_embeds',) if factory.wan_clip(cfg) else ()  # Wan 2.2 I2V-A14B: no CLIP tokens
 
     def velocity(params, x, t, tokens, mask, *image):
       model = nnx.merge(graphdef, state_lib.model_params(params, 'ema'))

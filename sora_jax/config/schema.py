@@ -129,6 +129,15 @@ def base_config() -> ml_collections.ConfigDict:
   # 0: text-to-video. Wan 2.1 I2V: the CLIP feature width (1280); the input is then the noisy
   # latents, a 4-channel first-frame mask and the first frame's latents (config.image_encoder).
   c.model.wan.image_dim = 0
+  # Wan 2.2 I2V-A14B: that first-frame input (2C + 4 channels) without CLIP tokens (image_dim 0).
+  c.model.wan.image_condition = False
+  # Wan 2.2 A14B (two experts switched by timestep; configs/wan2_2_a14b.py): the pipeline's
+  # boundary_ratio (0: one transformer) and the expert this run trains, 'high_noise' (flow times
+  # t >= boundary_ratio, transformer/) or 'low_noise' (t < boundary_ratio, transformer_2/). One per
+  # run: both 14B experts with their optimizer states would double the state, and upstream trains
+  # them separately. Sampling runs the other one from config.init_from's folder.
+  c.model.wan.boundary_ratio = 0.0
+  c.model.wan.expert = ''
 
   # model.family='vae' (and what a sora_jax autoencoder workdir holds): the Wan-VAE architecture.
   c.vae = ml_collections.ConfigDict()
@@ -204,6 +213,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 30
   c.sample.guidance_scale = 4.0
+  # Wan 2.2 A14B: the low-noise expert's CFG scale (diffusers' guidance_scale_2; 0: guidance_scale).
+  c.sample.guidance_scale_2 = 0.0
   c.sample.sampler = 'euler'  # 'euler' | 'heun' | 'dpm++2m' (sora_jax/diffusion/samplers.py)
   c.sample.negative_prompt = ''  # the unconditional half of CFG sees this caption
   c.sample.prompts = ()  # training previews; empty: shapes prompts, or the data's first captions

@@ -3,6 +3,7 @@ offending key in its message. Pure Python: no JAX.
 """
 
 import functools
+import json
 import math
 import os
 import re
@@ -158,11 +159,24 @@ def _check_wan_i2v(config):
   """Wan 2.1 image-to-video: CLIP image tokens and the first frame's latents need both frozen
   encoders, and condition every clip on its first frame (not config.condition's given frames)."""
   image_dim = int(config.model.wan.get('image_dim', 0) or 0)
+  if config.model.wan.get('image_condition', False) and not image_dim:
+    if config.get('image_encoder') or not config.autoencoder:
+      raise ValueError('config.model.wan.image_condition=True (Wan 2.2 I2V-A14B: the first frame\'s'
+                       ' VAE latents and frame mask, no CLIP tokens) needs config.autoencoder (the'
+                       ' Wan VAE) and no config.image_encoder.')
+    if {str(n) for n, _ in config.condition.mix} - {'none'}:
+      raise ValueError('Wan image-to-video conditions every clip on its first frame through its'
+                       ' input channels; config.condition.mix must be "none".')
+    return
   if not image_dim and config.get('image_encoder'):
     raise ValueError(f'config.image_encoder={config.image_encoder!r} needs an image-to-video Wan'
                      ' model: set config.model.wan.image_dim (1280 for Wan 2.1 I2V).')
   if not image_dim:
     return
+  if config.model.wan.get('image_condition', False):
+    raise ValueError(f'config.model.wan.image_dim={image_dim} (Wan 2.1 I2V: CLIP image tokens) and'
+                     ' config.model.wan.image_condition=True (Wan 2.2 I2V-A14B: no CLIP tokens) are'
+                     ' two different models; set one.')
   if image_dim < 0 or not config.get('image_encoder') or not config.autoencoder:
     raise ValueError(f'config.model.wan.image_dim={image_dim} (Wan 2.1 image-to-video) needs'
                      ' config.image_encoder (the CLIP image encoder folder) and config.autoencoder'
@@ -171,6 +185,66 @@ def _check_wan_i2v(config):
     raise ValueError('Wan 2.1 image-to-video conditions every clip on its first frame through its'
                      ' input channels; config.condition.mix (the DiT\'s given frames) must be'
                      ' "none".')
+
+
+WAN_EXPERTS = ('high_noise', 'low_noise')
+
+
+def _model_index(path: str) -> dict:
+  index_file = os.path.join(path, 'model_index.json') if path else ''
+  if not index_file or not os.path.isfile(index_file):
+    return {}
+  with open(index_file) as f:
+    return json.load(f)
+
+
+def _check_wan_experts(config, weights: bool):
+  """Wan 2.2 A14B: one named expert per run, a boundary in (0, 1), and (with weights) an
+  init_from folder that is that A14B pipeline, so both the expert and its partner load."""
+  if not float(config.sample.get('guidance_scale_2', 0.0)) >= 0:
+    raise ValueError(f'config.sample.guidance_scale_2={config.sample.guidance_scale_2} must be >= 0'
+                     ' (0: config.sample.guidance_scale).')
+  w = config.model.get('wan', {})
+  expert, ratio = str(w.get('expert', '') or ''), float(w.get('boundary_ratio', 0.0) or 0.0)
+  if expert and expert not in WAN_EXPERTS:
+    raise ValueError(f'config.model.wan.expert={expert!r}: expected one of {WAN_EXPERTS} (or "" for'
+                     ' a single-transformer Wan run).')
+  if (expert or ratio) and config.model.family != 'wan':
+    raise ValueError('config.model.wan.expert / boundary_ratio describe a Wan 2.2 A14B run:'
+                     ' config.model.family must be "wan".')
+  if not expert and not ratio:
+    if config.model.family == 'wan' and _model_index(config.init_from).get('boundary_ratio'):
+      raise ValueError(f'config.init_from={config.init_from!r} is a Wan 2.2 A14B pipeline (two'
+                       ' experts): set config.model.wan.boundary_ratio to its'
+                       f' {_model_index(config.init_from)["boundary_ratio"]} and'
+                       ' config.model.wan.expert to high_noise or low_noise (configs/wan2_2_a14b.py).')
+    return
+  if not expert:
+    raise ValueError(f'config.model.wan.boundary_ratio={ratio} (Wan 2.2 A14B) trains one expert per'
+                     ' run: set config.model.wan.expert to high_noise (t >= boundary) or low_noise.')
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f'config.model.wan.expert={expert!r} needs config.model.wan.boundary_ratio in'
+                     f' (0, 1) (the A14B pipeline\'s: T2V 0.875, I2V 0.9), got {ratio}.')
+  if not weights:
+    return
+  path = config.init_from
+  if not path:
+    raise ValueError(f'config.model.wan.expert={expert!r}: set config.init_from to the Wan 2.2 A14B'
+                     ' pipeline folder (the expert starts from it, and sampling runs its partner).')
+  source = path
+  if os.path.isfile(os.path.join(path, 'config.json')) and not _model_index(path):
+    try:  # a sora_jax workdir: its run's folder
+      source = schema.load_config(path).init_from
+    except Exception:  # pylint: disable=broad-except
+      source = path
+  index = _model_index(source)
+  if index.get('boundary_ratio') is None:
+    raise ValueError(f'config.model.wan.expert={expert!r} but config.init_from={path!r} is not a'
+                     ' Wan 2.2 A14B pipeline folder (model_index.json with transformer_2 and'
+                     ' boundary_ratio); a single-transformer folder takes expert="".')
+  if abs(float(index['boundary_ratio']) - ratio) > 1e-9:
+    raise ValueError(f'config.model.wan.boundary_ratio={ratio} but {source!r} was released with'
+                     f' boundary_ratio={index["boundary_ratio"]}: use the pipeline\'s.')
 
 
 def _check_lora(config, weights: bool):
@@ -251,6 +325,7 @@ def validate(config, num_devices: int, *, weights: bool = True) -> dict[str, int
                      ' [0, 1].')
   check_upscale(config)
   _check_lora(config, weights)
+  _check_wan_experts(config, weights)
   if m.family != 'vae':
     ae_geometry = geometry.autoencoder_geometry(config.autoencoder) if config.autoencoder else None
     check_condition(config, [geometry.latent_shape(s, ae_geometry)[0] if ae_geometry else s[0]

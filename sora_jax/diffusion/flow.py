@@ -13,10 +13,23 @@ def shift_timesteps(t, shift: float):
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def sample_timesteps(rng, batch: int, *, logit_mean=0.0, logit_std=1.0, shift=1.0):
-  """Logit-normal t (SD3), then shifted."""
-  t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,)))
-  return shift_timesteps(t, shift)
+def sample_timesteps(rng, batch: int, *, logit_mean=0.0, logit_std=1.0, shift=1.0, t_range=None):
+  """Logit-normal t (SD3), then shifted. t_range (lo, hi): that distribution restricted to
+  lo <= t < hi (Wan 2.2 A14B: one expert's side of the boundary), exactly: the normal on the logit
+  is truncated to the range's preimage (no clipping, no rejection loop), so the shape within the
+  range is the run's shift and logit-normal unchanged."""
+  if t_range is None:
+    z = jax.random.normal(rng, (batch,))
+  else:
+    lo, hi = t_range
+    def bound(t):  # flow time -> the standard-normal value mapping to it
+      u = t / (shift - (shift - 1.0) * t)  # the shift's inverse
+      return (jnp.log(u) - jnp.log1p(-u) - logit_mean) / logit_std
+    z = jax.random.truncated_normal(rng, bound(lo), bound(hi), (batch,))
+  t = shift_timesteps(jax.nn.sigmoid(logit_mean + logit_std * z), shift)
+  if t_range is not None:  # float rounding at the range's ends
+    t = jnp.clip(t, t_range[0], jnp.nextafter(jnp.float32(t_range[1]), jnp.float32(0.0)))
+  return t
 
 
 def _bcast(t, x):

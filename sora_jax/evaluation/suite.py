@@ -90,7 +90,8 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
              use_ema=True, videos_dir=None, sampler=None, negative_prompt=None,
              guidance_schedule=None, guidance_interval=None, flow_loss=True,
              conditioned=('image_to_video', 'extension', 'long_video', 'long_video_from_image'),
-             upscale_workdir=None, upscale_noise=None, eval_data=None) -> dict:
+             upscale_workdir=None, upscale_noise=None, eval_data=None,
+             guidance_scale_2=None) -> dict:
   """Sampling options left None come from config.sample (see `sampling.settings`). `conditioned`:
   the conditioned_eval protocols run when the run was trained with conditioning. upscale_workdir:
   judge the videos after that upscaler run (upscale.Upscaler). upscale_noise: the upscaler's input
@@ -125,7 +126,8 @@ def evaluate(workdir, output, *, step=None, seed=0, num_steps=None, guidance_sca
   options = sampling.settings(config, num_steps=num_steps, guidance_scale=guidance_scale,
                               sampler=sampler, negative_prompt=negative_prompt,
                               guidance_schedule=guidance_schedule,
-                              guidance_interval=guidance_interval)
+                              guidance_interval=guidance_interval,
+                              guidance_scale_2=guidance_scale_2)
   videos_dir = videos_dir or os.path.splitext(output)[0] + '_videos'
   generate = sampling.make_generate(graphdef, config, frozen=frozen, **options)
   result = {'workdir': os.path.abspath(workdir), 'step': step, 'use_ema': use_ema, **options,

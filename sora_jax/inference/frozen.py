@@ -7,7 +7,9 @@
     takes embeddings instead of byte tokens (the byte encoder is part of the trained model instead).
   - `config.image_encoder` (Wan 2.1 image-to-video, model.wan.image_dim > 0): the CLIP ViT image
     encoder; each clip's first frame becomes CLIP tokens ('image_embeds') and, through the VAE, the
-    frame mask + first-frame latents ('image_condition') before the train step.
+    frame mask + first-frame latents ('image_condition') before the train step (Wan 2.2 I2V-A14B,
+    model.wan.image_condition: 'image_condition' only).
+  - Wan 2.2 A14B sampling: the partner of the run's expert (`expert_partner`, loaded on first use).
 Their weights are arguments of their own jitted functions, never part of the train state (no optimizer
 moments, no EMA, no checkpoint bloat), and never baked into a compiled program as constants.
 They are placed once, FSDP-sharded by their logical axis names (umT5-XXL is 11 GB in bf16: on one
@@ -63,7 +65,8 @@ class Frozen:
     # Wan 2.1 image-to-video: the CLIP image encoder (and the VAE) condition every clip on its
     # first frame, computed here before the train step like the other frozen encodings.
     self.image_encoder = self.image_params = self.image_processor = image_sh = None
-    if factory.wan_i2v(config):
+    self._i2v, self._partner = factory.wan_i2v(config), None
+    if factory.wan_clip(config):
       from sora_jax.interop import clip_vision  # pylint: disable=g-import-not-at-top
       with _on_host():
         module = clip_vision.load_clip_vision_model(config.image_encoder,
@@ -95,6 +98,16 @@ class Frozen:
                                   out_shardings=sh)
       return compiled[split](params, *jax.device_put(batch, sh))
     return call
+
+  def expert_partner(self):
+    """Wan 2.2 A14B: the parameters of the expert this run does not train (the other of its
+    pipeline folder), loaded on first use onto the mesh in config.model.dtype (bf16 halves it), and
+    kept: sampling switches to it at the boundary (sora_jax/inference/experts.py). Call it outside
+    a jax.set_mesh block (sampling.make_generate does)."""
+    if self._partner is None:
+      from sora_jax.inference import experts  # pylint: disable=g-import-not-at-top
+      self._partner = experts.load_partner(self.config, self.mesh)
+    return self._partner
 
   # ---- captions
   def tokenize(self, captions):
@@ -135,12 +148,14 @@ class Frozen:
     if self.vae is None and self.text_encoder is None and not cached:
       return batch
     batch = dict(batch)
-    if self.image_encoder is not None:
+    if self._i2v:
       if 'video' not in batch:
         raise ValueError('Wan image-to-video training encodes each clip\'s first frame (CLIP tokens'
                          ' and VAE latents) from its pixels: data prepared with --cache_latents is'
                          ' not supported for it; prepare the data without --cache_latents.')
-      batch['image_condition'], batch['image_embeds'] = self.image_condition(batch['video'])
+      batch['image_condition'], embeds = self.image_condition(batch['video'])
+      if embeds is not None:
+        batch['image_embeds'] = embeds
     if 'latents' in batch:
       if self.vae is None:
         raise ValueError('The batch holds cached latents (data prepared with --cache_latents) but'
@@ -164,9 +179,12 @@ class Frozen:
     zero frames], as WanImageToVideoPipeline.prepare_latents builds them; image_embeds
     [B, 1 + P, D]: the CLIP tokens, hidden_states[-2], of the preprocessed first frame, or of
     `images` (uint8 [H, W, 3] each, any size: the image as given, as the pipeline encodes it))."""
-    if self.image_encoder is None:
-      raise ValueError('This run is not Wan image-to-video (config.model.wan.image_dim = 0).')
+    if not self._i2v:
+      raise ValueError('This run is not Wan image-to-video (config.model.wan.image_dim = 0,'
+                       ' image_condition False).')
     condition = self._image_latents(self.vae_params, video)
+    if self.image_encoder is None:  # Wan 2.2 I2V-A14B: no CLIP tokens
+      return condition, None
     if images is None:
       first = video[:, 0]
       if isinstance(first, jax.Array) and not first.is_fully_addressable:
@@ -263,7 +281,7 @@ def abstract_encode_steps(config, mesh, bucket):
     out.append((f'autoencoder encode batch {b}x{"x".join(map(str, bucket.shape))}', step,
                 (spec(params, params_sh),
                  jax.ShapeDtypeStruct((b, *bucket.shape, 3), jnp.float32))))
-  if factory.wan_i2v(config):  # the CLIP tower over each clip's preprocessed first frame
+  if factory.wan_clip(config):  # the CLIP tower over each clip's preprocessed first frame
     from sora_jax.interop import clip_vision  # pylint: disable=g-import-not-at-top
     clip = clip_vision.load_clip_vision_config(config.image_encoder)
     graphdef, params = nnx.split(clip_vision.abstract_clip_vision_model(

@@ -20,7 +20,7 @@ from sora_jax.training.objectives import wan_i2v
 
 
 def settings(config, *, num_steps=None, guidance_scale=None, sampler=None, negative_prompt=None,
-             guidance_schedule=None, guidance_interval=None) -> dict:
+             guidance_schedule=None, guidance_interval=None, guidance_scale_2=None) -> dict:
   """make_generate's keyword arguments: each given value, else config.sample's, else the plain-CFG
   Euler default (workdirs written before the sampler options existed lack those keys)."""
   c = config.sample
@@ -32,6 +32,11 @@ def settings(config, *, num_steps=None, guidance_scale=None, sampler=None, negat
          'guidance_schedule': pick(guidance_schedule, 'guidance_schedule', 'constant'),
          'guidance_interval': tuple(float(v) for v in pick(guidance_interval, 'guidance_interval',
                                                            (0.0, 1.0)))}
+  if factory.wan_expert(config):  # Wan 2.2 A14B: the low-noise expert's scale
+    out['guidance_scale_2'] = float(pick(guidance_scale_2, 'guidance_scale_2', 0.0))
+  elif guidance_scale_2:
+    raise ValueError('guidance_scale_2 is the low-noise expert\'s CFG scale of a Wan 2.2 A14B run'
+                     ' (config.model.wan.expert); this run has one transformer.')
   if out['num_steps'] <= 0:
     raise ValueError(f'num_steps={out["num_steps"]} must be positive.')
   samplers.get(out['sampler'])
@@ -42,7 +47,7 @@ def settings(config, *, num_steps=None, guidance_scale=None, sampler=None, negat
 def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=None,
                   sampler: str = 'euler', negative_prompt: str = '',
                   guidance_schedule: str = 'constant', guidance_interval=(0.0, 1.0),
-                  edit_strength=None):
+                  edit_strength=None, guidance_scale_2: float = 0.0):
   """jitted (params, captions [B, L(, D)], mask [B, L], keys [B], video=None, given=None,
   lowres=None) -> model-space videos [B, T, H, W, C] (pixels in [-1, 1], or latents: decode with
   `frozen.decode`).
@@ -64,6 +69,13 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
     schedule. negative_prompt: the caption CFG guides away from (the empty caption: plain CFG).
   guidance_scale: a float, shaped over t by `guidance_schedule` ('constant', 'linear', 'interval' over
     `guidance_interval`, see `flow.guidance_schedule`), or a function t [B] -> scale [B] used as is.
+
+  Wan 2.2 A14B runs (config.model.wan.expert): each step runs the high-noise expert where
+  t * 1000 >= boundary_ratio * 1000 and the low-noise one elsewhere (diffusers' switch; `lax.cond`,
+  so a step computes one expert), one of them the run's `params`, the other its partner from the
+  pipeline folder (frozen.expert_partner, loaded here and passed to the compiled function, not baked
+  into it); the
+  low-noise steps guide with `guidance_scale_2` (0: guidance_scale), as diffusers' guidance_scale_2.
   """
   frozen = frozen or frozen_lib.Frozen(config)
   neg_tokens, neg_mask = frozen.tokenize([negative_prompt])
@@ -86,15 +98,24 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
   conditioned = geometry.conditioning_enabled(config)
 
   upscaler = geometry.upscale_enabled(config)
-  i2v = factory.wan_i2v(config)
+  i2v, clip = factory.wan_i2v(config), factory.wan_clip(config)
+  expert = factory.wan_expert(config)
+  if expert:
+    from sora_jax.inference import experts as experts_lib  # pylint: disable=g-import-not-at-top
+    ratio = float(config.model.wan.boundary_ratio)
+    partner_graphdef = experts_lib.partner_graphdef(config)
+    partner_params = frozen.expert_partner()  # loaded here: outside any jax.set_mesh block
+    low_scale = scale if not guidance_scale_2 else flow.guidance_schedule(
+        guidance_scale_2, guidance_schedule, guidance_interval)
+    scale = _switched_scale(scale, low_scale, ratio)
 
   @jax.jit
   def generate(params, tokens, mask, keys, video=None, given=None, lowres=None,
-               image_condition=None, image_embeds=None):
-    if i2v != (image_condition is not None and image_embeds is not None):
-      raise ValueError('A Wan image-to-video run (config.model.wan.image_dim > 0) samples from an'
-                       ' image: pass image_condition and image_embeds (frozen.image_condition),'
-                       ' and only it takes them.')
+               image_condition=None, image_embeds=None, partner=None):
+    if i2v != (image_condition is not None) or clip != (image_embeds is not None):
+      raise ValueError('A Wan image-to-video run (config.model.wan.image_dim > 0 or image_condition)'
+                       ' samples from an image: pass image_condition (and, with CLIP, image_embeds:'
+                       ' frozen.image_condition), and only it takes them.')
     if given is not None and not conditioned:
       raise ValueError('Given frames need a model trained with conditioning (config.condition.mix'
                        ' beyond "none"); this one was trained without.')
@@ -102,6 +123,10 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
       raise ValueError('An upscaler run (config.upscale.factor > 1) samples from `lowres` videos,'
                        ' and only it takes them.')
     model = nnx.merge(graphdef, params)
+    if expert:  # Wan 2.2 A14B: the expert each step's t falls to
+      other = nnx.merge(partner_graphdef, partner)
+      high, low = (model, other) if expert == 'high_noise' else (other, model)
+      model = _Switched(high, low, ratio)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
     both_tokens = jnp.concatenate([tokens, jnp.broadcast_to(neg_tokens, tokens.shape)])
     both_mask = jnp.concatenate([mask, jnp.broadcast_to(neg_mask, mask.shape)])
@@ -119,9 +144,10 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
         raise ValueError('Wan image-to-video conditions on its image channels, not on given frames'
                          ' or an edited video.')
       both_cond = jnp.concatenate([image_condition, image_condition])
-      both_image = jnp.concatenate([image_embeds, image_embeds])
-      velocity = flow.guided_velocity(lambda x, t: wan_i2v.velocity(
-          model, x, t, both_tokens, both_mask, both_cond, both_image), scale)
+      both_image = None if image_embeds is None else jnp.concatenate([image_embeds, image_embeds])
+      velocity = flow.guided_velocity(lambda x, t: _call(
+          model, lambda m, x2, t2: wan_i2v.velocity(m, x2, t2, both_tokens, both_mask, both_cond,
+                                                    both_image), x, t), scale)
       return solve(velocity, noise, timesteps)
     if video is None:
       velocity = flow.guided_velocity(lambda x, t: model(x, t, both_tokens, both_mask), scale)
@@ -157,7 +183,42 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
 
     return jnp.where(keep, video, solve(velocity, jnp.where(keep, video, x), timesteps))
 
-  return generate
+  if not expert:
+    return generate
+
+  def with_partner(params, *args, **kwargs):
+    return generate(params, *args, partner=partner_params, **kwargs)
+  return with_partner
+
+
+class _Switched:
+  """Two Wan 2.2 A14B experts called as one model: `model(x, t, ...)` runs `high` where
+  experts.is_high_noise(t) (the step's t, shared by the batch) and `low` elsewhere."""
+
+  def __init__(self, high, low, ratio):
+    self.high, self.low, self.ratio = high, low, ratio
+
+  def __call__(self, x, t, *args, **kwargs):
+    return _call(self, lambda m, x2, t2: m(x2, t2, *args, **kwargs), x, t)
+
+
+def _call(model, fn, x, t):
+  """fn(model, x, t), or for _Switched the expert of t: one branch runs (lax.cond)."""
+  if not isinstance(model, _Switched):
+    return fn(model, x, t)
+  from sora_jax.diffusion import experts  # pylint: disable=g-import-not-at-top
+  t_step = t.reshape(t.shape[0], -1)[0, 0]
+  return jax.lax.cond(experts.is_high_noise(t_step, model.ratio),
+                      lambda: fn(model.high, x, t), lambda: fn(model.low, x, t))
+
+
+def _switched_scale(high_scale, low_scale, ratio):
+  """The CFG scale of flow time t [B]: the high-noise expert's above the boundary, else the low's."""
+  from sora_jax.diffusion import experts  # pylint: disable=g-import-not-at-top
+  value = lambda s, t: jnp.broadcast_to(jnp.asarray(s(t) if callable(s) else s, jnp.float32),
+                                        t.shape)
+  return lambda t: jnp.where(experts.is_high_noise(t, ratio), value(high_scale, t),
+                             value(low_scale, t))
 
 
 def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
@@ -175,7 +236,7 @@ def generate_videos(generate, params, prompts, *, config, mesh, seed: int,
   frozen = frozen or frozen_lib.Frozen(config, mesh)
   i2v_inputs = {}
   if factory.wan_i2v(config):
-    i2v_inputs = image_inputs(config, frozen, image)
+    i2v_inputs = {k: v for k, v in image_inputs(config, frozen, image).items() if v is not None}
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
   data_sharding = sharding.batch_sharding(mesh)
@@ -234,7 +295,8 @@ def image_inputs(config, frozen, image=None) -> dict:
   clip = np.zeros((1, t, h, w, 3), np.float32)
   clip[0, 0] = frame
   condition, embeds = frozen.image_condition(jnp.asarray(clip), images=[original])
-  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  gather = lambda x: None if x is None else np.asarray(
+      multihost_utils.process_allgather(x, tiled=True))
   return {'image_condition': gather(condition), 'image_embeds': gather(embeds)}
 
 

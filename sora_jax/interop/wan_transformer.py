@@ -1,5 +1,5 @@
-"""Load a diffusers-format Wan 2.1 `WanTransformer3DModel` (text-to-video or image-to-video) into
-sora_jax.models.wan.WanDiT (no torch).
+"""Load a diffusers-format Wan `WanTransformer3DModel` (Wan 2.1 text-to-video or image-to-video, or
+one Wan 2.2 A14B expert) into sora_jax.models.wan.WanDiT (no torch).
 
 A folder holds config.json and either diffusion_pytorch_model.safetensors or shards listed by
 diffusion_pytorch_model.safetensors.index.json; a pipeline folder (its parent, with a transformer/
@@ -7,10 +7,20 @@ subfolder) works too. Tensors are read with safetensors' numpy API (bfloat16 inc
 and converted by an explicit name table (`param_table`): every checkpoint key must be consumed and
 every model parameter assigned, or the error lists what is missing / unexpected.
 
+Wan 2.2 A14B pipelines (T2V and I2V) hold two experts of the same architecture, switched by timestep
+as diffusers' WanPipeline / WanImageToVideoPipeline do: transformer/ (the high-noise expert) runs the
+steps with timestep >= boundary_ratio * 1000 (model_index.json's boundary_ratio; 1000 =
+num_train_timesteps), transformer_2/ (the low-noise expert) the others. Such a folder loads one expert
+by name (`expert='high_noise'` or `'low_noise'`; `load_wan_experts` loads both); loading it without
+one is refused rather than silently half loaded. I2V-A14B's experts take the 36-channel input (noisy
+latents, frame mask, first-frame latents) without CLIP image tokens.
+
   f = load_wan_transformer('Wan2.1-T2V-1.3B-Diffusers')
   v = f(latents, timesteps, text_embeddings)  # [B,T,H,W,16], [B] on 0..1000, [B,512,4096] (UMT5)
   f = load_wan_transformer('Wan2.1-I2V-14B-480P-Diffusers', task='i2v')
   v = f(latents, timesteps, text_embeddings, image_embeds)  # [B,T,H,W,36], ..., [B,257,1280] (CLIP)
+  f = load_wan_experts('Wan2.2-T2V-A14B-Diffusers')  # the expert the timestep picks, as diffusers
+  v = f(latents, timestep, text_embeddings)  # one timestep per call (a sampler step)
 """
 
 import json
@@ -31,26 +41,63 @@ WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 # Keys diffusers itself skips when loading (WanTransformer3DModel._keys_to_ignore_on_load_unexpected).
 IGNORED_KEY_PARTS = ('norm_added_q',)
 TASKS = ('t2v', 'i2v')
+# Wan 2.2 A14B experts: name -> the pipeline subfolder holding it (diffusers' order).
+EXPERTS = {'high_noise': 'transformer', 'low_noise': 'transformer_2'}
+NUM_TRAIN_TIMESTEPS = 1000  # the scheduler's num_train_timesteps: boundary = boundary_ratio * it
 # Key parts only image-to-video checkpoints have.
 I2V_KEY_PARTS = ('image_embedder', 'add_k_proj', 'add_v_proj', 'norm_added_k')
 
 
-def transformer_dir(path: str) -> str:
-  """The folder holding the transformer's config.json: `path` itself or `path/transformer`."""
-  for candidate in (path, os.path.join(path, 'transformer')):
+def transformer_dir(path: str, expert: str | None = None) -> str:
+  """The folder holding the transformer's config.json: `path` itself or `path/transformer` (an A14B
+  pipeline's `expert`: `path/transformer` or `path/transformer_2`)."""
+  if expert:
+    check_expert(expert)
+    _check_pipeline(path, expert)
+    candidates = (os.path.join(path, EXPERTS[expert]),)
+  else:
+    candidates = (path, os.path.join(path, 'transformer'))
+  for candidate in candidates:
     if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
       return candidate
   raise FileNotFoundError(
-      f'No Wan transformer at {path!r}: expected {CONFIG_NAME} there or in '
-      f'{os.path.join(path, "transformer")!r} (a diffusers WanTransformer3DModel folder)')
+      f'No Wan transformer at {path!r}: expected {CONFIG_NAME} '
+      + (f'in {candidates[0]!r} (the {expert} expert of a Wan 2.2 A14B pipeline folder)' if expert
+         else f'there or in {candidates[1]!r} (a diffusers WanTransformer3DModel folder)'))
 
 
-def wan_config_from_diffusers(path: str) -> dict:
-  """The transformer's config.json as a dict (validated: the class must be WanTransformer3DModel,
-  and a pipeline folder must not be a two-expert Wan 2.2 A14B one)."""
-  folder = transformer_dir(path)
+def check_expert(expert) -> None:
+  if expert not in EXPERTS:
+    raise ValueError(f'expert={expert!r}: expected one of {tuple(EXPERTS)} (Wan 2.2 A14B: '
+                     'transformer/ is the high-noise expert, transformer_2/ the low-noise one)')
+
+
+def pipeline_index(path: str) -> dict:
+  """A pipeline folder's model_index.json ({} when there is none)."""
+  index_file = os.path.join(path, 'model_index.json')
+  if not os.path.isfile(index_file):
+    return {}
+  with open(index_file) as f:
+    return json.load(f)
+
+
+def boundary_ratio(path: str) -> float | None:
+  """A Wan 2.2 A14B pipeline folder's boundary_ratio (None: a single-transformer folder). A folder
+  with transformer_2 but no boundary_ratio runs transformer_2 never in diffusers: refused."""
+  index = pipeline_index(path)
+  ratio = index.get('boundary_ratio')
+  if ratio is None and (index.get('transformer_2') or [None])[0]:
+    raise ValueError(f'{path!r}: model_index.json lists transformer_2 without a boundary_ratio '
+                     '(diffusers would never run it); a Wan 2.2 A14B pipeline sets both.')
+  return None if ratio is None else float(ratio)
+
+
+def wan_config_from_diffusers(path: str, expert: str | None = None) -> dict:
+  """The transformer's config.json as a dict (validated: the class must be WanTransformer3DModel;
+  a Wan 2.2 A14B pipeline folder needs `expert`, and only such a folder takes one)."""
+  folder = transformer_dir(path, expert)
   if folder != path:
-    _check_pipeline(path)
+    _check_pipeline(path, expert)
   with open(os.path.join(folder, CONFIG_NAME)) as f:
     config = json.load(f)
   cls = config.get('_class_name', 'WanTransformer3DModel')
@@ -59,24 +106,30 @@ def wan_config_from_diffusers(path: str) -> dict:
   return config
 
 
-def _check_pipeline(path: str) -> None:
-  """A Wan 2.2 A14B pipeline folder (two experts switched by timestep) is named, not half loaded."""
-  index_file = os.path.join(path, 'model_index.json')
-  if not os.path.isfile(index_file):
-    return
-  with open(index_file) as f:
-    index = json.load(f)
-  if (index.get('transformer_2') or [None])[0] or index.get('boundary_ratio') is not None:
-    raise NotImplementedError(
-        f'{path!r} is a Wan 2.2 A14B pipeline ({index.get("_class_name")}: two expert '
-        f'transformers switched at boundary_ratio={index.get("boundary_ratio")}), which is not '
-        'supported yet; Wan 2.1 T2V and I2V pipelines are.')
+def _check_pipeline(path: str, expert: str | None) -> None:
+  """A Wan 2.2 A14B pipeline folder (two experts switched by timestep) is loaded one named expert
+  at a time, not half loaded by accident; an expert of another folder is an error."""
+  ratio = boundary_ratio(path)
+  if ratio is not None and not expert:
+    raise ValueError(
+        f'{path!r} is a Wan 2.2 A14B pipeline ({pipeline_index(path).get("_class_name")}: two expert '
+        f'transformers switched at boundary_ratio={ratio}): name the expert to load, '
+        f"expert='high_noise' (transformer/, timesteps >= {ratio * NUM_TRAIN_TIMESTEPS:g}) or "
+        "'low_noise' (transformer_2/) (config.model.wan.expert), or load both with "
+        'load_wan_experts')
+  if ratio is None and expert:
+    raise ValueError(f'expert={expert!r} but {path!r} is not a Wan 2.2 A14B pipeline folder '
+                     '(model_index.json has no boundary_ratio / transformer_2): it holds one '
+                     'transformer, loaded without an expert')
 
 
 def wan_task(config: dict) -> str:
-  """'i2v' for an image-to-video WanTransformer3DModel config.json dict (CLIP image tokens:
-  image_dim set), else 't2v'."""
-  return 'i2v' if config.get('image_dim') is not None else 't2v'
+  """'i2v' for an image-to-video WanTransformer3DModel config.json dict (Wan 2.1: CLIP image tokens,
+  image_dim set; Wan 2.2 I2V-A14B: the 2C + 4 channel input without them), else 't2v'."""
+  if config.get('image_dim') is not None:
+    return 'i2v'
+  out = config.get('out_channels') or config.get('in_channels', 16)
+  return 'i2v' if config.get('in_channels', 16) == 2 * out + wan.I2V_MASK_CHANNELS else 't2v'
 
 
 def check_task(config: dict, task: str | None, path: str = '') -> None:
@@ -101,9 +154,9 @@ def check_task(config: dict, task: str | None, path: str = '') -> None:
       'Wan2.1-T2V-14B-Diffusers)')
 
 
-def weight_files(path: str) -> dict[str, str]:
+def weight_files(path: str, expert: str | None = None) -> dict[str, str]:
   """Checkpoint key -> safetensors file holding it (single file or sharded)."""
-  return safetensors_io.weight_files(transformer_dir(path), WEIGHTS_NAME)
+  return safetensors_io.weight_files(transformer_dir(path, expert), WEIGHTS_NAME)
 
 
 # --------------------------------------------------------------------------- name table
@@ -210,15 +263,19 @@ def check_keys(table, checkpoint_keys, model_paths) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_wan_params(path: str, model: wan.WanDiT, mesh=None) -> wan.WanDiT:
-  """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights.
+def load_wan_params(path: str, model: wan.WanDiT, mesh=None,
+                    expert: str | None = None) -> wan.WanDiT:
+  """`model` (concrete, or abstract from nnx.eval_shape) with the checkpoint's weights (of an A14B
+  pipeline folder: `expert`'s).
 
   Returns a new model; parameters take the model's parameter dtype. With `mesh`, each parameter is
   placed with the sharding its logical axis names give (sora_jax.parallel.sharding.RULES) as it is read.
   """
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
-  files = weight_files(path)
+  if transformer_dir(path, expert) != path:
+    _check_pipeline(path, expert)
+  files = weight_files(path, expert)
   table = param_table(model.config)
   check_keys(table, files, flat)
   shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh))) if mesh else {}
@@ -270,16 +327,51 @@ class WanTransformer:
 
 def load_wan_transformer(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32,
                          scan_layers=True, remat='none', attention_impl=None,
-                         mesh=None, task: str | None = None) -> WanTransformer:
+                         mesh=None, task: str | None = None,
+                         expert: str | None = None) -> WanTransformer:
   """Builds WanDiT from `path`'s config.json (abstractly: no random init of a 14B model) and loads
   its weights. `dtype`: compute dtype; `param_dtype`: bf16 halves memory for inference; `task`:
-  't2v' or 'i2v' refuses the other kind of transformer by name (None: either); the other options
-  as wan.WanDiT."""
-  config = wan_config_from_diffusers(path)
+  't2v' or 'i2v' refuses the other kind of transformer by name (None: either); `expert`: which
+  expert of a Wan 2.2 A14B pipeline folder ('high_noise' / 'low_noise'); the other options as
+  wan.WanDiT."""
+  config = wan_config_from_diffusers(path, expert)
   check_task(config, task, path)
   cfg = wan.WanConfig.from_diffusers(config)
   with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
     abstract = nnx.eval_shape(lambda: wan.WanDiT(
         cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
         remat=remat, attention_impl=attention_impl))
-  return WanTransformer(load_wan_params(path, abstract, mesh=mesh), config)
+  return WanTransformer(load_wan_params(path, abstract, mesh=mesh, expert=expert), config)
+
+
+def is_high_noise(timestep, ratio: float):
+  """Whether diffusers runs the high-noise expert at `timestep` (0..1000 scale; array or float):
+  `t >= boundary_ratio * num_train_timesteps`, the pipelines' test."""
+  return timestep >= ratio * NUM_TRAIN_TIMESTEPS
+
+
+class WanExperts:
+  """Both experts of a Wan 2.2 A14B pipeline folder: f(latents, timestep, text[, image_embeds])
+  runs the expert diffusers' pipeline runs at that timestep (one timestep per call, as a sampler
+  step has). `high` / `low`: the WanTransformers; `boundary_ratio` from model_index.json."""
+
+  def __init__(self, high: WanTransformer, low: WanTransformer, ratio: float):
+    self.high, self.low, self.boundary_ratio = high, low, ratio
+
+  def expert(self, timestep) -> str:
+    t = float(np.asarray(timestep).reshape(-1)[0])
+    return 'high_noise' if is_high_noise(t, self.boundary_ratio) else 'low_noise'
+
+  def __call__(self, latents, timesteps, text_embeddings, image_embeds=None):
+    f = self.high if self.expert(timesteps) == 'high_noise' else self.low
+    return f(latents, timesteps, text_embeddings, image_embeds)
+
+
+def load_wan_experts(path: str, dtype=jnp.float32, **kwargs) -> WanExperts:
+  """Both experts of the Wan 2.2 A14B pipeline folder `path` (keyword arguments as
+  load_wan_transformer's)."""
+  ratio = boundary_ratio(path)
+  if ratio is None:
+    raise ValueError(f'{path!r} is not a Wan 2.2 A14B pipeline folder (model_index.json has no '
+                     'boundary_ratio): load its transformer with load_wan_transformer')
+  return WanExperts(*(load_wan_transformer(path, dtype, expert=e, **kwargs) for e in EXPERTS), ratio)

@@ -120,7 +120,7 @@ class WanConfig:
     wan22 = wan22_variant(cfg)
     if wan22:
       raise NotImplementedError(f'This is a {wan22} config, which is not supported yet; Wan 2.1 '
-                                'T2V and I2V transformers are.')
+                                'T2V and I2V and Wan 2.2 A14B transformers are.')
     return cfg
 
 
@@ -148,16 +148,20 @@ def i2v_input(noisy, condition):
 
 
 def wan22_variant(cfg: WanConfig) -> str | None:
-  """Names the Wan 2.2 transformer a config is, from what only Wan 2.2 released (None otherwise):
-  48 latent channels (the Wan 2.2 VAE's: TI2V-5B), or the 36-channel image-to-video input
-  (16 + 4 + 16) without CLIP image tokens (I2V-A14B's experts). Wan 2.2 T2V-A14B's experts have
-  Wan 2.1 T2V-14B's config; their pipeline folder is what tells them apart."""
+  """Names the Wan 2.2 transformer a config is that is not supported (None otherwise): 48 latent
+  channels (the Wan 2.2 VAE's: TI2V-5B, whose pipeline also keeps the first frame clean through
+  per-token timesteps, `expand_timesteps`). The A14B experts load: T2V-A14B's have Wan 2.1
+  T2V-14B's config, I2V-A14B's the 36-channel image-to-video input without CLIP image tokens
+  (`image_condition_only`); their pipeline folder (transformer_2, boundary_ratio) pairs them."""
   if cfg.in_channels == cfg.out_channels == 48:
     return 'Wan 2.2 TI2V-5B transformer (48 latent channels, the Wan 2.2 VAE\'s)'
-  if not cfg.is_i2v and (cfg.in_channels, cfg.out_channels) == (36, 16):
-    return ('Wan 2.2 I2V-A14B expert transformer (the 36-channel image-to-video input without '
-            'CLIP image tokens)')
   return None
+
+
+def image_condition_only(cfg: WanConfig) -> bool:
+  """Wan 2.2 I2V-A14B's experts: the image-to-video input (noisy latents, frame mask, first-frame
+  latents: 2C + 4 channels) and no CLIP image tokens (no image_dim)."""
+  return not cfg.is_i2v and cfg.in_channels == 2 * cfg.out_channels + I2V_MASK_CHANNELS
 
 
 def _linear(din, dout, axes, *, rngs, dtype, param_dtype):
@@ -449,7 +453,8 @@ class WanDiT(nnx.Module):
     cfg = self.config
     if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
       hint = ''
-      if cfg.is_i2v and latents.ndim == 5 and latents.shape[-1] == cfg.out_channels:
+      if ((cfg.is_i2v or image_condition_only(cfg)) and latents.ndim == 5
+          and latents.shape[-1] == cfg.out_channels):
         hint = (f' (an image-to-video model: noisy latents, the {I2V_MASK_CHANNELS}-channel frame '
                 'mask and the first-frame latents, concatenated on channels)')
       raise ValueError(f'latents must be [B, T, H, W, {cfg.in_channels}]{hint}, got '

@@ -67,9 +67,23 @@ def _build(config, rngs):
 
 
 def wan_i2v(config) -> bool:
-  """A Wan 2.1 image-to-video run (model.wan.image_dim > 0): CLIP image tokens and the first
-  frame's latents condition every clip (sora_jax/training/objectives/wan_i2v.py)."""
+  """A Wan image-to-video run: the first frame's latents and frame mask condition every clip through
+  the input channels (sora_jax/training/objectives/wan_i2v.py); Wan 2.1 I2V (model.wan.image_dim >
+  0) adds CLIP image tokens (`wan_clip`), Wan 2.2 I2V-A14B (model.wan.image_condition) does not."""
+  return config.model.family == 'wan' and (
+      wan_clip(config) or bool(config.model.wan.get('image_condition', False)))
+
+
+def wan_clip(config) -> bool:
+  """A Wan 2.1 image-to-video run: CLIP image tokens in cross-attention (config.image_encoder)."""
   return config.model.family == 'wan' and int(config.model.wan.get('image_dim', 0) or 0) > 0
+
+
+def wan_expert(config) -> str:
+  """The Wan 2.2 A14B expert a run trains ('high_noise' / 'low_noise'), '' for other runs."""
+  if config.model.family != 'wan':
+    return ''
+  return str(config.model.wan.get('expert', '') or '')
 
 
 def wan_kwargs(config, channels: int) -> dict:
@@ -78,7 +92,9 @@ def wan_kwargs(config, channels: int) -> dict:
   w = config.model.wan
   i2v = {}
   if wan_i2v(config):
-    i2v = dict(in_channels=2 * channels + wan.I2V_MASK_CHANNELS, image_dim=int(w.image_dim),
+    i2v = dict(in_channels=2 * channels + wan.I2V_MASK_CHANNELS)
+  if wan_clip(config):
+    i2v.update(image_dim=int(w.image_dim),
                added_kv_proj_dim=w.num_attention_heads * w.attention_head_dim)
   return dict(dict(patch_size=tuple(config.model.patch_size),
                    num_attention_heads=w.num_attention_heads,

@@ -225,7 +225,9 @@ def _pretrained(config, params, params_sh, lora_base=False):
     from sora_jax.interop import \
         wan_transformer  # pylint: disable=g-import-not-at-top
     model = nnx.merge(graphdef, params)
-    model.dit = wan_transformer.load_wan_params(path, model.dit, mesh=_mesh_of(params_sh))
+    # Wan 2.2 A14B: the run's expert of the pipeline folder (transformer/ or transformer_2/).
+    model.dit = wan_transformer.load_wan_params(path, model.dit, mesh=_mesh_of(params_sh),
+                                                expert=factory.wan_expert(config) or None)
     return jax.device_put(nnx.state(model, nnx.Param), params_sh)
   raise ValueError(f'config.init_from={path!r}: neither a sora_jax workdir nor (for'
                    ' model.family="wan") a diffusers WanTransformer3DModel folder.')
@@ -245,7 +247,8 @@ def base_record(config) -> dict:
   else:
     from sora_jax.interop import \
         wan_transformer  # pylint: disable=g-import-not-at-top
-    for name in sorted(set(wan_transformer.weight_files(path).values())):
+    files = wan_transformer.weight_files(path, factory.wan_expert(config) or None)
+    for name in sorted(set(files.values())):
       with open(name, 'rb') as f:
         header_len = int.from_bytes(f.read(8), 'little')
         digest.update(f.read(header_len))

@@ -45,14 +45,14 @@ def batch_spec(config, bucket, *, text_dtype=jnp.float32, pixel_dtype=jnp.uint8)
   if config.model.family != 'vae':
     batch.update(tokens=tokens, mask=mask)
   if factory.wan_i2v(config):  # what frozen.Frozen.image_condition adds
+    video = batch['video']
+    batch.update(image_condition=jax.ShapeDtypeStruct(
+        (*video.shape[:-1], video.shape[-1] + wan.I2V_MASK_CHANNELS), jnp.float32))
+  if factory.wan_clip(config):
     from sora_jax.interop import clip_vision  # pylint: disable=g-import-not-at-top
     clip = clip_vision.load_clip_vision_config(config.image_encoder)
-    video = batch['video']
-    batch.update(
-        image_condition=jax.ShapeDtypeStruct(
-            (*video.shape[:-1], video.shape[-1] + wan.I2V_MASK_CHANNELS), jnp.float32),
-        image_embeds=jax.ShapeDtypeStruct((bucket.batch_size, clip.num_positions,
-                                           clip.hidden_size), jnp.float32))
+    batch.update(image_embeds=jax.ShapeDtypeStruct((bucket.batch_size, clip.num_positions,
+                                                    clip.hidden_size), jnp.float32))
   return batch
 
 

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.config import geometry
-from sora_jax.diffusion import flow
+from sora_jax.diffusion import experts, flow
 from sora_jax.models import dit
+from sora_jax.training import factory
 
 
 def flow_times(rng, config, shape):
@@ -25,19 +26,25 @@ def flow_times(rng, config, shape):
   The shift is the sampler's for this clip shape (geometry.timestep_shift): shapes are static, so
   each bucket's compiled step bakes in its own resolution-dependent shift.
 
+  A Wan 2.2 A14B run (config.model.wan.expert) samples only its expert's side of the boundary,
+  from the same distribution restricted to it (flow.sample_timesteps' t_range).
+
   Why per frame: with some frames nearly clean and others noisy, where the object goes next is a
   first-order question, so the caption's motion words get a strong gradient; t stays shared (as
   sampled) for the other clips, which is what the sampler uses."""
   d = config.diffusion
   batch, num_frames = shape[0], shape[1]
   shift = geometry.timestep_shift(config, shape[1:4])
-  t = flow.sample_timesteps(rng, batch, logit_mean=d.logit_mean, logit_std=d.logit_std, shift=shift)
+  t_range = None
+  if factory.wan_expert(config):  # Wan 2.2 A14B: this expert's side of the boundary only
+    t_range = experts.time_range(factory.wan_expert(config), config.model.wan.boundary_ratio)
+  dist = dict(logit_mean=d.logit_mean, logit_std=d.logit_std, shift=shift, t_range=t_range)
+  t = flow.sample_timesteps(rng, batch, **dist)
   if d.frame_noise_prob <= 0:
     return t
   pt = config.model.patch_size[0]
   own_rng, pick_rng = jax.random.split(jax.random.fold_in(rng, 1))
-  frames = flow.sample_timesteps(own_rng, batch * (num_frames // pt), logit_mean=d.logit_mean,
-                                 logit_std=d.logit_std, shift=shift)
+  frames = flow.sample_timesteps(own_rng, batch * (num_frames // pt), **dist)
   frames = jnp.repeat(frames.reshape(batch, -1), pt, axis=1)
   pick = jax.random.bernoulli(pick_rng, d.frame_noise_prob, (batch, 1))
   return jnp.where(pick, frames, t[:, None])

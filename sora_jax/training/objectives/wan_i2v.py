@@ -1,4 +1,5 @@
-"""Wan 2.1 image-to-video flow matching, as WanImageToVideoPipeline conditions the transformer.
+"""Wan image-to-video flow matching, as WanImageToVideoPipeline conditions the transformer (Wan 2.1
+I2V; Wan 2.2 I2V-A14B the same without 'image_embeds': its experts take no CLIP tokens).
 
 The batch carries, besides the clip's latents and caption, what the frozen encoders computed from its
 first frame before the train step (sora_jax/inference/frozen.py): 'image_condition' [B, T, H, W, 4 + C]
@@ -21,8 +22,9 @@ from sora_jax.models import wan
 from sora_jax.training.objectives import text_to_video
 
 
-def velocity(model, x_t, t, tokens, mask, image_condition, image_embeds):
-  """The flow velocity of a TextToVideo model over a Wan I2V transformer."""
+def velocity(model, x_t, t, tokens, mask, image_condition, image_embeds=None):
+  """The flow velocity of a TextToVideo model over a Wan I2V transformer (image_embeds None: Wan 2.2
+  I2V-A14B's experts, which take no CLIP tokens)."""
   context, context_mask = model.encode_text(tokens, mask)
   out = model.dit(wan.i2v_input(x_t, image_condition), t, context, context_mask,
                   image_embeds=image_embeds)
@@ -41,7 +43,7 @@ def make_loss(graphdef, config, null_caption):
     tokens, mask = text_to_video.drop_captions(rngs['drop'], config.text.dropout_prob,
                                                batch['tokens'], batch['mask'], null_caption)
     v = velocity(nnx.merge(graphdef, params), flow.interpolate(x0, noise, t), t, tokens, mask,
-                 batch['image_condition'], batch['image_embeds'])
+                 batch['image_condition'], batch.get('image_embeds'))
     return flow.loss(v, x0, noise, flow.loss_weight(t, d.loss_t_floor)).mean(), {}
 
   return loss
