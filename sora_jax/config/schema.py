@@ -138,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
   # them separately. Sampling runs the other one from config.init_from's folder.
   c.model.wan.boundary_ratio = 0.0
   c.model.wan.expert = ''
+  # Wan 2.2 TI2V-5B (configs/wan2_2_ti2v_5b.py; diffusers' expand_timesteps): image-to-video through
+  # given frames (config.condition.mix) carried by a per-frame timestep of 0 alone (no mask channel,
+  # no CLIP), in the Wan 2.2 VAE's latents.
+  c.model.wan.expand_timesteps = False
 
   # model.family='vae' (and what a sora_jax autoencoder workdir holds): the Wan-VAE architecture.
   c.vae = ml_collections.ConfigDict()

@@ -142,6 +142,7 @@ def _check_transformer(config, mesh):
         w.attention_head_dim
     if head_dim % 2 or head_dim < 6:
       raise ValueError(f'config.model.wan.attention_head_dim={head_dim} must be even and >= 6.')
+    _check_wan_ti2v(config)
     _check_wan_i2v(config)
   else:
     width, heads = m.width, m.num_heads
@@ -153,6 +154,46 @@ def _check_transformer(config, mesh):
     raise ValueError(
         f'config.model width {width} and {heads} heads must be divisible by'
         f' config.mesh.tensor={mesh["tensor"]}.')
+
+
+def _check_wan_ti2v(config):
+  """Wan 2.2 TI2V (model.wan.expand_timesteps): one text-to-video transformer conditioned through
+  given frames, not through image channels or experts."""
+  w = config.model.wan
+  if w.get('expand_timesteps', False) and (int(w.get('image_dim', 0) or 0)
+                                           or w.get('image_condition', False) or w.get('expert', '')):
+    raise ValueError('config.model.wan.expand_timesteps (Wan 2.2 TI2V: the image enters as a given'
+                     ' first frame) takes no image_dim, image_condition or expert: those are Wan'
+                     ' 2.1 I2V / Wan 2.2 A14B models.')
+
+
+def _check_wan_pipeline(config, weights: bool):
+  """init_from's pipeline must be TI2V's (expand_timesteps) exactly when the run is, and its
+  transformer must fit config.autoencoder (wan_transformer.check_vae)."""
+  w = config.model.wan
+  ti2v = bool(w.get('expand_timesteps', False))
+  path = config.init_from
+  if not weights or not path or not os.path.isdir(path) or _is_sora_workdir(path):
+    return
+  from sora_jax.interop import wan_transformer  # pylint: disable=g-import-not-at-top
+  folder_ti2v = wan_transformer.expand_timesteps(path)
+  if folder_ti2v != ti2v:
+    raise ValueError(
+        f'config.init_from={path!r} is {"" if folder_ti2v else "not "}a Wan 2.2 TI2V pipeline'
+        f' (model_index.json expand_timesteps: {str(folder_ti2v).lower()}) but'
+        f' config.model.wan.expand_timesteps={ti2v}: use '
+        + ('configs/wan2_2_ti2v_5b.py.' if folder_ti2v else
+           'a Wan 2.1 / A14B config (configs/wan2_1_t2v_1_3b.py, wan2_2_a14b.py).'))
+  if config.autoencoder and not _is_sora_workdir(config.autoencoder):
+    wan_transformer.check_vae(path, config.autoencoder, expert=w.get('expert', '') or None)
+
+
+def _is_sora_workdir(path: str) -> bool:
+  config_file = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_file) or _model_index(path):
+    return False
+  with open(config_file) as f:
+    return 'model' in json.load(f)
 
 
 def _check_wan_i2v(config):
@@ -326,6 +367,8 @@ def validate(config, num_devices: int, *, weights: bool = True) -> dict[str, int
   check_upscale(config)
   _check_lora(config, weights)
   _check_wan_experts(config, weights)
+  if m.family == 'wan':
+    _check_wan_pipeline(config, weights)
   if m.family != 'vae':
     ae_geometry = geometry.autoencoder_geometry(config.autoencoder) if config.autoencoder else None
     check_condition(config, [geometry.latent_shape(s, ae_geometry)[0] if ae_geometry else s[0]
@@ -426,9 +469,14 @@ def check_condition(config, model_frames: list[int]) -> None:
       raise ValueError(f'config.condition.{key}={config.condition[key]} not in [0, 1).')
   if not geometry.conditioning_enabled(config):
     return
-  if config.model.family != 'dit' or config.data.packing:
-    raise ValueError('config.condition.mix conditions on given frames with model.family="dit" and'
-                     ' data.packing=False only.')
+  wan_ti2v = config.model.family == 'wan' and config.model.wan.get('expand_timesteps', False)
+  if (config.model.family != 'dit' and not wan_ti2v) or config.data.packing:
+    raise ValueError('config.condition.mix conditions on given frames with model.family="dit" (or'
+                     ' "wan" with model.wan.expand_timesteps: Wan 2.2 TI2V, configs/'
+                     'wan2_2_ti2v_5b.py) and data.packing=False only.')
+  if wan_ti2v and (config.condition.context_noise or config.condition.sample_context_noise):
+    raise ValueError('Wan 2.2 TI2V tells given frames apart by their timestep of 0 alone (no mask'
+                     ' channel): config.condition.context_noise and sample_context_noise must be 0.')
   pt = config.model.patch_size[0]
   used = {p for p, q in pairs if q > 0}
   for frames in model_frames:

@@ -21,6 +21,13 @@ latents, frame mask, first-frame latents) without CLIP image tokens.
   v = f(latents, timesteps, text_embeddings, image_embeds)  # [B,T,H,W,36], ..., [B,257,1280] (CLIP)
   f = load_wan_experts('Wan2.2-T2V-A14B-Diffusers')  # the expert the timestep picks, as diffusers
   v = f(latents, timestep, text_embeddings)  # one timestep per call (a sampler step)
+  f = load_wan_transformer('Wan2.2-TI2V-5B-Diffusers')  # expand_timesteps: true
+  v = f(latents, timesteps, text_embeddings)  # [B,T,H,W,48], timesteps [B, T]: 0 on a given frame
+
+Wan 2.2 TI2V-5B (model_index.json `expand_timesteps: true`) is one transformer in the Wan 2.2 VAE's
+48-channel latents; its pipeline conditions on an image by a clean first latent frame with timestep
+0 on its tokens (per-frame timesteps [B, T] here). `check_vae` refuses a TI2V transformer paired with
+a Wan 2.1 VAE, or a Wan 2.1 / A14B transformer with the Wan 2.2 VAE, naming both.
 """
 
 import json
@@ -90,6 +97,47 @@ def boundary_ratio(path: str) -> float | None:
     raise ValueError(f'{path!r}: model_index.json lists transformer_2 without a boundary_ratio '
                      '(diffusers would never run it); a Wan 2.2 A14B pipeline sets both.')
   return None if ratio is None else float(ratio)
+
+
+def expand_timesteps(path: str) -> bool:
+  """Whether the pipeline folder `path` is Wan 2.2 TI2V's (model_index.json `expand_timesteps`:
+  per-token timesteps, the first frame kept clean for image-to-video); False without one."""
+  return bool(pipeline_index(path).get('expand_timesteps'))
+
+
+def _vae_kind(vae_config: dict) -> str:
+  if int(vae_config.get('patch_size') or 1) > 1 or vae_config.get('is_residual'):
+    return (f'a Wan 2.2 VAE (z_dim {vae_config.get("z_dim")}, patch_size '
+            f'{vae_config.get("patch_size")}: x16 spatial)')
+  return f'a Wan 2.1 VAE (z_dim {vae_config.get("z_dim", 16)}, x8 spatial)'
+
+
+def check_vae(path: str, vae_path: str | None = None, expert: str | None = None) -> None:
+  """Refuses a transformer and a VAE that were not released together: Wan 2.2 TI2V's
+  (expand_timesteps in `path`'s model_index.json) needs the Wan 2.2 VAE (patch_size 2, 48
+  channels), every other Wan transformer a Wan 2.1 VAE, and the latent channels must agree.
+  `vae_path`: the VAE folder (default: `path`'s vae/; nothing to check without one)."""
+  from sora_jax.interop import wan_vae  # pylint: disable=g-import-not-at-top
+  if vae_path is None:
+    vae_path = os.path.join(path, 'vae')
+    if not os.path.isfile(os.path.join(vae_path, CONFIG_NAME)):
+      return
+  vae_config = wan_vae.load_config(vae_path)
+  config = wan_config_from_diffusers(path, expert)
+  ti2v = expand_timesteps(path)
+  wan22_vae = int(vae_config.get('patch_size') or 1) > 1 or bool(vae_config.get('is_residual'))
+  channels = config.get('out_channels') or config.get('in_channels', 16)
+  what = (f'{path!r} is a Wan 2.2 TI2V transformer (model_index.json expand_timesteps: true, '
+          f'{channels} latent channels)' if ti2v else
+          f'{path!r} is a Wan 2.1 / 2.2 A14B transformer (no expand_timesteps, {channels} latent '
+          'channels)')
+  vae_what = f'{vae_path!r} holds {_vae_kind(vae_config)}'
+  if ti2v != wan22_vae:
+    need = ('the Wan 2.2 VAE (Wan2.2-TI2V-5B-Diffusers/vae: z_dim 48, patch_size 2)' if ti2v else
+            'the Wan 2.1 VAE (z_dim 16, x8), which Wan 2.1 and Wan 2.2 A14B share')
+    raise ValueError(f'{what}, but {vae_what}: it was released with {need}.')
+  if int(vae_config.get('z_dim', 16)) != int(channels):
+    raise ValueError(f'{what}, but {vae_what}: the latent channels differ.')
 
 
 def wan_config_from_diffusers(path: str, expert: str | None = None) -> dict:
@@ -336,11 +384,12 @@ def load_wan_transformer(path: str, dtype=jnp.float32, *, param_dtype=jnp.float3
   wan.WanDiT."""
   config = wan_config_from_diffusers(path, expert)
   check_task(config, task, path)
+  check_vae(path, expert=expert)
   cfg = wan.WanConfig.from_diffusers(config)
   with nnx.use_eager_sharding(False):  # placed from the logical-axis metadata, not at creation
     abstract = nnx.eval_shape(lambda: wan.WanDiT(
         cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-        remat=remat, attention_impl=attention_impl))
+        remat=remat, attention_impl=attention_impl, expand_timesteps=expand_timesteps(path)))
   return WanTransformer(load_wan_params(path, abstract, mesh=mesh, expert=expert), config)
 
 

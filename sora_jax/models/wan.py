@@ -27,6 +27,13 @@ stream, layer norms, modulation and the whole timestep path stay float32, as in 
 _keep_in_fp32_modules and the original Wan code's float32 autocast regions: bf16 rounding of a
 residual summed over 30-40 blocks costs accuracy and saves little.
 
+Wan 2.2 TI2V-5B (one transformer, text- and image-to-video, in the Wan 2.2 VAE's 48 channels): the
+Wan 2.1 T2V architecture at width 3072 whose pipeline (diffusers `expand_timesteps`) conditions on
+an image by keeping the first latent frame clean with timestep 0 on its tokens; no mask channel, no
+CLIP. That is sora_jax's given-frames conditioning (diffusion/given_frames.py) with a per-frame
+timestep [B, T], so a model built with `expand_timesteps=True` takes `given` and the existing
+objective and sampler run it.
+
 Blocks are stacked on a leading 'layers' axis and run by `jax.lax.scan` (one compiled block, so the
 30/40-layer models compile in seconds), optionally rematerialised, as in dit.VideoDiT.
 """
@@ -93,9 +100,8 @@ class WanConfig:
 
   @classmethod
   def from_diffusers(cls, config: dict) -> 'WanConfig':
-    """From a config.json dict. Private keys ('_class_name', ...) are ignored; unknown keys, the
-    first-last-frame variant and Wan 2.2 transformers are errors rather than silently different
-    models."""
+    """From a config.json dict. Private keys ('_class_name', ...) are ignored; unknown keys and the
+    first-last-frame variant are errors rather than silently different models."""
     fields = {f.name for f in dataclasses.fields(cls)}
     public = {k: v for k, v in config.items() if not k.startswith('_')}
     if public.get('pos_embed_seq_len') is not None:
@@ -117,10 +123,6 @@ class WanConfig:
     cfg = cls(**public)
     if len(cfg.patch_size) != 3:
       raise ValueError(f'patch_size must be (t, h, w), got {cfg.patch_size}')
-    wan22 = wan22_variant(cfg)
-    if wan22:
-      raise NotImplementedError(f'This is a {wan22} config, which is not supported yet; Wan 2.1 '
-                                'T2V and I2V and Wan 2.2 A14B transformers are.')
     return cfg
 
 
@@ -147,15 +149,11 @@ def i2v_input(noisy, condition):
   return jnp.concatenate([noisy, condition.astype(noisy.dtype)], axis=-1)
 
 
-def wan22_variant(cfg: WanConfig) -> str | None:
-  """Names the Wan 2.2 transformer a config is that is not supported (None otherwise): 48 latent
-  channels (the Wan 2.2 VAE's: TI2V-5B, whose pipeline also keeps the first frame clean through
-  per-token timesteps, `expand_timesteps`). The A14B experts load: T2V-A14B's have Wan 2.1
-  T2V-14B's config, I2V-A14B's the 36-channel image-to-video input without CLIP image tokens
-  (`image_condition_only`); their pipeline folder (transformer_2, boundary_ratio) pairs them."""
-  if cfg.in_channels == cfg.out_channels == 48:
-    return 'Wan 2.2 TI2V-5B transformer (48 latent channels, the Wan 2.2 VAE\'s)'
-  return None
+def is_ti2v(cfg: WanConfig) -> bool:
+  """A Wan 2.2 TI2V-5B transformer by its config alone: 48 latent channels in and out (the Wan 2.2
+  VAE's). Its pipeline's model_index.json says so too (`expand_timesteps`), which is what
+  interop/wan_transformer.py reads (tiny test models have fewer channels)."""
+  return cfg.in_channels == cfg.out_channels == 48 and not cfg.is_i2v
 
 
 def image_condition_only(cfg: WanConfig) -> bool:
@@ -368,7 +366,11 @@ class WanDiT(nnx.Module):
 
   def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, scan_layers=True, remat='none', attention_impl='auto',
-               context_parallel=None):
+               context_parallel=None, expand_timesteps=False):
+    if expand_timesteps and (config.is_i2v or image_condition_only(config)):
+      raise ValueError('expand_timesteps (Wan 2.2 TI2V: given frames through their timesteps) is '
+                       'for a text-to-video input; this transformer takes the image-to-video one.')
+    self.expand_timesteps = expand_timesteps
     if remat != 'none' and remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r}: expected one of none, {", ".join(REMAT_POLICIES)}')
     cfg = self.config = config
@@ -403,19 +405,33 @@ class WanDiT(nnx.Module):
     """From a diffusers config.json dict; kwargs as __init__ (rngs, dtype, scan_layers, ...)."""
     return cls(WanConfig.from_diffusers(config), **kwargs)
 
-  def __call__(self, video, t, context, context_mask=None, image_embeds=None):
+  def __call__(self, video, t, context, context_mask=None, image_embeds=None, given=None):
     """video [B, T, H, W, C], flow time t [B] (or [B, T]: one per frame, constant within each
     temporal patch) in [0, 1], context [B, L, text_dim], context_mask [B, L] or None, image_embeds
-    [B, I, image_dim] (I2V models only) -> velocity [B, T, H, W, out_channels] float32.
+    [B, I, image_dim] (I2V models only), given [B, T] the given-frame mask (models built with
+    expand_timesteps only: Wan 2.2 TI2V, whose given frames are told apart by t = 0 alone, which
+    the caller's per-frame t carries; checked for shape here, not used) -> velocity
+    [B, T, H, W, out_channels] float32.
 
     Wan attends to every text position: its pipeline zero-pads the T5 embeddings to 512 tokens and
     the model was trained on that. So with a mask the padded embeddings are zeroed (exactly what
     the pipeline feeds the model) rather than masked out of attention, which would change the
     output of the released weights. context_mask=None uses the context as given.
     """
+    if given is not None:
+      self._check_given(video, t, given)
     if context_mask is not None:
       context = context * context_mask[..., None].astype(context.dtype)
     return self.forward_wan(video, 1000.0 * jnp.asarray(t, jnp.float32), context, image_embeds)
+
+  def _check_given(self, video, t, given):
+    if not self.expand_timesteps:
+      raise ValueError('This Wan transformer takes no given frames: only Wan 2.2 TI2V (built with '
+                       'expand_timesteps, config.model.wan.expand_timesteps) conditions on them, '
+                       'through a timestep of 0 on their frames.')
+    if given.shape != video.shape[:2] or jnp.ndim(t) != 2:
+      raise ValueError(f'given must be [B, T] = {video.shape[:2]} with a per-frame t [B, T] (0 on '
+                       f'the given frames); got given {given.shape}, t {jnp.shape(t)}')
 
   def forward_wan(self, latents, timestep, context, image_embeds=None):
     """latents [B, T, H, W, C], timestep [B] or [B, T] on Wan's 0..1000 scale, context

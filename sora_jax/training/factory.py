@@ -54,7 +54,8 @@ def _build(config, rngs):
     video_model = wan.WanDiT(wan.WanConfig(**wan_kwargs(config, channels_in)),
                              scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs,
                              attention_impl=m.attention,
-                             context_parallel=m.context_parallel or None)
+                             context_parallel=m.context_parallel or None,
+                             expand_timesteps=wan_ti2v(config))
   else:
     video_model = dit.VideoDiT(
         channels=channels_in, patch_size=tuple(m.patch_size), width=m.width, depth=m.depth,
@@ -77,6 +78,12 @@ def wan_i2v(config) -> bool:
 def wan_clip(config) -> bool:
   """A Wan 2.1 image-to-video run: CLIP image tokens in cross-attention (config.image_encoder)."""
   return config.model.family == 'wan' and int(config.model.wan.get('image_dim', 0) or 0) > 0
+
+
+def wan_ti2v(config) -> bool:
+  """A Wan 2.2 TI2V run: given frames (config.condition.mix) ride on a per-frame timestep of 0, the
+  model's only signal of them (model.wan.expand_timesteps)."""
+  return config.model.family == 'wan' and bool(config.model.wan.get('expand_timesteps', False))
 
 
 def wan_expert(config) -> str:
