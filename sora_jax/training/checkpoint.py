@@ -122,8 +122,8 @@ def _has_item(mngr, step: int, item: str) -> bool:
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
-  """An exception as one short line (TensorStore's messages carry their whole JSON spec)."""
-  text = ' '.join(str(error).split())
+  """An exception as one short line (TensorStore's messages carry their whole JSON spec: dropped)."""
+  text = ' '.join(str(error).split()).split(' See full TensorStore details')[0]
   return f'{type(error).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
 
 
