@@ -175,8 +175,7 @@ def _check_wan_pipeline(config, weights: bool):
   path = config.init_from
   if not weights or not path or not os.path.isdir(path) or _is_sora_workdir(path):
     return
-  from sora_jax.interop import wan_transformer  # pylint: disable=g-import-not-at-top
-  folder_ti2v = wan_transformer.expand_timesteps(path)
+  folder_ti2v = bool(_model_index(path).get('expand_timesteps'))
   if folder_ti2v != ti2v:
     raise ValueError(
         f'config.init_from={path!r} is {"" if folder_ti2v else "not "}a Wan 2.2 TI2V pipeline'
@@ -184,8 +183,37 @@ def _check_wan_pipeline(config, weights: bool):
         f' config.model.wan.expand_timesteps={ti2v}: use '
         + ('configs/wan2_2_ti2v_5b.py.' if folder_ti2v else
            'a Wan 2.1 / A14B config (configs/wan2_1_t2v_1_3b.py, wan2_2_a14b.py).'))
-  if config.autoencoder and not _is_sora_workdir(config.autoencoder):
-    wan_transformer.check_vae(path, config.autoencoder, expert=w.get('expert', '') or None)
+  vae_file = os.path.join(config.autoencoder or '', 'config.json')
+  if config.autoencoder and not _is_sora_workdir(config.autoencoder) and os.path.isfile(vae_file):
+    sub = 'transformer_2' if w.get('expert', '') == 'low_noise' else 'transformer'
+    folder = os.path.join(path, sub) if os.path.isdir(os.path.join(path, sub)) else path
+    with open(os.path.join(folder, 'config.json')) as f, open(vae_file) as g:
+      check_wan_vae(path, json.load(f), folder_ti2v, config.autoencoder, json.load(g))
+
+
+def _vae_kind(vae_config: dict) -> str:
+  if int(vae_config.get('patch_size') or 1) > 1 or vae_config.get('is_residual'):
+    return (f'a Wan 2.2 VAE (z_dim {vae_config.get("z_dim")}, patch_size '
+            f'{vae_config.get("patch_size")}: x16 spatial)')
+  return f'a Wan 2.1 VAE (z_dim {vae_config.get("z_dim", 16)}, x8 spatial)'
+
+
+def check_wan_vae(path: str, config: dict, ti2v: bool, vae_path: str, vae_config: dict) -> None:
+  """Refuses a Wan transformer (`config`: its config.json; `ti2v`: its pipeline's expand_timesteps)
+  and a VAE (`vae_config`) that were not released together, naming both folders."""
+  wan22_vae = int(vae_config.get('patch_size') or 1) > 1 or bool(vae_config.get('is_residual'))
+  channels = config.get('out_channels') or config.get('in_channels', 16)
+  what = (f'{path!r} is a Wan 2.2 TI2V transformer (model_index.json expand_timesteps: true, '
+          f'{channels} latent channels)' if ti2v else
+          f'{path!r} is a Wan 2.1 / 2.2 A14B transformer (no expand_timesteps, {channels} latent '
+          'channels)')
+  vae_what = f'{vae_path!r} holds {_vae_kind(vae_config)}'
+  if ti2v != wan22_vae:
+    need = ('the Wan 2.2 VAE (Wan2.2-TI2V-5B-Diffusers/vae: z_dim 48, patch_size 2)' if ti2v else
+            'the Wan 2.1 VAE (z_dim 16, x8), which Wan 2.1 and Wan 2.2 A14B share')
+    raise ValueError(f'{what}, but {vae_what}: it was released with {need}.')
+  if int(vae_config.get('z_dim', 16)) != int(channels):
+    raise ValueError(f'{what}, but {vae_what}: the latent channels differ.')
 
 
 def _is_sora_workdir(path: str) -> bool:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.config import validation
 from sora_jax.interop import safetensors_io
 from sora_jax.models import wan
 from sora_jax.parallel import sharding
@@ -105,13 +106,6 @@ def expand_timesteps(path: str) -> bool:
   return bool(pipeline_index(path).get('expand_timesteps'))
 
 
-def _vae_kind(vae_config: dict) -> str:
-  if int(vae_config.get('patch_size') or 1) > 1 or vae_config.get('is_residual'):
-    return (f'a Wan 2.2 VAE (z_dim {vae_config.get("z_dim")}, patch_size '
-            f'{vae_config.get("patch_size")}: x16 spatial)')
-  return f'a Wan 2.1 VAE (z_dim {vae_config.get("z_dim", 16)}, x8 spatial)'
-
-
 def check_vae(path: str, vae_path: str | None = None, expert: str | None = None) -> None:
   """Refuses a transformer and a VAE that were not released together: Wan 2.2 TI2V's
   (expand_timesteps in `path`'s model_index.json) needs the Wan 2.2 VAE (patch_size 2, 48
@@ -122,22 +116,8 @@ def check_vae(path: str, vae_path: str | None = None, expert: str | None = None)
     vae_path = os.path.join(path, 'vae')
     if not os.path.isfile(os.path.join(vae_path, CONFIG_NAME)):
       return
-  vae_config = wan_vae.load_config(vae_path)
-  config = wan_config_from_diffusers(path, expert)
-  ti2v = expand_timesteps(path)
-  wan22_vae = int(vae_config.get('patch_size') or 1) > 1 or bool(vae_config.get('is_residual'))
-  channels = config.get('out_channels') or config.get('in_channels', 16)
-  what = (f'{path!r} is a Wan 2.2 TI2V transformer (model_index.json expand_timesteps: true, '
-          f'{channels} latent channels)' if ti2v else
-          f'{path!r} is a Wan 2.1 / 2.2 A14B transformer (no expand_timesteps, {channels} latent '
-          'channels)')
-  vae_what = f'{vae_path!r} holds {_vae_kind(vae_config)}'
-  if ti2v != wan22_vae:
-    need = ('the Wan 2.2 VAE (Wan2.2-TI2V-5B-Diffusers/vae: z_dim 48, patch_size 2)' if ti2v else
-            'the Wan 2.1 VAE (z_dim 16, x8), which Wan 2.1 and Wan 2.2 A14B share')
-    raise ValueError(f'{what}, but {vae_what}: it was released with {need}.')
-  if int(vae_config.get('z_dim', 16)) != int(channels):
-    raise ValueError(f'{what}, but {vae_what}: the latent channels differ.')
+  validation.check_wan_vae(path, wan_config_from_diffusers(path, expert), expand_timesteps(path),
+                           vae_path, wan_vae.load_config(vae_path))
 
 
 def wan_config_from_diffusers(path: str, expert: str | None = None) -> dict:
