@@ -245,7 +245,7 @@ def array_files(step_dir: str) -> list[str]:
 
 
 def damage(step_dir: str, part: str, how: str):
-  """Truncates to half, or overwrites 64 bytes in the middle of (XOR 0xff), one file of a step."""
+  """Truncates to half, or overwrites the second half of (XOR 0xff), one file of a step."""
   damage_file({'arrays': lambda: max(array_files(step_dir), key=os.path.getsize),
                'metadata': lambda: os.path.join(step_dir, 'state/_METADATA'),
                'dataset': lambda: os.path.join(step_dir, 'dataset/process_0-of-1.json')}[part](),
@@ -257,9 +257,9 @@ def damage_file(path: str, how: str):
   with open(path, 'r+b') as f:
     if how == 'truncate':
       f.truncate(size // 2)
-    else:
+    else:  # the whole second half: 64 bytes there sometimes hit nothing a reader uses
       f.seek(size // 2)
-      chunk = f.read(64)
+      chunk = f.read()
       f.seek(size // 2)
       f.write(bytes(b ^ 0xff for b in chunk))
 
