@@ -9,9 +9,12 @@ import tempfile
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8'
                       ' --xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Threads enough that two of a program's all-reduces blocking at once cannot take them all (a train
-# step aborted at XLA:CPU's 40 s rendezvous timeout; see topologies.enough_cpu_threads).
-os.environ.setdefault('NPROC', '32')
+# As the programs do (cli.run): threads enough (NPROC 32) that a device's concurrent collectives
+# cannot take them all, and a rendezvous timeout that tolerates 8 devices on 2 busy cores (a train
+# step aborted at XLA:CPU's default 40 s; see topologies.enough_cpu_threads).
+from sora_jax.parallel import topologies  # noqa: E402
+
+topologies.enough_cpu_threads()
 # Many tests build the same tiny programs afresh (a train run per test, CLI subprocesses); one
 # persistent compilation cache for the session (inherited by the subprocesses) compiles each once.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:

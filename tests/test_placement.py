@@ -114,7 +114,8 @@ def test_indivisible_dimensions_are_replicated():
 def test_fake_cpu_devices_get_threads_enough_for_concurrent_collectives():
   """XLA:CPU's pools are max(cores, devices) threads: 8 fake devices on 2 cores could all block at
   two concurrent all-reduces (a train step aborted at the 40 s rendezvous timeout). The programs
-  (cli.run -> topologies.enough_cpu_threads) raise that to 4 per device before JAX starts."""
+  (cli.run -> topologies.enough_cpu_threads) raise that to 4 per device before JAX starts, and let
+  a rendezvous wait 300 s for a late device."""
   code = (
       'import collections, os\n'
       'from sora_jax.parallel import topologies\n'
@@ -125,12 +126,14 @@ def test_fake_cpu_devices_get_threads_enough_for_concurrent_collectives():
       'jax.jit(jnp.sum)(x).block_until_ready()\n'
       'names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip()\n'
       '                            for t in os.listdir("/proc/self/task"))\n'
-      'print(os.environ["NPROC"], names["tf_XLAEigen"])\n')
+      'print(os.environ["NPROC"], names["tf_XLAEigen"],\n'
+      '      int("terminate_timeout_seconds=300" in os.environ["XLA_FLAGS"]))\n')
   env = {k: v for k, v in os.environ.items() if k != 'NPROC'}
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=120, check=True)
-  nproc, threads = map(int, out.stdout.split())
+  nproc, threads, timeout = map(int, out.stdout.split())
   assert nproc == max(os.cpu_count(), 32)
+  assert timeout
   if os.path.isdir('/proc/self/task'):  # Linux: the pool XLA:CPU made
     assert threads >= 32, threads

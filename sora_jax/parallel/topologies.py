@@ -161,17 +161,25 @@ def tpu_present() -> bool:
     return False
 
 
-def enough_cpu_threads(per_device: int = 4):
+def enough_cpu_threads(per_device: int = 4, rendezvous_timeout_s: int = 300):
   """XLA:CPU sizes its thread pools max(cores, devices) (cores: the NPROC variable if set). A
   program's collectives block their thread until every device arrives, and a device may run
   several independent ones at once: with 8 fake devices on a 2-core machine, 8 threads could all be
   blocked at two different all-reduces while the device that would release them waits for a thread
   (a train step aborted at a 40 s rendezvous timeout, "7 of 8 arrived"). With
-  --xla_force_host_platform_device_count=N and NPROC unset, NPROC = max(cores, per_device * N).
-  Call before JAX initialises its backends."""
-  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
-  if match and 'NPROC' not in os.environ:
+  --xla_force_host_platform_device_count=N and NPROC unset, NPROC = max(cores, per_device * N); and
+  unless XLA_FLAGS sets it, a rendezvous waits `rendezvous_timeout_s` for a late device before XLA
+  aborts the process (its default, 40 s, is short for 8 devices sharing 2 busy cores). Call before
+  JAX initialises its backends."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', flags)
+  if not match:
+    return
+  if 'NPROC' not in os.environ:
     os.environ['NPROC'] = str(max(os.cpu_count() or 1, per_device * int(match.group(1))))
+  if 'xla_cpu_collective_call_terminate_timeout_seconds' not in flags:
+    os.environ['XLA_FLAGS'] = (f'{flags} --xla_cpu_collective_call_terminate_timeout_seconds='
+                               f'{rendezvous_timeout_s}')
 
 
 def skip_absent_tpu():
