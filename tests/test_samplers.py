@@ -165,6 +165,8 @@ def test_guidance_schedules():
                              [5.0, 3.4, 2.6, 1.8, 1.4, 1.0], rtol=1e-6)
   np.testing.assert_allclose(flow.guidance_schedule(5.0, 'interval', (0.2, 0.6))(t),
                              [1.0, 5.0, 5.0, 5.0, 1.0, 1.0])
+  np.testing.assert_allclose(flow.guidance_schedule(5.0, 'hat')(jnp.array([1.0, 0.5, 0.25, 0.0])),
+                             [1.0, 5.0, 4.0, 1.0], rtol=1e-6)
   with pytest.raises(ValueError, match='Unknown guidance schedule'):
     flow.guidance_schedule(5.0, 'cosine')
   with pytest.raises(ValueError, match='0 <= lo <= hi <= 1'):

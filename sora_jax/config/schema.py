@@ -225,7 +225,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Training previews stop after the batch during which this many seconds ran out (0: no limit),
   # on every process alike, with a warning saying how many videos were made.
   c.sample.max_seconds = 0.0
-  c.sample.guidance_schedule = 'constant'  # 'constant' | 'linear' | 'interval'
+  c.sample.guidance_schedule = 'constant'  # 'constant' | 'linear' | 'interval' | 'hat'
   c.sample.guidance_interval = (0.0, 1.0)  # flow-time interval for 'interval'
 
   c.eval = ml_collections.ConfigDict()

@@ -67,8 +67,9 @@ def make_generate(graphdef, config, *, num_steps: int, guidance_scale, frozen=No
 
   sampler: a name in `samplers.SAMPLERS` ('euler', 'heun', 'dpm++2m'), `num_steps` steps on the shifted
     schedule. negative_prompt: the caption CFG guides away from (the empty caption: plain CFG).
-  guidance_scale: a float, shaped over t by `guidance_schedule` ('constant', 'linear', 'interval' over
-    `guidance_interval`, see `flow.guidance_schedule`), or a function t [B] -> scale [B] used as is.
+  guidance_scale: a float, shaped over t by `guidance_schedule` ('constant', 'linear', 'hat',
+    'interval' over `guidance_interval`, see `flow.guidance_schedule`), or a function t [B] -> scale
+    [B] used as is.
 
   Wan 2.2 A14B runs (config.model.wan.expert): each step runs the high-noise expert where
   t * 1000 >= boundary_ratio * 1000 and the low-noise one elsewhere (diffusers' switch; `lax.cond`,
