@@ -59,4 +59,5 @@ def get_config(autoencoder: str = ''):
     config.diffusion.prediction = 'velocity'
     config.diffusion.shift_base_tokens = 64
     config.sample.guidance_schedule = 'constant'  # the latent demo's figures (README) were measured so
+    config.total_steps = 3000  # likewise
   return config
