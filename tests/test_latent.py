@@ -108,10 +108,17 @@ def test_autoencoder_config_errors(vae_run):
     validation.validate(config, 8)
 
 
-def wan_pipeline(root, transformer=os.path.join(FIXTURES, 'wan_transformer_tiny_t2v')):
-  """A diffusers WanPipeline folder of tiny random parts (what a user downloads, in miniature)."""
+def wan_pipeline(root, transformer=os.path.join(FIXTURES, 'wan_transformer_tiny_t2v'), *,
+                 transformer_2=None, model_index=None, vae='wan_vae_tiny'):
+  """A diffusers WanPipeline folder of tiny random parts (what a user downloads, in miniature):
+  `transformer` (and an A14B pipeline's `transformer_2`, and its `model_index.json`), the fixture
+  `vae` and the tiny umT5."""
   shutil.copytree(transformer, root / 'transformer')
-  shutil.copytree(os.path.join(FIXTURES, 'wan_vae_tiny'), root / 'vae')
+  if transformer_2:
+    shutil.copytree(transformer_2, root / 'transformer_2')
+  if model_index:
+    shutil.copy(model_index, root / 'model_index.json')
+  shutil.copytree(os.path.join(FIXTURES, vae), root / 'vae')
   os.makedirs(root / 'text_encoder')
   os.makedirs(root / 'tokenizer')
   for name in ('config.json', 'model.safetensors'):

@@ -3,7 +3,6 @@ pipelines of tests/fixtures/gen_wan22_a14b.py: import and refusals, the two-expe
 against diffusers' (recorded trajectories), one-expert training and switched sampling."""
 
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from sora_jax.training import steps, update
 from sora_jax.training import state as state_lib
 from sora_jax.training.objectives import text_to_video
 
-from test_latent import tiny_wan
+from test_latent import tiny_wan, wan_pipeline
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,17 +38,9 @@ def rel_l2(a, b):
 def a14b_pipeline(root, experts_from=T2V):
   """A full A14B pipeline folder: the fixture's two experts and model_index.json, with the tiny VAE
   and umT5 (what a user downloads, in miniature)."""
-  os.makedirs(root)
-  for part in ('transformer', 'transformer_2'):
-    shutil.copytree(os.path.join(experts_from, part), root / part)
-  shutil.copy(os.path.join(experts_from, 'model_index.json'), root)
-  shutil.copytree(os.path.join(FIXTURES, 'wan_vae_tiny'), root / 'vae')
-  os.makedirs(root / 'text_encoder')
-  os.makedirs(root / 'tokenizer')
-  for name in ('config.json', 'model.safetensors'):
-    shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', name), root / 'text_encoder')
-  shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', 'spiece.model'), root / 'tokenizer')
-  return str(root)
+  return wan_pipeline(root, os.path.join(experts_from, 'transformer'),
+                      transformer_2=os.path.join(experts_from, 'transformer_2'),
+                      model_index=os.path.join(experts_from, 'model_index.json'))
 
 
 def a14b_config(path, expert='high_noise'):

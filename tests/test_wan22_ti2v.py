@@ -5,7 +5,6 @@ I2V denoising), training and sampling through the given-frames objective and sam
 refusals (VAE / transformer pairs, configs)."""
 
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from sora_jax.training import factory, steps, update
 from sora_jax.training import state as state_lib
 from sora_jax.training.objectives import frame_conditioned
 
-from test_latent import tiny_wan
+from test_latent import tiny_wan, wan_pipeline
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,19 +38,12 @@ def rel_l2(a, b):
 
 def ti2v_pipeline(root, vae='wan22_vae_tiny', transformer=TI2V):
   """A full TI2V pipeline folder: the fixture's transformer and model_index.json with the tiny
-  Wan 2.2 VAE and umT5 (what a user downloads, in miniature)."""
-  os.makedirs(root)
-  shutil.copytree(os.path.join(transformer, 'transformer') if os.path.isdir(
-      os.path.join(transformer, 'transformer')) else transformer, root / 'transformer')
-  if os.path.isfile(os.path.join(transformer, 'model_index.json')):
-    shutil.copy(os.path.join(transformer, 'model_index.json'), root)
-  shutil.copytree(os.path.join(FIXTURES, vae), root / 'vae')
-  os.makedirs(root / 'text_encoder')
-  os.makedirs(root / 'tokenizer')
-  for name in ('config.json', 'model.safetensors'):
-    shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', name), root / 'text_encoder')
-  shutil.copy(os.path.join(FIXTURES, 'umt5_tiny', 'spiece.model'), root / 'tokenizer')
-  return str(root)
+  Wan 2.2 VAE and umT5 (what a user downloads, in miniature). `transformer`: a pipeline folder or a
+  transformer folder alone."""
+  folder = os.path.join(transformer, 'transformer')
+  index = os.path.join(transformer, 'model_index.json')
+  return wan_pipeline(root, folder if os.path.isdir(folder) else transformer, vae=vae,
+                      model_index=index if os.path.isfile(index) else None)
 
 
 def ti2v_config(path):
