@@ -29,7 +29,8 @@ demo = schema.config_file(__file__, 'demo.py')
 
 def get_config(autoencoder: str = ''):
   config = demo.get_config(autoencoder)
-  config.total_steps = 3000  # the figures above (demo.py trains 4000 since 2026-12-08)
+  # The figures above (demo.py trains 4000 steps and samples 50 since 2026-12-08).
+  config.total_steps, config.sample.num_steps = 3000, 30
   # Text-to-video stays the largest share; 'first' is image-to-video, first_k / last_k extension
   # (and every sliding window after the first), first_last connects two clips.
   config.condition.mix = (('none', 0.3), ('first', 0.3), ('first_k', 0.2), ('last_k', 0.1),

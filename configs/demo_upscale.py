@@ -31,5 +31,6 @@ def get_config():
   # model its direction words are not needed here.
   config.diffusion.frame_noise_prob = 0.0
   config.sample.guidance_scale = 1.0  # the low-resolution video carries the content
+  config.sample.num_steps = 30  # its figures (demo.py samples 50 since 2026-12-08)
   config.eval.num_videos = 64
   return config
