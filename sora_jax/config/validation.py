@@ -175,7 +175,7 @@ def _check_wan_pipeline(config, weights: bool):
   path = config.init_from
   if not weights or not path or not os.path.isdir(path) or _is_sora_workdir(path):
     return
-  folder_ti2v = bool(_model_index(path).get('expand_timesteps'))
+  folder_ti2v = bool(model_index(path).get('expand_timesteps'))
   if folder_ti2v != ti2v:
     raise ValueError(
         f'config.init_from={path!r} is {"" if folder_ti2v else "not "}a Wan 2.2 TI2V pipeline'
@@ -218,7 +218,7 @@ def check_wan_vae(path: str, config: dict, ti2v: bool, vae_path: str, vae_config
 
 def _is_sora_workdir(path: str) -> bool:
   config_file = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_file) or _model_index(path):
+  if not os.path.isfile(config_file) or model_index(path):
     return False
   with open(config_file) as f:
     return 'model' in json.load(f)
@@ -259,7 +259,8 @@ def _check_wan_i2v(config):
 WAN_EXPERTS = ('high_noise', 'low_noise')
 
 
-def _model_index(path: str) -> dict:
+def model_index(path: str) -> dict:
+  """A diffusers pipeline folder's model_index.json ({} when there is none)."""
   index_file = os.path.join(path, 'model_index.json') if path else ''
   if not index_file or not os.path.isfile(index_file):
     return {}
@@ -282,10 +283,10 @@ def _check_wan_experts(config, weights: bool):
     raise ValueError('config.model.wan.expert / boundary_ratio describe a Wan 2.2 A14B run:'
                      ' config.model.family must be "wan".')
   if not expert and not ratio:
-    if config.model.family == 'wan' and _model_index(config.init_from).get('boundary_ratio'):
+    if config.model.family == 'wan' and model_index(config.init_from).get('boundary_ratio'):
       raise ValueError(f'config.init_from={config.init_from!r} is a Wan 2.2 A14B pipeline (two'
                        ' experts): set config.model.wan.boundary_ratio to its'
-                       f' {_model_index(config.init_from)["boundary_ratio"]} and'
+                       f' {model_index(config.init_from)["boundary_ratio"]} and'
                        ' config.model.wan.expert to high_noise or low_noise (configs/wan2_2_a14b.py).')
     return
   if not expert:
@@ -301,12 +302,12 @@ def _check_wan_experts(config, weights: bool):
     raise ValueError(f'config.model.wan.expert={expert!r}: set config.init_from to the Wan 2.2 A14B'
                      ' pipeline folder (the expert starts from it, and sampling runs its partner).')
   source = path
-  if os.path.isfile(os.path.join(path, 'config.json')) and not _model_index(path):
+  if os.path.isfile(os.path.join(path, 'config.json')) and not model_index(path):
     try:  # a sora_jax workdir: its run's folder
       source = schema.load_config(path).init_from
     except Exception:  # pylint: disable=broad-except
       source = path
-  index = _model_index(source)
+  index = model_index(source)
   if index.get('boundary_ratio') is None:
     raise ValueError(f'config.model.wan.expert={expert!r} but config.init_from={path!r} is not a'
                      ' Wan 2.2 A14B pipeline folder (model_index.json with transformer_2 and'

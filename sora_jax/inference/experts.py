@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.config import schema
+from sora_jax.config import schema, validation
 from sora_jax.diffusion import experts
 from sora_jax.inference import restore
 from sora_jax.interop import wan_transformer
@@ -21,7 +21,7 @@ def pipeline_folder(config) -> str:
   """The Wan 2.2 A14B pipeline folder a run's experts come from."""
   path = config.init_from
   for _ in range(8):  # a workdir that continued another run: that run's folder
-    if not path or wan_transformer.pipeline_index(path):
+    if not path or validation.model_index(path):
       break
     try:
       path = schema.load_config(path).init_from

@@ -80,19 +80,10 @@ def check_expert(expert) -> None:
                      'transformer/ is the high-noise expert, transformer_2/ the low-noise one)')
 
 
-def pipeline_index(path: str) -> dict:
-  """A pipeline folder's model_index.json ({} when there is none)."""
-  index_file = os.path.join(path, 'model_index.json')
-  if not os.path.isfile(index_file):
-    return {}
-  with open(index_file) as f:
-    return json.load(f)
-
-
 def boundary_ratio(path: str) -> float | None:
   """A Wan 2.2 A14B pipeline folder's boundary_ratio (None: a single-transformer folder). A folder
   with transformer_2 but no boundary_ratio runs transformer_2 never in diffusers: refused."""
-  index = pipeline_index(path)
+  index = validation.model_index(path)
   ratio = index.get('boundary_ratio')
   if ratio is None and (index.get('transformer_2') or [None])[0]:
     raise ValueError(f'{path!r}: model_index.json lists transformer_2 without a boundary_ratio '
@@ -103,7 +94,7 @@ def boundary_ratio(path: str) -> float | None:
 def expand_timesteps(path: str) -> bool:
   """Whether the pipeline folder `path` is Wan 2.2 TI2V's (model_index.json `expand_timesteps`:
   per-token timesteps, the first frame kept clean for image-to-video); False without one."""
-  return bool(pipeline_index(path).get('expand_timesteps'))
+  return bool(validation.model_index(path).get('expand_timesteps'))
 
 
 def check_vae(path: str, vae_path: str | None = None, expert: str | None = None) -> None:
@@ -140,7 +131,7 @@ def _check_pipeline(path: str, expert: str | None) -> None:
   ratio = boundary_ratio(path)
   if ratio is not None and not expert:
     raise ValueError(
-        f'{path!r} is a Wan 2.2 A14B pipeline ({pipeline_index(path).get("_class_name")}: two expert '
+        f'{path!r} is a Wan 2.2 A14B pipeline ({validation.model_index(path).get("_class_name")}: two expert '
         f'transformers switched at boundary_ratio={ratio}): name the expert to load, '
         f"expert='high_noise' (transformer/, timesteps >= {ratio * NUM_TRAIN_TIMESTEPS:g}) or "
         "'low_noise' (transformer_2/) (config.model.wan.expert), or load both with "
